@@ -1,0 +1,396 @@
+"""Understanding image archives: one streaming pass gives every member's digests, the images, their
+ordered diffIDs and the members that carry each layer, for every producer format (archive-formats.md)."""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .digests import BlobHasher
+from .errors import BadInput, IntegrityError
+from .tarstream import Member, Source, TarReader
+
+INDEX_SCHEMA = "isep-index/1"
+JSON_CAP = 4 << 20          # a JSON member larger than this is refused
+KEPT_JSON_TOTAL = 64 << 20  # all JSON-looking members kept in memory, together
+MAX_JSON_DEPTH = 64
+
+FORMATS = {
+    "docker-legacy": "Docker <= 24 (graph drivers): <v1id>/layer.tar, manifest.json, repositories",
+    "docker-oci": "Docker 25+ (graph drivers): OCI layout with uncompressed blobs + manifest.json",
+    "docker-cstore": "Docker containerd image store: OCI layout, compressed blobs, nested index",
+    "podman": "containers/image docker-archive (podman, skopeo): <diffID>.tar + symlinked v1 dirs",
+    "oci-archive": "OCI image layout archive without manifest.json (podman/skopeo oci-archive)",
+}
+METADATA_NAMES = ("manifest.json", "repositories", "index.json", "oci-layout")
+INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
+                     "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+def load_json(data: bytes, what: str):
+    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting."""
+    if len(data) > JSON_CAP:
+        raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {JSON_CAP}-byte limit")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{what}: not valid UTF-8") from None
+    depth = max_depth = 0
+    in_string = escaped = False
+    for ch in text:  # nesting is checked before parsing so that deep input cannot exhaust the stack
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+            if max_depth > MAX_JSON_DEPTH:
+                raise BadInput(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadInput(f"{what}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+
+@dataclass
+class ScannedArchive:
+    """What one pass over an archive learned: member records plus the small JSON members' bytes."""
+
+    name: str
+    members: list[dict] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    trailer: bytes = b""
+    size: int = 0
+    xxh3: str = ""
+
+    def by_name(self) -> dict[str, dict]:
+        table: dict[str, dict] = {}
+        for rec in self.members:
+            table[rec["name"]] = rec  # the last one wins, as when a loader extracts the archive
+        return table
+
+
+def member_record(member: Member, seq: int) -> dict:
+    rec = {"seq": seq, "name": member.name, "type": member.kind, "size": member.size,
+           "offset": member.offset, "raw_size": member.raw_size, "mode": member.mode,
+           "mtime": member.mtime}
+    if member.linkname and member.kind in ("symlink", "hardlink"):
+        rec["link"] = member.linkname
+    return rec
+
+
+def looks_like_json(head: bytes) -> bool:
+    return head[:1] in (b"{", b"[")
+
+
+def scan_member(member: Member, rec: dict, kept: dict[str, bytes], sink: Callable | None = None) -> None:
+    """Hash one member's data (and pass every raw chunk to sink); keep it if it is small JSON."""
+    if sink is not None:
+        sink(member.header)
+    if not member.is_file:
+        for chunk in member.iter_data():
+            if sink is not None:
+                sink(chunk)
+    else:
+        hasher = BlobHasher(f"member {member.name!r}")
+        keep = bytearray() if member.size <= JSON_CAP else None
+        for chunk in member.iter_data():
+            hasher.update(chunk)
+            if keep is not None:
+                keep += chunk
+            if sink is not None:
+                sink(chunk)
+        rec.update(hasher.result())
+        if keep is not None and looks_like_json(keep):
+            kept[member.name] = bytes(keep)
+    if sink is not None and member.padding:
+        sink(member.padding)
+
+
+def scan(source: Source, *, on_member: Callable[[Member, dict], None] | None = None,
+         sink: Callable | None = None) -> ScannedArchive:
+    """One pass over a tar stream. sink, when given, receives every raw byte in order."""
+    scanned = ScannedArchive(name=source.name)
+    reader = TarReader(source)
+    kept_total = 0
+    for seq, member in enumerate(reader):
+        rec = member_record(member, seq)
+        if on_member is not None:
+            on_member(member, rec)
+        scan_member(member, rec, scanned.blobs, sink)
+        kept_total += len(scanned.blobs.get(member.name, b""))
+        if kept_total > KEPT_JSON_TOTAL:
+            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
+        scanned.members.append(rec)
+    if sink is not None:
+        sink(reader.trailer)
+    scanned.trailer = reader.trailer
+    scanned.size = source.offset
+    return scanned
+
+
+# --- interpretation ----------------------------------------------------------------------------
+
+@dataclass
+class Layer:
+    diff_id: str
+    path: str          # the name the image's metadata uses (manifest.json Layers[i] or blobs/…)
+    member: str        # the member that carries the bytes (symlinks resolved)
+    media_type: str
+    size: int
+    digest: str
+    xxh3: str
+
+
+@dataclass
+class Image:
+    tags: list[str]
+    config_member: str
+    config_digest: str
+    config: dict
+    diff_ids: list[str]
+    layers: list[Layer]
+    platform: dict
+    owned: set[str] = field(default_factory=set)   # metadata members that belong to this image only
+    manifest_entry: dict | None = None             # its manifest.json entry, verbatim
+
+    def to_json(self) -> dict:
+        return {
+            "tags": self.tags, "config": {"member": self.config_member, "digest": self.config_digest},
+            "platform": self.platform, "diff_ids": self.diff_ids,
+            "layers": [vars(layer) for layer in self.layers], "owned": sorted(self.owned),
+        }
+
+
+def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
+    """Follow symlinks (relative to the link's directory) to the regular member holding the bytes."""
+    seen = set()
+    rec = table.get(name)
+    while rec is not None and rec["type"] == "symlink":
+        if rec["name"] in seen or len(seen) > 8:
+            raise BadInput(f"{what}: symlink loop at {name!r}")
+        seen.add(rec["name"])
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]), rec["link"]))
+        rec = table.get(target)
+    if rec is None or rec["type"] not in ("file", "hardlink"):
+        raise BadInput(f"{what}: layer member {name!r} is missing from the archive")
+    if rec["type"] == "hardlink":
+        return resolve_link(rec["link"], table, what)
+    return rec
+
+
+def blob_name(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    return f"blobs/{algo}/{hexpart}"
+
+
+def _member_json(scanned: ScannedArchive, name: str, what: str):
+    data = scanned.blobs.get(name)
+    if data is None:
+        table = scanned.by_name()
+        if name not in table:
+            raise BadInput(f"{what}: {name!r} is missing from the archive")
+        rec = resolve_link(name, table, what)
+        data = scanned.blobs.get(rec["name"])
+        if data is None:
+            raise BadInput(f"{what}: {name!r} is not a JSON document of at most {JSON_CAP} bytes")
+    return load_json(data, f"{what} {name}")
+
+
+def detect_format(scanned: ScannedArchive) -> str:
+    table = scanned.by_name()
+    has = table.__contains__
+    if has("oci-layout") and has("index.json") and not has("manifest.json"):
+        return "oci-archive"
+    if not has("manifest.json"):
+        if has("repositories"):
+            raise BadInput(f"{scanned.name}: a pre-1.10 Docker archive (no manifest.json) is not supported")
+        raise BadInput(f"{scanned.name}: not an image archive (no manifest.json or index.json)")
+    if has("oci-layout"):
+        compressed = any(r.get("compression") for r in scanned.members if r["name"].startswith("blobs/"))
+        return "docker-cstore" if compressed or not has("repositories") else "docker-oci"
+    manifest = _member_json(scanned, "manifest.json", scanned.name)
+    paths = [p for entry in manifest if isinstance(entry, dict) for p in entry.get("Layers") or []]
+    if any(table.get(p, {}).get("type") == "file" and p.endswith("/layer.tar") for p in paths):
+        return "docker-legacy"
+    if paths and all("/" not in p for p in paths):
+        return "podman"
+    return "docker-legacy" if any(p.endswith("/layer.tar") for p in paths) else "podman"
+
+
+def _check_list(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise BadInput(f"{what} is not a list")
+    return value
+
+
+def _diff_ids(config: dict, what: str) -> list[str]:
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(d, str) and d.startswith("sha256:") for d in ids):
+        raise BadInput(f"{what}: no valid rootfs.diff_ids")
+    return ids
+
+
+def _platform(config: dict) -> dict:
+    return {k: config[k] for k in ("os", "architecture", "variant") if isinstance(config.get(k), str)}
+
+
+def _layer_from(rec: dict, path: str, diff_id: str, position: int, what: str) -> Layer:
+    actual = rec.get("diff_id") or rec.get("sha256")
+    if actual != diff_id:
+        raise IntegrityError(f"{what}: layer {position} ({path}) has diffID {actual}, "
+                             f"the config says {diff_id}")
+    compression = rec.get("compression")
+    media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression, ""))
+    return Layer(diff_id=diff_id, path=path, member=rec["name"], media_type=media, size=rec["size"],
+                 digest=rec["sha256"], xxh3=rec["xxh3"])
+
+
+def _image_from_entry(scanned: ScannedArchive, entry, table: dict, n: int) -> Image:
+    what = f"{scanned.name}: manifest.json entry {n}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+        raise BadInput(f"{what} has no Config")
+    paths = _check_list(entry.get("Layers"), f"{what} Layers")
+    tags = entry.get("RepoTags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise BadInput(f"{what}: RepoTags is not a list of strings")
+    config_name = entry["Config"]
+    config_rec = resolve_link(config_name, table, what)
+    config = _member_json(scanned, config_rec["name"], what)
+    diff_ids = _diff_ids(config, f"{what} config {config_name}")
+    if len(diff_ids) != len(paths):
+        raise IntegrityError(f"{what}: {len(paths)} layers listed, the config has {len(diff_ids)} diffIDs")
+    layers = [_layer_from(resolve_link(p, table, what), p, d, i, what)
+              for i, (p, d) in enumerate(zip(paths, diff_ids))]
+    owned = {config_name, config_rec["name"]}
+    return Image(tags=list(tags), config_member=config_rec["name"], config_digest=config_rec["sha256"],
+                 config=config, diff_ids=diff_ids, layers=layers, platform=_platform(config),
+                 owned=owned, manifest_entry=entry)
+
+
+def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: str, seen: set,
+                      out: list) -> None:
+    """Collect (descriptor, parsed manifest) pairs reachable from an index descriptor."""
+    digest = desc.get("digest") if isinstance(desc, dict) else None
+    if not isinstance(digest, str) or digest in seen:
+        return
+    seen.add(digest)
+    name = blob_name(digest)
+    if name not in table:
+        return  # OCI allows missing blobs (other platforms, attestations)
+    doc = _member_json(scanned, name, what)
+    if not isinstance(doc, dict):
+        raise BadInput(f"{what}: {name} is not a JSON object")
+    media = doc.get("mediaType") or desc.get("mediaType")
+    if media in INDEX_MEDIA_TYPES or "manifests" in doc:
+        out.append((desc, doc, name, True))
+        for child in _check_list(doc.get("manifests") or [], f"{what} {name} manifests"):
+            _walk_descriptors(scanned, table, child, what, seen, out)
+    else:
+        out.append((desc, doc, name, False))
+
+
+def _tag_from_annotations(desc: dict) -> str | None:
+    ann = desc.get("annotations") or {}
+    return ann.get("io.containerd.image.name") or ann.get("org.opencontainers.image.ref.name")
+
+
+def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: dict[str, Image] | None):
+    """Images of index.json; with by_config (archives that also have manifest.json) only ownership."""
+    what = f"{scanned.name}: index.json"
+    found: list[Image] = []
+    for top in _check_list(index.get("manifests") or [], f"{what} manifests"):
+        reached: list = []
+        _walk_descriptors(scanned, table, top, what, set(), reached)
+        owned = {name for _, _, name, _ in reached}
+        manifests = [(d, doc) for d, doc, _, is_index in reached if not is_index
+                     and isinstance(doc.get("config"), dict)
+                     and (d.get("annotations") or {}).get("vnd.docker.reference.type") != "attestation-manifest"]
+        for desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
+            if is_index or any(doc is m for _, m in manifests):
+                continue
+            refs = [doc.get("config")] + list(doc.get("layers") or [])
+            owned |= {blob_name(r["digest"]) for r in refs if isinstance(r, dict) and isinstance(r.get("digest"), str)}
+        tag = _tag_from_annotations(top)
+        for desc, doc in manifests:
+            config_digest = doc["config"].get("digest")
+            if by_config is not None:
+                image = by_config.get(config_digest)
+                if image is not None:
+                    image.owned |= owned
+                continue
+            found.append(_image_from_oci_manifest(scanned, table, doc, tag, owned, what))
+    return found
+
+
+def _is_image_layer(desc: dict) -> bool:
+    media = desc.get("mediaType") or ""
+    return "layer" in media or "rootfs" in media
+
+
+def _image_from_oci_manifest(scanned, table, doc: dict, tag: str | None, owned: set, what: str) -> Image:
+    config_name = blob_name(doc["config"]["digest"])
+    config_rec = resolve_link(config_name, table, what)
+    config = _member_json(scanned, config_name, what)
+    diff_ids = _diff_ids(config, f"{what} config {config_name}")
+    descs = _check_list(doc.get("layers"), f"{what} manifest layers")
+    if len(descs) != len(diff_ids):
+        raise IntegrityError(f"{what}: {len(descs)} layers listed, the config has {len(diff_ids)} diffIDs")
+    layers = []
+    for i, (desc, diff_id) in enumerate(zip(descs, diff_ids)):
+        path = blob_name(desc.get("digest", ""))
+        layers.append(_layer_from(resolve_link(path, table, what), path, diff_id, i, what))
+    return Image(tags=[tag] if tag else [], config_member=config_name, config_digest=config_rec["sha256"],
+                 config=config, diff_ids=diff_ids, layers=layers, platform=_platform(config),
+                 owned=owned | {config_name})
+
+
+def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
+    """The producer format and the images of a scanned archive, every layer's diffID checked."""
+    fmt = detect_format(scanned)
+    table = scanned.by_name()
+    if fmt == "oci-archive":
+        index = _member_json(scanned, "index.json", scanned.name)
+        images = _oci_images(scanned, table, index, None)
+    else:
+        manifest = _member_json(scanned, "manifest.json", scanned.name)
+        if not isinstance(manifest, list):
+            raise BadInput(f"{scanned.name}: manifest.json is not a list")
+        images = [_image_from_entry(scanned, entry, table, n) for n, entry in enumerate(manifest)]
+        if "index.json" in table:
+            index = _member_json(scanned, "index.json", scanned.name)
+            if isinstance(index, dict):
+                _oci_images(scanned, table, index, {im.config_digest: im for im in images})
+    if not images:
+        raise BadInput(f"{scanned.name}: the archive holds no image")
+    return fmt, images
+
+
+def build_index(scanned: ScannedArchive) -> dict:
+    fmt, images = interpret(scanned)
+    return {
+        "schema": INDEX_SCHEMA,
+        "format": fmt,
+        "source": {"name": scanned.name, "size": scanned.size, "members": len(scanned.members),
+                   "trailer_size": len(scanned.trailer)},
+        "images": [image.to_json() for image in images],
+        "members": scanned.members,
+    }
+
+
+def index_stream(source: Source, sink: Callable | None = None) -> dict:
+    return build_index(scan(source, sink=sink))
+
+
+def iter_tags(images: Iterable[Image]) -> list[str]:
+    return [tag for image in images for tag in image.tags]

@@ -1,0 +1,106 @@
+"""Digests of member data: sha256 and xxh3-128 of the stored bytes, and the diffID of compressed layers."""
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import xxhash
+import zstandard
+
+from .errors import BadInput
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_ZSTD_WINDOW = 1 << 27  # frames asking for a larger window are refused (zstd bombs)
+
+
+def sniff_compression(head: bytes | memoryview) -> str | None:
+    head = bytes(head[:4])
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Decompressor:
+    """Incremental gzip (multi-member) or zstd (multi-frame) decompression."""
+
+    def __init__(self, kind: str, what: str):
+        self.kind = kind
+        self.what = what
+        self._new()
+
+    def _new(self) -> None:
+        if self.kind == "gzip":
+            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        else:
+            self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).decompressobj(
+                read_across_frames=True)
+
+    def feed(self, chunk) -> bytes:
+        try:
+            if self.kind == "zstd":
+                return self._obj.decompress(chunk)
+            out = [self._obj.decompress(chunk)]
+            while self._obj.eof and self._obj.unused_data:
+                rest = self._obj.unused_data
+                self._new()
+                out.append(self._obj.decompress(rest))
+            return b"".join(out)
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise BadInput(f"{self.what}: corrupt {self.kind} data ({exc})") from None
+
+    def finish(self) -> None:
+        if self.kind == "gzip" and not self._obj.eof:
+            raise BadInput(f"{self.what}: truncated gzip data")
+        if self.kind == "zstd":
+            try:
+                self._obj.flush()
+            except zstandard.ZstdError as exc:
+                raise BadInput(f"{self.what}: corrupt zstd data ({exc})") from None
+
+
+class BlobHasher:
+    """Hashes a member's stored bytes; when they start like gzip or zstd, also the decompressed bytes."""
+
+    def __init__(self, what: str, *, want_diff_id: bool = True, want_sha256: bool = True):
+        self.what = what
+        self.sha = hashlib.sha256() if want_sha256 else None
+        self.xxh = xxhash.xxh3_128()
+        self.want_diff_id = want_diff_id
+        self.compression: str | None = None
+        self._decomp: Decompressor | None = None
+        self._diff = None
+        self._first = True
+        self.uncompressed_size = 0
+
+    def update(self, chunk) -> None:
+        if self._first:
+            self._first = False
+            self.compression = sniff_compression(chunk)
+            if self.compression and self.want_diff_id:
+                self._decomp = Decompressor(self.compression, self.what)
+                self._diff = hashlib.sha256()
+        if self.sha is not None:
+            self.sha.update(chunk)
+        self.xxh.update(chunk)
+        if self._decomp is not None:
+            out = self._decomp.feed(chunk)
+            self.uncompressed_size += len(out)
+            self._diff.update(out)
+
+    def result(self) -> dict:
+        out = {"xxh3": self.xxh.hexdigest()}
+        if self.sha is not None:
+            out["sha256"] = "sha256:" + self.sha.hexdigest()
+        if self._decomp is not None:
+            self._decomp.finish()
+            out["compression"] = self.compression
+            out["diff_id"] = "sha256:" + self._diff.hexdigest()
+            out["uncompressed_size"] = self.uncompressed_size
+        return out

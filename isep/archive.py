@@ -116,17 +116,17 @@ def scan_member(member: Member, rec: dict, kept: dict[str, bytes], sink: Callabl
         sink(member.padding)
 
 
-def scan(source: Source, *, on_member: Callable[[Member, dict], None] | None = None,
-         sink: Callable | None = None) -> ScannedArchive:
+def scan(source: Source, *, sink: Callable | None = None,
+         progress: Callable[[int], None] | None = None) -> ScannedArchive:
     """One pass over a tar stream. sink, when given, receives every raw byte in order."""
     scanned = ScannedArchive(name=source.name)
     reader = TarReader(source)
     kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
-        if on_member is not None:
-            on_member(member, rec)
         scan_member(member, rec, scanned.blobs, sink)
+        if progress is not None:
+            progress(source.offset)
         kept_total += len(scanned.blobs.get(member.name, b""))
         if kept_total > KEPT_JSON_TOTAL:
             raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
@@ -162,12 +162,14 @@ class Image:
     platform: dict
     owned: set[str] = field(default_factory=set)   # metadata members that belong to this image only
     manifest_entry: dict | None = None             # its manifest.json entry, verbatim
+    index_descriptors: list = field(default_factory=list)  # its index.json entries
 
     def to_json(self) -> dict:
         return {
             "tags": self.tags, "config": {"member": self.config_member, "digest": self.config_digest},
             "platform": self.platform, "diff_ids": self.diff_ids,
             "layers": [vars(layer) for layer in self.layers], "owned": sorted(self.owned),
+            "manifest_entry": self.manifest_entry, "index_descriptors": self.index_descriptors,
         }
 
 
@@ -328,8 +330,12 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
                 image = by_config.get(config_digest)
                 if image is not None:
                     image.owned |= owned
+                    if not any(top is d for d in image.index_descriptors):
+                        image.index_descriptors.append(top)
                 continue
-            found.append(_image_from_oci_manifest(scanned, table, doc, tag, owned, what))
+            image = _image_from_oci_manifest(scanned, table, doc, tag, owned, what)
+            image.index_descriptors.append(top)
+            found.append(image)
     return found
 
 
@@ -388,8 +394,9 @@ def build_index(scanned: ScannedArchive) -> dict:
     }
 
 
-def index_stream(source: Source, sink: Callable | None = None) -> dict:
-    return build_index(scan(source, sink=sink))
+def index_stream(source: Source, sink: Callable | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    return build_index(scan(source, sink=sink, progress=progress))
 
 
 def iter_tags(images: Iterable[Image]) -> list[str]:

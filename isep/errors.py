@@ -13,6 +13,7 @@ class ExitStatus(IntEnum):
     INTEGRITY = 5     # a digest, diffID, size or signature does not match
     MISFIT = 6        # the images do not fit the base/lib (not an ordered diffID prefix)
     INTERRUPTED = 130  # SIGINT
+    BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE), reported without a message
     TERMINATED = 143   # SIGTERM
 
 

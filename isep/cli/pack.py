@@ -1,0 +1,139 @@
+"""isep-pack: split an image archive into base, lib and app parts in one pass."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from typing import Optional
+
+import typer
+
+from .. import __version__
+from ..archive import build_index, load_json, scan
+from ..bundle import Store
+from ..errors import BadInput, UsageError
+from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
+from ..partition import make_plan
+from ..refs import read_json_file
+from ..targets import DirTarget, StreamTarget
+from ..tarstream import Source
+from .common import (EXIT_CODES_HELP, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
+                     input_size, new_app, open_input, run_command, stdout_binary)
+from .shared import CompressOption, RenameOption, read_renames, resolve_refs
+
+PROG = "isep-pack"
+app = new_app(
+    "Read an image archive from ARCHIVE or stdin once and write its members, byte for byte, into a "
+    "base part, a lib part and one app part per image (compressed tars), plus the bundle manifest "
+    "isep-bundle.json and isula-build's `manifest`, into the store DIR; or, with -o -, as one bundle "
+    "stream on stdout. With --plan (from isep-partition) nothing is decided again and no temporary "
+    "disk is used. With --base/--lib, an ARCHIVE file is read twice (index, then pack) and uses no "
+    "temporary disk; a pipe is read once, and a member whose layer only its content reveals (a legacy "
+    "<v1id>/layer.tar, a compressed blob) is held in a spool of at most one layer in DIR (TMPDIR with "
+    "-o -); with -o - the app part is held, compressed, in TMPDIR until the save's metadata arrives. "
+    "Parts already in DIR with the same layers are reused, not written again. Output is atomic: "
+    "temporary dot-files renamed when complete, the bundle manifest last; on any failure they are "
+    "removed and nothing that was there before changes. " + EXIT_CODES_HELP)
+
+
+def _parse_parts(text: str) -> tuple[str, ...]:
+    roles = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if bad or not roles:
+        raise UsageError(f"--parts takes a comma-separated subset of base,lib,app (got {text!r})")
+    return roles
+
+
+def _seekable_file(fh) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fh.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@app.command()
+def pack(
+    archive: Optional[str] = typer.Argument(None, metavar="[ARCHIVE|-]", help="Image archive; stdin when omitted or '-'."),
+    output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), or - for a bundle stream on stdout."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", "-p", metavar="PLAN", help="A plan from isep-partition."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", metavar="REF", help="The base image (as for isep-partition)."),
+    lib: Optional[str] = typer.Option(None, "--lib", "-l", metavar="REF", help="The lib image, built on the base."),
+    parts: str = typer.Option("base,lib,app", "--parts", metavar="LIST", help="Which parts to write: a subset of base,lib,app (e.g. app for an update)."),
+    compress: str = CompressOption,
+    level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 6)."),
+    rename: Optional[str] = RenameOption,
+    no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
+    quiet: bool = QuietOption,
+    progress: str = ProgressOption,
+    debug: bool = DebugOption,
+    version: bool = VersionOption,
+) -> None:
+    ui = Ui(PROG, quiet, progress)
+
+    def body():
+        if (plan_file is None) == (base is None):
+            raise UsageError("give either --plan PLAN or --base REF (with an optional --lib REF)")
+        if plan_file is not None and (lib is not None or rename is not None):
+            raise UsageError("--lib and --rename belong to the plan; give them to isep-partition")
+        roles = _parse_parts(parts)
+        fh, name = open_input(archive, "archive")
+        options = PackOptions(compression=compress, level=level, parts=roles,
+                              isula_manifest=not no_isula_manifest,
+                              renames=read_renames(rename, compress))
+        plan = None
+        if plan_file is not None:
+            plan = read_json_file(plan_file, "--plan")
+            if not isinstance(plan, dict) or plan.get("schema") != "isep-plan/1":
+                raise BadInput(f"{plan_file} is not an isep plan (make one with isep-partition)")
+            if plan.get("compression", compress) != compress:
+                raise UsageError(f"the plan names parts for --compress {plan['compression']}")
+        target = _open_target(output, base, lib)
+        try:
+            with ui.bar(input_size(archive), "pack") as tick:
+                options.progress = tick
+                result = _run(fh, name, plan, base, lib, target, options)
+        except BaseException:
+            target.abort()
+            raise
+        _summary(ui, result)
+
+    run_command(PROG, debug, body)
+
+
+def _open_target(output: str, base, lib):
+    if output == "-":
+        return StreamTarget(stdout_binary(), {"isep": __version__})
+    return DirTarget(Store(output))
+
+
+def _run(fh, name, plan, base, lib, target, options):
+    if plan is not None:
+        return pack_with_plan(Source(fh, name=name), plan, target, options)
+    if _seekable_file(fh):  # a file: index it first, then pack with the plan (no spool at all)
+        scanned = scan(Source(fh, name=name))
+        index = build_index(scanned)
+        base_ref, lib_ref = resolve_refs(base, lib, index["images"])
+        plan = make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)
+        fh.seek(0)
+        return pack_with_plan(Source(fh, name=name), plan, target, options)
+    base_ref, lib_ref = resolve_refs(base, lib, None)
+    return pack_one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
+
+
+def _summary(ui: Ui, result) -> None:
+    written = result.written
+    raw = sum(p["raw_size"] for p in written)
+    size = sum(p["size"] for p in written)
+    secs = max(ui.elapsed(), 1e-6)
+    ratio = f", {raw / size:.2f}x" if size else ""
+    reused = f", reused {', '.join(result.reused)}" if result.reused else ""
+    ui.info(f"{len(written)} part(s), {raw:,} -> {size:,} bytes{ratio}{reused}; "
+            f"{result.source_bytes / secs / 1e6:.0f} MB/s in {secs:.1f} s")
+
+
+def main() -> None:
+    app(prog_name=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Image names as Docker normalises them, and part file names."""
+from __future__ import annotations
+
+import re
+
+RESERVED_FILE_NAMES = {"manifest", "isep-bundle.json", "isep-bundle.json.sig", "isep-bundle.lock"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """('repo', 'tag') of a reference; the tag defaults to 'latest'."""
+    name = name.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1:]
+    return name, "latest"
+
+
+def normalize(name: str) -> str:
+    """Docker's normal form: 'base:1' -> 'docker.io/library/base:1'."""
+    repo, tag = split_tag(name.strip())
+    first, _, rest = repo.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        domain, path = "docker.io", repo
+    else:
+        domain, path = first, rest
+    if domain == "docker.io" and "/" not in path:
+        path = "library/" + path
+    return f"{domain}/{path}:{tag}"
+
+
+def same_image_name(a: str, b: str) -> bool:
+    """True when two names denote one image; podman's 'localhost/' prefix is accepted on either side."""
+    na, nb = normalize(a), normalize(b)
+    if na == nb:
+        return True
+    strip = lambda n: n[len("localhost/"):] if n.startswith("localhost/") else n  # noqa: E731
+    return normalize(strip(na)) == normalize(strip(nb))
+
+
+def part_stem(tag: str) -> str:
+    """isula-build's '<last path component>_<tag>' of a reference."""
+    repo, tagpart = split_tag(tag)
+    return f"{repo.rsplit('/', 1)[-1]}_{tagpart}"
+
+
+def check_file_name(name: str, what: str) -> str | None:
+    """Why a name cannot be a part file name in a bundle directory, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"{what}: empty file name"
+    if "/" in name or "\\" in name:
+        return f"{what}: {name!r} is not a plain file name (contains a path separator)"
+    if name in (".", "..") or name.startswith(".isep"):
+        return f"{what}: {name!r} is not allowed as a file name"
+    if _CONTROL.search(name):
+        return f"{what}: {name!r} contains control characters"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return f"{what}: file name longer than 255 bytes"
+    if name in RESERVED_FILE_NAMES:
+        return f"{what}: {name!r} is a reserved bundle file name"
+    return None

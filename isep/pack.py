@@ -1,0 +1,541 @@
+"""Packing: one pass over an archive routes every member's original bytes into its part.
+
+With a plan, every member's part is known from its position: nothing is decided again and nothing
+is spooled. Without one (`--base/--lib` on a pipe) a member is routed when its header arrives if its
+name tells its layer (digest-named blobs, containers/image symlinks). A member whose layer is known
+only from its content (a legacy `<v1id>/layer.tar`, a compressed blob named by its compressed
+digest) is held in a spool of at most one member until its digest is known; the small `<v1id>/`
+siblings that precede it wait in memory. App members go to one app section, which becomes the app
+part when the save holds one image and is split per image otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import xxhash
+
+from .archive import JSON_CAP, ScannedArchive, build_index, load_json, member_record
+from .bundle import part_for_layers
+from .digests import BlobHasher, Decompressor
+from .errors import BadInput, EnvironmentFailure, IntegrityError
+from .partition import make_plan, shared_part_names
+from .parts import PartWriter
+from .refs import Ref
+from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+
+DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
+V1_MEMBER = re.compile(r"^([0-9a-f]{64})/(?:|VERSION|json|layer\.tar)$")
+SPOOL_IN_MEMORY = 1 << 20
+ROLES = ("base", "lib", "app")
+
+
+@dataclass
+class PackOptions:
+    compression: str = "zstd"
+    level: int | None = None
+    parts: tuple[str, ...] = ROLES        # which roles are written
+    isula_manifest: bool = True
+    renames: dict | None = None
+    progress: object | None = None        # callable(bytes_read)
+
+
+@dataclass
+class PackResult:
+    manifest: dict
+    written: list[dict]
+    reused: list[str]
+    spool_peak: int
+    source_bytes: int
+
+
+def save_id(members: list[dict]) -> str:
+    """Identifies one save: members, sizes and digests (parts of one save merge by position)."""
+    h = hashlib.sha256()
+    for m in members:
+        h.update(f"{m['name']}\0{m['size']}\0{m.get('sha256')}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# --- copying members -------------------------------------------------------------------------------
+
+def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes]) -> None:
+    """Copy one member's raw bytes to the writers while hashing its data."""
+    for w in writers:
+        w.write(member.header)
+        w.members.append(rec)
+    hasher = BlobHasher(f"member {member.name!r}") if member.is_file else None
+    keep = bytearray() if member.is_file and member.size <= JSON_CAP else None
+    for chunk in member.iter_data():
+        if hasher is not None:
+            hasher.update(chunk)
+        if keep is not None:
+            keep += chunk
+        for w in writers:
+            w.write(chunk)
+    for w in writers:
+        if member.padding:
+            w.write(member.padding)
+    if hasher is not None:
+        rec.update(hasher.result())
+    if keep is not None and keep[:1] in (b"{", b"["):
+        blobs[member.name] = bytes(keep)
+
+
+def _digests_of(data: bytes) -> dict:
+    return {"sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "xxh3": xxhash.xxh3_128(data).hexdigest()}
+
+
+def restrict_metadata(name: str, data: bytes, image: dict) -> bytes:
+    """A multi-image save's manifest.json, repositories or index.json restricted to one image."""
+    doc = load_json(data, name)
+    if name == "manifest.json":
+        entry = image.get("manifest_entry")
+        doc = [entry] if entry is not None else []
+    elif name == "repositories" and isinstance(doc, dict):
+        tags = set(image["tags"])
+        doc = {repo: {t: v for t, v in entries.items() if f"{repo}:{t}" in tags}
+               for repo, entries in doc.items() if isinstance(entries, dict)}
+        doc = {repo: entries for repo, entries in doc.items() if entries}
+    elif name == "index.json" and isinstance(doc, dict):
+        doc = {**doc, "manifests": image.get("index_descriptors") or []}
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)  # Go's encoder, as Docker writes
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return (text + "\n").encode()
+
+
+def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter, image: dict) -> None:
+    body = restrict_metadata(member.name, data, image)
+    writer.write(build_header(member.name, len(body), mode=member.mode, mtime=member.mtime))
+    writer.write(body)
+    writer.write(bytes(padded(len(body)) - len(body)))
+    writer.members.append({**rec, **_digests_of(body), "size": len(body), "rewritten": True,
+                           "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
+
+
+class PlanRouter:
+    """Sends each member to the parts a plan names for its position."""
+
+    def __init__(self, plan: dict, writers: dict[str, PartWriter]):
+        self.writers = writers
+        self.expected = {m["seq"]: m for m in plan["members"]}
+        self.part_of_seq: dict[int, list[str]] = {}
+        self.restrict: dict[str, set[int]] = {}
+        for part in plan["parts"]:
+            if part["file"] not in writers:
+                continue
+            for seq in part["members"]:
+                self.part_of_seq.setdefault(seq, []).append(part["file"])
+            self.restrict[part["file"]] = set(part.get("rewrite") or [])
+        self.image_of_app = {im["app_part"]: im for im in plan["images"]}
+        self.blobs: dict[str, bytes] = {}
+
+    def route(self, member: Member, seq: int, source_name: str) -> dict:
+        want = self.expected.get(seq)
+        if want is None or want["name"] != member.name or want["size"] != member.size:
+            got = f"{member.name!r} ({member.size} bytes)"
+            exp = f"{want['name']!r} ({want['size']} bytes)" if want else "no member"
+            raise BadInput(f"{source_name} does not match the plan: member {seq} is {got}, the plan has {exp}")
+        rec = member_record(member, seq)
+        files = self.part_of_seq.get(seq, [])
+        plain = [self.writers[f] for f in files if seq not in self.restrict[f]]
+        special = [f for f in files if seq in self.restrict[f]]
+        if special:
+            data = member.read_all(JSON_CAP)
+            rec.update(_digests_of(data))
+            for w in plain:
+                w.write(member.header + data + member.padding)
+                w.members.append(rec)
+            for f in special:
+                _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
+        else:
+            copy_member(member, rec, plain, self.blobs)
+        for key in ("sha256", "diff_id"):
+            if want.get(key) and rec.get(key) != want[key]:
+                raise IntegrityError(f"member {member.name!r} has {key} {rec.get(key)}, "
+                                     f"the plan says {want[key]}")
+        return rec
+
+
+# --- the pack run ----------------------------------------------------------------------------------
+
+class PackRun:
+    def __init__(self, target, options: PackOptions):
+        self.target = target
+        self.options = options
+        self.outs: dict[str, object] = {}
+        self.writers: dict[str, PartWriter] = {}
+        self.reused: list[str] = []
+
+    def writer(self, part: dict) -> PartWriter:
+        """A writer for a plan part: a real one when the role is wanted and the store lacks it."""
+        existing = self.target.existing
+        same = None if existing is None else part_for_layers(existing, part["role"], part["diff_ids"])
+        wanted = part["role"] in self.options.parts
+        if part["role"] != "app" and same is not None:
+            self.reused.append(same["file"])
+            part["file"] = same["file"]
+            wanted = False
+        out = self.target.open(part["file"]) if wanted else None
+        if out is not None:
+            self.outs[part["file"]] = out
+        w = PartWriter(part["file"], out, self.options.compression, self.options.level)
+        self.writers[part["file"]] = w
+        return w
+
+    def finish(self, plan: dict, trailer_size: int, spool_peak: int, source_bytes: int) -> PackResult:
+        infos = {}
+        for file_name, writer in self.writers.items():
+            infos[file_name] = writer.finish()
+            out = self.outs.get(file_name)
+            if out is not None:
+                out.close()
+        save = save_id(plan["members"])
+        parts_out = []
+        for part in plan["parts"]:
+            writer = self.writers[part["file"]]
+            if not writer.wanted:
+                continue
+            info = infos[part["file"]]
+            parts_out.append({
+                "file": part["file"], "role": part["role"], "image": part.get("image"),
+                "compression": self.options.compression, "size": info["size"], "sha256": info["sha256"],
+                "xxh3": info["xxh3"], "raw_size": info["raw_size"], "diff_ids": part["diff_ids"],
+                "layers": part["layers"], "format": plan["source"]["format"], "save": save,
+                "members": [slim(m) for m in writer.members],
+            })
+        images = [{
+            "tags": im["tags"], "config": im["config"], "platform": im["platform"],
+            "diff_ids": im["diff_ids"], "layer_paths": im["layer_paths"],
+            "parts": im["parts"],
+            "app_part": im["app_part"], "format": plan["source"]["format"], "save": save,
+            "trailer_size": trailer_size, "byte_exact": im["byte_exact"] and not self.reused,
+        } for im in plan["images"]]
+        isula = isula_manifest(plan, infos) if self.options.isula_manifest else None
+        doc = self.target.finish(parts_out, images, isula)
+        return PackResult(doc, parts_out, self.reused, spool_peak, source_bytes)
+
+
+def slim(rec: dict) -> dict:
+    keep = ("seq", "name", "type", "size", "raw_size", "mode", "link", "sha256", "xxh3", "diff_id",
+            "compression", "rewritten")
+    return {k: rec[k] for k in keep if k in rec and rec[k] is not None}
+
+
+def isula_manifest(plan: dict, infos: dict) -> bytes:
+    """isula-build's `manifest`: one entry per tagged app image, with its exact field names."""
+    by_role = {p["role"]: p for p in plan["parts"]}
+
+    def layer_ids(part):
+        return [d[7:] for d in part["layers"]] if part else None
+
+    out = {}
+    for image in plan["images"]:
+        if not image["tags"]:
+            continue
+        app = next(p for p in plan["parts"] if p["file"] == image["app_part"])
+        lib, base = by_role.get("lib"), by_role["base"]
+        out[image["tags"][0]] = {
+            "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:], "appLayers": layer_ids(app),
+            "lib": lib["file"] if lib else "", "libHash": infos[lib["file"]]["sha256"][7:] if lib else "",
+            "libImageName": (plan["lib"] or {}).get("name") or "", "libLayers": layer_ids(lib),
+            "base": base["file"], "baseHash": infos[base["file"]]["sha256"][7:],
+            "baseImageName": plan["base"]["name"], "baseLayer": base["layers"][-1][7:],
+        }
+    return json.dumps(out, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _fix_image_parts(plan: dict) -> None:
+    """Remember each part's planned name, so that images follow a part renamed by reuse."""
+    for part in plan["parts"]:
+        part["_original"] = part["file"]
+
+
+def _rename_in_images(plan: dict) -> None:
+    renamed = {p["_original"]: p["file"] for p in plan["parts"]}
+    for image in plan["images"]:
+        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+
+
+def pack_with_plan(source: Source, plan: dict, target, options: PackOptions) -> PackResult:
+    """Execute a plan: every member goes where the plan says."""
+    run = PackRun(target, options)
+    _fix_image_parts(plan)
+    for part in plan["parts"]:
+        run.writer(part)
+    _rename_in_images(plan)
+    router = PlanRouter(plan, run.writers)
+    reader = TarReader(source)
+    count = 0
+    for seq, member in enumerate(reader):
+        router.route(member, seq, source.name)
+        count += 1
+        if options.progress:
+            options.progress(source.offset)
+    if count != len(plan["members"]) or len(reader.trailer) != plan.get("trailer_size", len(reader.trailer)):
+        raise BadInput(f"{source.name} does not match the plan: it has {count} members, the plan {len(plan['members'])}")
+    return run.finish(plan, len(reader.trailer), 0, source.offset)
+
+
+# --- one shot, from a pipe -------------------------------------------------------------------------
+
+class _Spool:
+    """One member's raw bytes: in memory when small, else in an unnamed temporary file."""
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+        self.mem = bytearray()
+        self.file = None
+        self.size = 0
+        self.peak = 0
+
+    def write(self, data) -> None:
+        self.size += len(data)
+        self.peak = max(self.peak, self.size)
+        if self.file is None and len(self.mem) + len(data) <= SPOOL_IN_MEMORY:
+            self.mem += data
+            return
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.directory, prefix=".isep-tmp-spool-")
+                self.file.write(self.mem)
+                self.mem = bytearray()
+            self.file.write(data)
+        except OSError as exc:
+            raise EnvironmentFailure(f"cannot spool a layer: {exc.strerror}") from None
+
+    def replay(self):
+        if self.file is None:
+            yield bytes(self.mem)
+        else:
+            self.file.seek(0)
+            while True:
+                data = self.file.read(CHUNK)
+                if not data:
+                    break
+                yield data
+            self.file.close()
+            self.file = None
+        self.mem = bytearray()
+        self.size = 0
+
+
+class OneShot:
+    """Routes members of an archive nobody has indexed, for pack --base/--lib on a pipe."""
+
+    def __init__(self, base: Ref, lib: Ref | None, writers: dict[str, PartWriter], spool_dir: str | None):
+        self.role_of_diff = {d: "base" for d in base.diff_ids}
+        if lib is not None:
+            for d in lib.diff_ids[len(base.diff_ids):]:
+                self.role_of_diff.setdefault(d, "lib")
+        self.writers = writers           # by role: base, lib, app (the app section)
+        self.role_of_member: dict[str, str] = {}
+        self.dir_role: dict[str, str] = {}
+        self.held: list[tuple[bytes, dict]] = []
+        self.held_dir: str | None = None
+        self.spool = _Spool(spool_dir)
+        self.blobs: dict[str, bytes] = {}
+
+    def role_by_name(self, name: str) -> str | None:
+        m = DIGEST_NAME.match(name)
+        return self.role_of_diff.get("sha256:" + (m.group(1) or m.group(2))) if m else None
+
+    def put(self, role: str, member: Member, rec: dict) -> None:
+        copy_member(member, rec, [self.writers[role]], self.blobs)
+        self.role_of_member[member.name] = role
+
+    def flush_held(self, role: str) -> None:
+        writer = self.writers[role]
+        for raw, rec in self.held:
+            writer.write(raw)
+            writer.members.append(rec)
+        self.held = []
+        self.held_dir = None
+
+    def route(self, member: Member, rec: dict) -> None:
+        name = member.name
+        v1 = V1_MEMBER.match(name)
+        folder = v1.group(1) if v1 else None
+        if self.held and folder != self.held_dir:
+            self.flush_held("app")  # siblings whose layer.tar never came: safe in the app part
+        if folder is not None and folder in self.dir_role:
+            self.put(self.dir_role[folder], member, rec)
+            return
+        if folder is not None and not name.endswith("/layer.tar"):
+            self._hold(member, rec, folder)
+            return
+        role = self.role_by_name(name)
+        if member.kind == "symlink":
+            target = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+            role = self.role_of_member.get(target) or self.role_by_name(target) or "app"
+        if role is None and member.is_file and (folder is not None or name.startswith("blobs/")):
+            role = self._resolve_by_content(member, rec)
+            if folder is not None:
+                self.dir_role[folder] = role
+                self.flush_held(role)
+            self._replay(role, rec)
+            return
+        role = role or "app"
+        if folder is not None:
+            self.dir_role[folder] = role
+            self.flush_held(role)
+        self.put(role, member, rec)
+
+    def _hold(self, member: Member, rec: dict, folder: str) -> None:
+        data = member.read_all(JSON_CAP) if member.is_file else b""
+        if member.is_file:
+            rec.update(_digests_of(data))
+        self.held.append((member.header + data + member.padding, rec))
+        self.held_dir = folder
+
+    def _resolve_by_content(self, member: Member, rec: dict) -> str:
+        spool = self.spool
+        spool.write(member.header)
+        hasher = BlobHasher(f"member {member.name!r}")
+        keep = bytearray() if member.size <= JSON_CAP else None
+        for chunk in member.iter_data():
+            hasher.update(chunk)
+            spool.write(chunk)
+            if keep is not None:
+                keep += chunk
+        spool.write(member.padding)
+        rec.update(hasher.result())
+        if keep is not None and keep[:1] in (b"{", b"["):
+            self.blobs[member.name] = bytes(keep)
+        role = self.role_of_diff.get(rec.get("diff_id") or rec["sha256"], "app")
+        self.role_of_member[member.name] = role
+        return role
+
+    def _replay(self, role: str, rec: dict) -> None:
+        writer = self.writers[role]
+        for data in self.spool.replay():
+            writer.write(data)
+        writer.members.append(rec)
+
+
+def _carried(writer: PartWriter) -> set[str]:
+    return {m.get("diff_id") or m.get("sha256") for m in writer.members if m.get("type") == "file"}
+
+
+def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: PackOptions) -> PackResult:
+    run = PackRun(target, options)
+    # the plan is known only at the end, but base and lib are named after their refs
+    names = shared_part_names(base, lib, options.compression, options.renames or {})
+    role_writers: dict[str, PartWriter] = {}
+    for role, stack in (("base", base.diff_ids), ("lib", lib.diff_ids if lib else None)):
+        if stack is not None:
+            role_writers[role] = run.writer({"role": role, "file": names[role], "diff_ids": stack})
+    section_out = target.open_section()
+    section = PartWriter("app-section", section_out, options.compression, options.level)
+    role_writers["app"] = section
+    shot = OneShot(base, lib, role_writers, target.spool_dir)
+    reader = TarReader(source)
+    scanned = ScannedArchive(name=source.name)
+    for seq, member in enumerate(reader):
+        rec = member_record(member, seq)
+        scanned.members.append(rec)
+        shot.route(member, rec)
+        if options.progress:
+            options.progress(source.offset)
+    shot.flush_held("app")
+    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, shot.blobs
+    plan = make_plan(build_index(scanned), base, lib, compression=options.compression,
+                     renames=options.renames)
+    _check_routing(plan, role_writers, base, lib)
+    section.finish()
+    section_out.close()
+    _adopt_routing(plan, role_writers, run)
+    apps = [p for p in plan["parts"] if p["role"] == "app"]
+    if len(apps) == 1 and not apps[0].get("rewrite"):
+        apps[0]["members"] = [m["seq"] for m in section.members]
+        run.writers[apps[0]["file"]] = _Finished(section, apps[0]["file"])
+        if "app" in options.parts:
+            target.name(section_out, apps[0]["file"])
+        else:
+            target.name(section_out, None)
+    else:
+        _split_section(plan, section, section_out, target, run, options)
+    return run.finish(plan, len(reader.trailer), shot.spool.peak, source.offset)
+
+
+def _check_routing(plan: dict, writers: dict[str, PartWriter], base: Ref, lib: Ref | None) -> None:
+    """Every base layer must have landed in the base part, every lib layer in base or lib."""
+    missing = [d for d in base.diff_ids if d not in _carried(writers["base"])]
+    if lib is not None:
+        have = _carried(writers["base"]) | _carried(writers["lib"])
+        missing += [d for d in lib.diff_ids[len(base.diff_ids):] if d not in have]
+    if missing:
+        raise BadInput(f"could not place layer {missing[0]} while streaming: its member did not show "
+                       f"which layer it carries; run isep-index | isep-partition and pack with --plan")
+
+
+class _Finished:
+    """A writer already finished (the app section adopted as the app part)."""
+
+    def __init__(self, writer: PartWriter, file_name: str):
+        self._info = {**writer.finish(), "file": file_name}
+        self.members = writer.members
+        self.wanted = writer.wanted
+
+    def finish(self) -> dict:
+        return self._info
+
+
+def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> None:
+    """Base and lib hold what was routed to them while streaming; app parts hold the rest."""
+    routed = {role: [m["seq"] for m in writers[role].members] for role in ("base", "lib") if role in writers}
+    below = set().union(*routed.values())
+    renamed = {}
+    for part in plan["parts"]:
+        if part["role"] in routed:
+            part["members"] = routed[part["role"]]
+            renamed[part["file"]] = writers[part["role"]].file_name
+            part["file"] = writers[part["role"]].file_name
+        else:
+            part["members"] = [s for s in part["members"] if s not in below]
+    app_files = [p for p in plan["parts"] if p["role"] == "app"]
+    covered = set(below).union(*(set(p["members"]) for p in app_files))
+    stray = [m["seq"] for m in plan["members"] if m["seq"] not in covered]
+    for part in app_files:
+        part["members"] = sorted(set(part["members"]) | set(stray))
+    for image in plan["images"]:
+        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+
+
+def _split_section(plan: dict, section: PartWriter, section_out, target, run: PackRun,
+                   options: PackOptions) -> None:
+    """Several app images: read the app section back and split it per image."""
+    for part in plan["parts"]:
+        if part["role"] == "app":
+            run.writer(part)
+    router = PlanRouter(plan, {f: w for f, w in run.writers.items()
+                               if any(p["file"] == f and p["role"] == "app" for p in plan["parts"])})
+    with target.reopen(section_out) as raw:
+        reader = TarReader(Source(_Decompressed(raw, options.compression), name="the app section"))
+        for member, rec in zip(reader, section.members):
+            router.route(member, rec["seq"], "the app section")
+    target.name(section_out, None)
+
+
+class _Decompressed:
+    """A readinto() view of a compressed temporary file."""
+
+    def __init__(self, raw, compression: str):
+        self.raw = raw
+        self.dec = Decompressor(compression, "the app section") if compression != "none" else None
+        self.pending = b""
+
+    def readinto(self, buf) -> int:
+        while not self.pending:
+            data = self.raw.read(CHUNK)
+            if not data:
+                return 0
+            self.pending = self.dec.feed(data) if self.dec else data
+        n = min(len(buf), len(self.pending))
+        buf[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n

@@ -1,0 +1,111 @@
+"""--base / --lib references: what diffIDs an image has, from whatever the user has at hand."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .archive import JSON_CAP, load_json
+from .errors import BadInput, EnvironmentFailure, UsageError
+from .names import same_image_name
+
+BUNDLE_MANIFEST = "isep-bundle.json"
+
+
+@dataclass
+class Ref:
+    display: str                 # how messages name it
+    diff_ids: list[str]
+    tags: list[str] = field(default_factory=list)
+    kind: str = "diff-ids"       # index | inspect | config | name | bundle
+    bundle_dir: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.tags[0] if self.tags else None
+
+
+def read_json_file(path: str, what: str):
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(JSON_CAP + 1)
+    except OSError as exc:
+        raise EnvironmentFailure(f"{what}: cannot read {path}: {exc.strerror}") from None
+    return load_json(data, f"{what} {path}")
+
+
+def _choose(candidates: list[tuple[list[str], list[str]]], selector: str | None, what: str,
+            source: str) -> tuple[list[str], list[str]]:
+    """Pick one (tags, diff_ids) among several images, by name when asked."""
+    if selector is not None:
+        hits = [c for c in candidates if any(same_image_name(t, selector) for t in c[0])]
+        if not hits:
+            names = ", ".join(t for c in candidates for t in c[0]) or "untagged images only"
+            raise UsageError(f"{what}: no image named {selector!r} in {source} (it holds: {names})")
+        return hits[0]
+    if len(candidates) != 1:
+        names = ", ".join(t for c in candidates for t in c[0][:1]) or f"{len(candidates)} untagged images"
+        raise UsageError(f"{what}: {source} holds {len(candidates)} images ({names}); "
+                         f"name one as {source}:NAME")
+    return candidates[0]
+
+
+def _from_document(doc, path: str, selector: str | None, what: str) -> Ref:
+    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-index/"):
+        cands = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []]
+        tags, ids = _choose(cands, selector, what, path)
+        return Ref(display=tags[0] if tags else path, diff_ids=ids, tags=tags, kind="index")
+    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-bundle/"):
+        return _from_bundle(doc, str(Path(path).parent), what)
+    entries = doc if isinstance(doc, list) else [doc]
+    if entries and all(isinstance(e, dict) and isinstance(e.get("RootFS"), dict) for e in entries):
+        cands = [(e.get("RepoTags") or [], e["RootFS"].get("Layers") or []) for e in entries]
+        tags, ids = _choose(cands, selector, what, path)
+        return Ref(display=tags[0] if tags else path, diff_ids=ids, tags=tags, kind="inspect")
+    if isinstance(doc, dict) and isinstance(doc.get("rootfs"), dict):
+        ids = doc["rootfs"].get("diff_ids") or []
+        return Ref(display=path, diff_ids=ids, kind="config")
+    raise UsageError(f"{what}: {path} is none of: isep index, bundle manifest, docker/podman inspect "
+                     f"output, image config")
+
+
+def _from_bundle(doc: dict, bundle_dir: str, what: str) -> Ref:
+    role = "lib" if what == "--lib" else "base"
+    parts = [p for p in doc.get("parts") or [] if p.get("role") == role]
+    if not parts:
+        raise UsageError(f"{what}: the bundle in {bundle_dir} has no {role} part")
+    if len(parts) > 1:
+        names = ", ".join(p.get("file", "?") for p in parts)
+        raise UsageError(f"{what}: the bundle in {bundle_dir} has several {role} parts ({names})")
+    part = parts[0]
+    return Ref(display=part.get("image") or part["file"], diff_ids=list(part.get("diff_ids") or []),
+               tags=[part["image"]] if part.get("image") else [], kind="bundle", bundle_dir=bundle_dir)
+
+
+def resolve_ref(text: str, what: str, archive_images: list[tuple[list[str], list[str]]] | None = None) -> Ref:
+    """Resolve REF: a file (index, inspect, config, bundle manifest), a bundle directory, FILE:NAME,
+    or the name of an image in the input archive."""
+    if os.path.isdir(text):
+        manifest = os.path.join(text, BUNDLE_MANIFEST)
+        if not os.path.isfile(manifest):
+            raise UsageError(f"{what}: {text} is a directory without {BUNDLE_MANIFEST}")
+        return _from_bundle(read_json_file(manifest, what), text, what)
+    if os.path.isfile(text):
+        return _from_document(read_json_file(text, what), text, None, what)
+    path, sep, selector = text.rpartition(":")
+    while sep and path and not os.path.isfile(path):  # FILE:NAME where NAME itself may hold ':'
+        path, sep, more = path.rpartition(":")
+        selector = more + ":" + selector
+    if sep and path and os.path.isfile(path):
+        return _from_document(read_json_file(path, what), path, selector, what)
+    if archive_images is not None:
+        tags, ids = _choose(archive_images, text, what, "the input archive")
+        return Ref(display=text, diff_ids=ids, tags=tags, kind="name")
+    raise UsageError(f"{what}: {text!r} is not a file, a bundle directory, or an image in the input")
+
+
+def validate_ref(ref: Ref, what: str) -> Ref:
+    if not ref.diff_ids or not all(isinstance(d, str) and d.startswith("sha256:") and len(d) == 71
+                                   for d in ref.diff_ids):
+        raise BadInput(f"{what}: {ref.display} has no valid list of diffIDs")
+    return ref

@@ -1,0 +1,236 @@
+"""Where pack writes a bundle: a store directory, or one tar stream on stdout."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from .archive import JSON_CAP
+from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, encode_manifest, merge_manifest, os_error
+from .errors import EnvironmentFailure
+from .tarstream import CHUNK, build_header, padded
+
+STREAM_SCHEMA = "isep-stream/1"
+STREAM_HEAD = "isep-stream.json"
+STREAM_CHUNK = 4 << 20
+
+
+class _FileOut:
+    """Gathers small compressor outputs into 1 MiB writes to a file."""
+
+    def __init__(self, raw, temp_name: str | None = None):
+        self.raw = raw
+        self.temp_name = temp_name
+        self.buf = bytearray()
+
+    def write(self, data) -> None:
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            try:
+                self.raw.write(self.buf)
+            except OSError as exc:
+                raise os_error(exc, "cannot write a part") from None
+            self.buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            os.fsync(self.raw.fileno())
+        except OSError as exc:
+            raise os_error(exc, "cannot write a part") from None
+        self.raw.close()
+
+
+class DirTarget:
+    """Parts go to temporary names in the store and are renamed when all is done, manifest last."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.existing = store.read_manifest()
+        self._outs: list[tuple[_FileOut, str | None]] = []
+
+    @property
+    def spool_dir(self) -> str:
+        return self.store.path
+
+    def open(self, file_name: str) -> _FileOut:
+        temp, fh = self.store.create_temp(file_name)
+        out = _FileOut(fh, temp)
+        self._outs.append((out, file_name))
+        return out
+
+    def open_section(self) -> _FileOut:
+        return self.open("app-section")
+
+    def reopen(self, out: _FileOut):
+        return self.store.open_read(out.temp_name)
+
+    def name(self, out: _FileOut, file_name: str | None) -> None:
+        """Give a section its final name (None: drop it)."""
+        self._outs = [(o, file_name if o is out else n) for o, n in self._outs]
+
+    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
+        for out, _ in self._outs:
+            if not out.raw.closed:
+                out.close()
+        final = {n: o.temp_name for o, n in self._outs if n is not None}
+        committed: list[str] = []
+        try:
+            with self.store.locked():
+                return self._commit(parts, images, isula, final, committed)
+        except BaseException:
+            for name in committed:  # ours, renamed a moment ago: a bundle is complete or absent
+                self._drop(name)
+            raise
+
+    def _commit(self, parts, images, isula, final, committed) -> dict:
+        current = self.store.read_manifest()
+        known = {p["file"]: p for p in (current or {}).get("parts", [])}
+        for part in parts:
+            temp = final.pop(part["file"])
+            old = known.get(part["file"])
+            if old is not None and old.get("sha256") == part["sha256"]:
+                self._drop(temp)  # the store already holds this very part
+                continue
+            if old is not None:
+                raise EnvironmentFailure(
+                    f"{os.path.join(self.store.path, part['file'])} already holds a different part; "
+                    f"pack into another directory or choose another name with --rename")
+            self.store.commit(temp, part["file"])
+            committed.append(part["file"])
+        for temp in final.values():
+            self._drop(temp)
+        doc = merge_manifest(current, parts, images)
+        if isula is not None:
+            self.store.write_file(ISULA_MANIFEST, _merge_isula(self.store, isula), replace=True)
+        self.store.write_file(BUNDLE_MANIFEST, encode_manifest(doc), replace=True)
+        try:
+            os.fsync(self.store.fd)
+        except OSError:
+            pass
+        return doc
+
+    def _drop(self, temp: str) -> None:
+        try:
+            os.unlink(temp, dir_fd=self.store.fd)
+        except OSError:
+            pass
+        self.store.temps.discard(temp)
+
+    def abort(self) -> None:
+        for out, _ in self._outs:
+            try:
+                out.raw.close()
+            except OSError:
+                pass
+        self.store.discard_temps()
+
+
+def _merge_isula(store: Store, new: bytes) -> bytes:
+    merged = {}
+    if store.exists(ISULA_MANIFEST):
+        with store.open_read(ISULA_MANIFEST) as fh:
+            try:
+                old = json.loads(fh.read(JSON_CAP))
+                if isinstance(old, dict):
+                    merged.update(old)
+            except (ValueError, UnicodeDecodeError):
+                pass
+    merged.update(json.loads(new))
+    return json.dumps(merged, separators=(",", ":"), sort_keys=True).encode()
+
+
+class _StreamPart:
+    def __init__(self, target: "StreamTarget", file_name: str):
+        self.target = target
+        self.file_name = file_name
+        self.buf = bytearray()
+
+    def write(self, data) -> None:
+        self.buf += data
+        while len(self.buf) >= STREAM_CHUNK:
+            self.target.chunk(self.file_name, bytes(self.buf[:STREAM_CHUNK]))
+            del self.buf[:STREAM_CHUNK]
+
+    def close(self) -> None:
+        if self.buf:
+            self.target.chunk(self.file_name, bytes(self.buf))
+            self.buf.clear()
+
+
+class _TempOut:
+    def __init__(self, directory: str | None):
+        try:
+            self.raw = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-section-")
+        except OSError as exc:
+            raise os_error(exc, "cannot create a temporary file") from None
+
+    def write(self, data) -> None:
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            raise os_error(exc, "cannot write a temporary file") from None
+
+    def close(self) -> None:
+        pass
+
+
+class StreamTarget:
+    """A bundle as one tar stream: a head, then each part as numbered chunk members
+    (`parts/<file>/<n>`, at most 4 MiB each), then isula's manifest and isep-bundle.json last."""
+
+    spool_dir = None
+
+    def __init__(self, out, head: dict):
+        self.out = out
+        self.existing = None
+        self._counters: dict[str, int] = {}
+        self._named: list[tuple[_TempOut, str]] = []
+        self._emit(STREAM_HEAD, json.dumps({"schema": STREAM_SCHEMA, **head}).encode())
+
+    def _emit(self, name: str, data: bytes) -> None:
+        self.out.write(build_header(name, len(data), mode=0o644))
+        self.out.write(data)
+        self.out.write(bytes(padded(len(data)) - len(data)))
+
+    def chunk(self, file_name: str, data: bytes) -> None:
+        n = self._counters.get(file_name, 0)
+        self._counters[file_name] = n + 1
+        self._emit(f"parts/{file_name}/{n:06d}", data)
+
+    def open(self, file_name: str) -> _StreamPart:
+        return _StreamPart(self, file_name)
+
+    def open_section(self) -> _TempOut:
+        return _TempOut(None)
+
+    def reopen(self, out: _TempOut):
+        out.raw.seek(0)
+        return out.raw
+
+    def name(self, out: _TempOut, file_name: str | None) -> None:
+        if file_name is not None:
+            self._named.append((out, file_name))
+
+    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
+        for out, file_name in self._named:
+            out.raw.seek(0)
+            while True:
+                data = out.raw.read(STREAM_CHUNK)
+                if not data:
+                    break
+                self.chunk(file_name, data)
+        doc = merge_manifest(None, parts, images)
+        if isula is not None:
+            self._emit(ISULA_MANIFEST, isula)
+        self._emit(BUNDLE_MANIFEST, encode_manifest(doc))
+        self.out.write(bytes(1024))
+        self.out.flush()
+        return doc
+
+    def abort(self) -> None:
+        pass

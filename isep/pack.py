@@ -194,6 +194,12 @@ class PackRun:
             out = self.outs.get(file_name)
             if out is not None:
                 out.close()
+        existing = {p["file"]: p for p in (self.target.existing or {}).get("parts", [])}
+        for file_name, writer in self.writers.items():
+            if not writer.wanted:  # reused (its hashes are the store's) or not asked for (unknown)
+                old = existing.get(file_name, {})
+                infos[file_name] = {**infos[file_name], "sha256": old.get("sha256", ""),
+                                    "size": old.get("size", 0)}
         save = save_id(plan["members"])
         parts_out = []
         for part in plan["parts"]:
@@ -230,8 +236,13 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
     """isula-build's `manifest`: one entry per tagged app image, with its exact field names."""
     by_role = {p["role"]: p for p in plan["parts"]}
 
-    def layer_ids(part):
-        return [d[7:] for d in part["layers"]] if part else None
+    def layer_ids(part, image):
+        """Legacy layer IDs where the save has them (<v1id>/layer.tar), else diffID hex."""
+        if not part:
+            return None
+        paths = dict(zip(image["diff_ids"], image["layer_paths"]))
+        return [paths[d].split("/")[0] if paths.get(d, "").endswith("/layer.tar") else d[7:]
+                for d in part["layers"]]
 
     out = {}
     for image in plan["images"]:
@@ -240,13 +251,19 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
         app = next(p for p in plan["parts"] if p["file"] == image["app_part"])
         lib, base = by_role.get("lib"), by_role["base"]
         out[image["tags"][0]] = {
-            "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:], "appLayers": layer_ids(app),
+            "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:],
+            "appLayers": layer_ids(app, image),
             "lib": lib["file"] if lib else "", "libHash": infos[lib["file"]]["sha256"][7:] if lib else "",
-            "libImageName": (plan["lib"] or {}).get("name") or "", "libLayers": layer_ids(lib),
+            "libImageName": (plan["lib"] or {}).get("name") or "", "libLayers": layer_ids(lib, image),
             "base": base["file"], "baseHash": infos[base["file"]]["sha256"][7:],
-            "baseImageName": plan["base"]["name"], "baseLayer": base["layers"][-1][7:],
+            "baseImageName": plan["base"]["name"], "baseLayer": layer_ids(base, image)[-1],
         }
-    return json.dumps(out, separators=(",", ":"), sort_keys=True).encode()
+    return encode_isula_manifest(out)
+
+
+def encode_isula_manifest(entries: dict) -> bytes:
+    """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
+    return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
 
 
 def _fix_image_parts(plan: dict) -> None:

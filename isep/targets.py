@@ -141,7 +141,8 @@ def _merge_isula(store: Store, new: bytes) -> bytes:
             except (ValueError, UnicodeDecodeError):
                 pass
     merged.update(json.loads(new))
-    return json.dumps(merged, separators=(",", ":"), sort_keys=True).encode()
+    from .pack import encode_isula_manifest
+    return encode_isula_manifest(merged)
 
 
 class _StreamPart:

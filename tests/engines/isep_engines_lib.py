@@ -154,7 +154,7 @@ def _engines_log_tails() -> str:
 
 
 @pytest.fixture(scope="session")
-def engines(tmp_path_factory) -> Engines:
+def engines(tmp_path_factory):
     env = {"ISEP_ENGINES_WORK": str(WORK)}
     if not ENGINES_SH.exists():
         pytest.fail(f"{ENGINES_SH} missing")
@@ -165,6 +165,8 @@ def engines(tmp_path_factory) -> Engines:
                     "or set ISEP_ENGINES=1 (or CI) to start them and fail if they cannot run.")
     r = run(["bash", str(ENGINES_SH), "start"], env=env, timeout=300)
     if r.returncode != 0:
+        if st.returncode != 0:
+            run(["bash", str(ENGINES_SH), "stop"], env=env, timeout=300)
         pytest.fail("engines.sh start failed (rc=%d):\n%s\n%s\nInstall with: bash tests/engines/engines.sh install"
                     % (r.returncode, tail(r.stderr, 30), _engines_log_tails()), pytrace=False)
     out_env = os.environ.get("ISEP_ENGINES_OUT")
@@ -180,7 +182,9 @@ def engines(tmp_path_factory) -> Engines:
                         pytrace=False)
         RESULTS[("timing", "engines.sh build", "seconds")] = ("%.1f" % (time.time() - t0), "")
     state = json.loads((WORK / "engines.json").read_text())
-    return Engines(state, out, tmp_path_factory.mktemp("engines-work"))
+    yield Engines(state, out, tmp_path_factory.mktemp("engines-work"))
+    if st.returncode != 0:   # this session started the engines: stop them again
+        run(["bash", str(ENGINES_SH), "stop"], env=env, timeout=300)
 
 
 # --------------------------------------------------------------- results

@@ -267,9 +267,12 @@ def join_parts(parts: list[PartInput], out_stream, image: dict | None, options: 
     opened = [_open_part(p) for p in parts]
     checks = {"parts": [], "layers": 0}
     try:
-        _stream(opened, out, emitted, copies, options)
-        for o in opened:
-            _finish_part(o, options, checks)
+        try:
+            _stream(opened, out, emitted, copies, options)
+            for o in opened:
+                _finish_part(o, options, checks)
+        except BadInput as exc:  # damage inside a part (truncated, corrupt compressed data, bad header)
+            raise IntegrityError(str(exc)) from None
         diff_ids, paths = _expected_layers(image, emitted, out)
         for i, (path, diff_id) in enumerate(zip(paths, diff_ids)):
             got = resolve_emitted(path, emitted)

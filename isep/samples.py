@@ -890,11 +890,11 @@ def _members_docker_oci(images: list[Image]) -> list[_Member]:
             add(_sha(js), ct, len(js), js)
         mb = _oci_manifest(im, gzip=False)
         add(_sha(mb), 0, len(mb), mb)
-        if im.name:
-            index_entries.append({"mediaType": MT_OCI_MANIFEST, "digest": "sha256:" + _sha(mb),
-                                  "size": len(mb),
-                                  "annotations": {"io.containerd.image.name": _full_name(im.name),
-                                                  "org.opencontainers.image.ref.name": im.tag}})
+        ent = {"mediaType": MT_OCI_MANIFEST, "digest": "sha256:" + _sha(mb), "size": len(mb)}
+        if im.name:  # untagged (25.0.3+): one entry without annotations
+            ent["annotations"] = {"io.containerd.image.name": _full_name(im.name),
+                                  "org.opencontainers.image.ref.name": im.tag}
+        index_entries.append(ent)
         sources = {}
         for layer in im.layers:
             sources[layer.diff_id] = {"mediaType": MT_LAYER_TAR, "size": layer.tar_size(),

@@ -1,0 +1,225 @@
+"""Verifying bundles and archives: every check is reported, passed or not."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .archive import JSON_CAP, index_stream, load_json
+from .bundle import TEMP_PREFIX
+from .digests import BlobHasher
+from .errors import IsepError
+from .join import (Bundle, DecompressingReader, HashingFile, JoinOptions, isula_part_inputs, join_parts,
+                   _opener, _safe_join)
+from .tarstream import Source, TarReader
+
+VERIFY_SCHEMA = "isep-verify/1"
+
+
+@dataclass
+class Report:
+    target: str
+    kind: str
+    mode: str
+    checks: list[dict] = field(default_factory=list)
+
+    def add(self, check: str, ok: bool, detail: str, **extra) -> bool:
+        self.checks.append({"check": check, "status": "ok" if ok else "fail", "detail": detail, **extra})
+        return ok
+
+    def note(self, check: str, detail: str, **extra) -> None:
+        self.checks.append({"check": check, "status": "warn", "detail": detail, **extra})
+
+    @property
+    def ok(self) -> bool:
+        return all(c["status"] != "fail" for c in self.checks)
+
+    def to_json(self) -> dict:
+        failed = [c for c in self.checks if c["status"] == "fail"]
+        return {"schema": VERIFY_SCHEMA, "target": self.target, "kind": self.kind, "mode": self.mode,
+                "ok": self.ok, "checked": len(self.checks), "failed": len(failed), "checks": self.checks}
+
+
+class _NullOut:
+    def write(self, data) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def verify_archive(source: Source, report: Report) -> Report:
+    """An image archive: complete, every layer present, every diffID equal to its config's."""
+    try:
+        index = index_stream(source)
+    except IsepError as exc:
+        report.add("archive", False, str(exc))
+        return report
+    report.add("archive", True, f"{index['format']} archive of {index['source']['size']:,} bytes, "
+               f"{index['source']['members']} members, well-formed tar")
+    for image in index["images"]:
+        name = image["tags"][0] if image["tags"] else image["config"]["digest"]
+        report.add("image", True, f"{name}: config {image['config']['digest'][:19]}…, "
+                   f"{len(image['diff_ids'])} layers, every diffID matches the config", image=name)
+    return report
+
+
+def verify_bundle(bundle: Bundle, report: Report, mode: str) -> Report:
+    if bundle.kind == "isula":
+        return _verify_isula(bundle, report)
+    doc = bundle.doc
+    report.add("manifest", True, f"isep-bundle.json: schema {doc['schema']}, {len(doc['parts'])} parts, "
+               f"{len(doc['images'])} images")
+    good_parts = {}
+    for part in doc["parts"]:
+        ok, members = _verify_part(bundle, part, report, mode)
+        if ok:
+            good_parts[part["file"]] = members
+    partial = {p for im in doc["images"] for p in im["parts"]} - {p["file"] for p in doc["parts"]}
+    for image in doc["images"]:
+        if bundle.files and set(image["parts"]) & partial:  # a stream of some parts (--parts app)
+            report.note("image", f"{image['tags'][0] if image.get('tags') else 'image'}: parts "
+                        f"{', '.join(sorted(set(image['parts']) & partial))} are not in this stream "
+                        f"(the receiver's store provides them)")
+            continue
+        _verify_image(bundle, image, good_parts, report)
+    _stray_files(bundle, report)
+    return report
+
+
+def _verify_part(bundle: Bundle, part: dict, report: Report, mode: str) -> tuple[bool, list | None]:
+    """Size and hash of the file; it decompresses to a well-formed tar holding exactly the listed
+    members, each with the recorded digest (xxh3, or sha256 with --deep)."""
+    name = part["file"]
+    opener = bundle.files.get(name) or _opener(_safe_join(bundle.path, name))
+    try:
+        fh = opener()
+    except IsepError as exc:
+        return report.add("part", False, f"{name}: missing ({exc})", part=name), None
+    hashing = HashingFile(fh, name, sha256=(mode != "fast"))
+    source = Source(DecompressingReader(hashing, part["compression"], part["raw_size"], name), name=name)
+    listed = part["members"]
+    try:
+        n = 0
+        for member in TarReader(source):
+            want = listed[n] if n < len(listed) else None
+            if want is None or want["name"] != member.name:
+                raise _Mismatch(f"member {n} is {member.name!r}, the manifest lists "
+                                f"{want['name'] if want else 'nothing more'!r}")
+            _check_member_data(member, want, mode)
+            n += 1
+        if n != len(listed):
+            raise _Mismatch(f"holds {n} members, the manifest lists {len(listed)}")
+        hashing.drain()
+    except (_Mismatch, IsepError) as exc:
+        return report.add("part", False, f"{name}: {exc}", part=name), None
+    finally:
+        source.close()
+        fh.close()
+    if hashing.size != part["size"]:
+        return report.add("part", False, f"{name}: {hashing.size} bytes, the manifest says {part['size']}",
+                          part=name), None
+    if mode == "fast":
+        got, want, algo = hashing.xxh.hexdigest(), part.get("xxh3"), "xxh3"
+    else:
+        got, want, algo = "sha256:" + hashing.sha.hexdigest(), part["sha256"], "sha256"
+    if got != want:
+        return report.add("part", False, f"{name}: {algo} {got[:19]}… differs from the manifest's "
+                          f"{str(want)[:19]}…", part=name), None
+    report.add("part", True, f"{name}: {part['size']:,} bytes, {algo} matches, {len(listed)} members "
+               f"{'re-hashed (sha256, diffIDs recomputed)' if mode == 'deep' else 'match their xxh3'}",
+               part=name)
+    return True, listed
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _check_member_data(member, want: dict, mode: str) -> None:
+    if not member.is_file:
+        member.skip()
+        return
+    if mode == "deep":
+        hasher = BlobHasher(member.name)
+        for chunk in member.iter_data():
+            hasher.update(chunk)
+        got = hasher.result()
+        for key in ("sha256", "diff_id"):
+            if want.get(key) and got.get(key) != want[key]:
+                raise _Mismatch(f"member {member.name!r}: {key} {got.get(key)} differs from {want[key]}")
+        return
+    xxh = xxhash.xxh3_128()
+    for chunk in member.iter_data():
+        xxh.update(chunk)
+    if want.get("xxh3") and xxh.hexdigest() != want["xxh3"]:
+        raise _Mismatch(f"member {member.name!r}: content differs from the manifest's xxh3")
+
+
+def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report) -> None:
+    """All parts there and sound; every diffID carried; the config's digest and diff_ids agree."""
+    name = (image.get("tags") or [image.get("config", {}).get("digest", "?")])[0]
+    missing = [f for f in image["parts"] if f not in good_parts]
+    if missing:
+        report.add("image", False, f"{name}: needs {', '.join(missing)}, missing or failed", image=name)
+        return
+    carried = {}
+    for f in image["parts"]:
+        for m in good_parts[f]:
+            if m.get("type") == "file":
+                carried[m["name"]] = m
+                carried.setdefault(m.get("diff_id") or m.get("sha256"), m)
+    lacking = [d for d in image["diff_ids"] if d not in carried]
+    if lacking:
+        report.add("image", False, f"{name}: layer {lacking[0]} is in none of its parts", image=name)
+        return
+    config = carried.get(image["config"]["member"])
+    if config is None or config.get("sha256") != image["config"]["digest"]:
+        report.add("image", False, f"{name}: config {image['config']['member']} missing or not "
+                   f"{image['config']['digest'][:19]}…", image=name)
+        return
+    report.add("image", True, f"{name}: {len(image['diff_ids'])} layers present with their diffIDs, "
+               f"config digest matches", image=name)
+
+
+def _stray_files(bundle: Bundle, report: Report) -> None:
+    if bundle.files:
+        return
+    listed = {p["file"] for p in bundle.doc["parts"]}
+    try:
+        names = os.listdir(bundle.path)
+    except OSError:
+        return
+    for name in sorted(names):
+        if name.startswith(TEMP_PREFIX):
+            report.note("leftover", f"{name}: temporary file of an interrupted isep run (safe to remove)")
+        elif name.endswith((".tar.zst", ".tar.gz", ".tar")) and name not in listed:
+            report.note("stray", f"{name}: not part of this bundle")
+
+
+def _verify_isula(bundle: Bundle, report: Report) -> Report:
+    """isula-build bundles: each image joined to nowhere, which checks every hash and diffID."""
+    report.add("manifest", True, f"isula-build manifest with {len(bundle.isula)} image(s)")
+    for key in bundle.isula:
+        try:
+            parts = isula_part_inputs(bundle, key, {})
+            checks = join_parts(parts, _NullOut(), None, JoinOptions())
+            report.add("image", True, f"{key}: {len(checks['parts'])} tarballs match their sha256, "
+                       f"{checks['layers']} layer diffIDs verified", image=key)
+        except IsepError as exc:
+            report.add("image", False, f"{key}: {exc}", image=key)
+    return report
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def config_text(data: bytes):
+    return load_json(data, "config") if len(data) <= JSON_CAP else None

@@ -7,9 +7,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .digests import BlobHasher
+from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
-from .tarstream import Member, Source, TarReader
+from .tarstream import Member, Source, TarReader, padded
 
 INDEX_SCHEMA = "isep-index/1"
 JSON_CAP = 4 << 20          # a JSON member larger than this is refused
@@ -114,6 +114,29 @@ def scan_member(member: Member, rec: dict, kept: dict[str, bytes], sink: Callabl
             kept[member.name] = bytes(keep)
     if sink is not None and member.padding:
         sink(member.padding)
+
+
+def scan_metadata(source: Source) -> ScannedArchive:
+    """Headers and small JSON members only; large members are skipped (by seeking, on a file) after
+    their first bytes tell whether they are compressed. Enough to plan, not to verify."""
+    scanned = ScannedArchive(name=source.name)
+    reader = TarReader(source)
+    for seq, member in enumerate(reader):
+        rec = member_record(member, seq)
+        if member.is_file and member.size <= JSON_CAP:
+            scan_member(member, rec, scanned.blobs)
+        elif member.is_file:
+            head = source.read_exact(min(member.size, 4), f"data of {member.name!r}")
+            compression = sniff_compression(head)
+            if compression:
+                rec["compression"] = compression
+            source.skip(member.size - len(head), f"data of {member.name!r}")
+            member._consumed = True
+            member.padding = source.read_exact(padded(member.size) - member.size, "padding")
+        scanned.members.append(rec)
+    scanned.trailer = reader.trailer
+    scanned.size = source.offset
+    return scanned
 
 
 def scan(source: Source, *, sink: Callable | None = None,
@@ -249,13 +272,13 @@ def _platform(config: dict) -> dict:
 
 def _layer_from(rec: dict, path: str, diff_id: str, position: int, what: str) -> Layer:
     actual = rec.get("diff_id") or rec.get("sha256")
-    if actual != diff_id:
+    if actual is not None and actual != diff_id:  # None: a metadata-only scan, checked when packing
         raise IntegrityError(f"{what}: layer {position} ({path}) has diffID {actual}, "
                              f"the config says {diff_id}")
     compression = rec.get("compression")
     media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression, ""))
     return Layer(diff_id=diff_id, path=path, member=rec["name"], media_type=media, size=rec["size"],
-                 digest=rec["sha256"], xxh3=rec["xxh3"])
+                 digest=rec.get("sha256"), xxh3=rec.get("xxh3"))
 
 
 def _image_from_entry(scanned: ScannedArchive, entry, table: dict, n: int) -> Image:
@@ -275,7 +298,7 @@ def _image_from_entry(scanned: ScannedArchive, entry, table: dict, n: int) -> Im
     layers = [_layer_from(resolve_link(p, table, what), p, d, i, what)
               for i, (p, d) in enumerate(zip(paths, diff_ids))]
     owned = {config_name, config_rec["name"]}
-    return Image(tags=list(tags), config_member=config_rec["name"], config_digest=config_rec["sha256"],
+    return Image(tags=list(tags), config_member=config_rec["name"], config_digest=config_rec.get("sha256"),
                  config=config, diff_ids=diff_ids, layers=layers, platform=_platform(config),
                  owned=owned, manifest_entry=entry)
 
@@ -356,7 +379,7 @@ def _image_from_oci_manifest(scanned, table, doc: dict, tag: str | None, owned: 
     for i, (desc, diff_id) in enumerate(zip(descs, diff_ids)):
         path = blob_name(desc.get("digest", ""))
         layers.append(_layer_from(resolve_link(path, table, what), path, diff_id, i, what))
-    return Image(tags=[tag] if tag else [], config_member=config_name, config_digest=config_rec["sha256"],
+    return Image(tags=[tag] if tag else [], config_member=config_name, config_digest=config_rec.get("sha256"),
                  config=config, diff_ids=diff_ids, layers=layers, platform=_platform(config),
                  owned=owned | {config_name})
 

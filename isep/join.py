@@ -10,19 +10,21 @@ so no loader accepts the output.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import os
+import queue
+import threading
 import posixpath
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import xxhash
+import zstandard
 
 from .archive import JSON_CAP, load_json
 from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, find_part, parse_manifest
-from .digests import BlobHasher, Decompressor, sniff_compression
-from .errors import BadInput, IntegrityError, UsageError
+from .digests import MAX_ZSTD_WINDOW, BlobHasher, Decompressor, sniff_compression
+from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
 from .names import same_image_name
 from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
 
@@ -31,27 +33,66 @@ HOLD_LIMIT = 64 << 20
 
 
 class HashingFile:
-    """A part file read through: counts and hashes the stored (compressed) bytes."""
+    """A part file read through: a thread reads ahead and counts and hashes the stored (compressed)
+    bytes, so that hashing overlaps decompression and the work of the caller."""
 
-    def __init__(self, raw, what: str, *, sha256: bool = True):
+    def __init__(self, raw, what: str, *, sha256: bool = True, depth: int = 4):
         self.raw = raw
         self.what = what
         self.sha = hashlib.sha256() if sha256 else None
         self.xxh = xxhash.xxh3_128()
         self.size = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._left = memoryview(b"")
+        self._eof = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    def read(self, n: int) -> bytes:
-        data = self.raw.read(n)
-        if data:
-            self.size += len(data)
-            if self.sha is not None:
-                self.sha.update(data)
-            self.xxh.update(data)
-        return data
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                data = self.raw.read(CHUNK)
+                if not data:
+                    break
+                self.size += len(data)
+                if self.sha is not None:
+                    self.sha.update(data)
+                self.xxh.update(data)
+                self._queue.put(data)
+            self._queue.put(b"")
+        except BaseException as exc:
+            self._queue.put(exc)
+
+    def read(self, n: int = -1) -> bytes:
+        if not len(self._left):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise EnvironmentFailure(f"cannot read {self.what}: {item}")
+            if not item:
+                self._eof = True
+                return b""
+            self._left = memoryview(item)
+        if n is None or n < 0 or n >= len(self._left):
+            out, self._left = self._left, memoryview(b"")
+        else:
+            out, self._left = self._left[:n], self._left[n:]
+        return bytes(out)
 
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+        self._thread.join()
+
+    def close(self) -> None:
+        self._stop = True
+        while self._thread.is_alive():  # unblock a reader thread waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(0.01)
 
 
 class DecompressingReader:
@@ -62,37 +103,68 @@ class DecompressingReader:
         self.what = what
         self.limit = limit
         self.produced = 0
-        self.first = True
         self.compression = compression
-        self.dec = None
-        self.pending = memoryview(b"")
+        self._reader = None
+        self._gzip: Decompressor | None = None
+        self._pending = memoryview(b"")
+        self._started = False
 
-    def _feed(self) -> bool:
-        data = self.src.read(CHUNK)
-        if not data:
-            if self.dec is not None:
-                self.dec.finish()
-            return False
-        if self.first:
-            self.first = False
-            kind = sniff_compression(data) if self.compression in (None, "auto") else (
-                None if self.compression == "none" else self.compression)
-            self.dec = Decompressor(kind, self.what) if kind else None
-        out = self.dec.feed(data) if self.dec is not None else data
-        self.produced += len(out)
-        if self.limit is not None and self.produced > self.limit:
-            raise IntegrityError(f"{self.what} expands beyond the {self.limit} bytes its manifest declares")
-        self.pending = memoryview(out)
-        return True
+    def _start(self) -> None:
+        self._started = True
+        kind = self.compression
+        if kind in (None, "auto"):
+            head = self.src.read(CHUNK)
+            self._pending = memoryview(head)
+            kind = sniff_compression(head)
+            self._pending_raw = True
+        if kind == "zstd":
+            reader = _Prepend(bytes(self._pending), self.src) if len(self._pending) else self.src
+            self._pending = memoryview(b"")
+            self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
+                reader, read_size=CHUNK, read_across_frames=True)
+        elif kind == "gzip":
+            self._gzip = Decompressor("gzip", self.what)
+            if len(self._pending):
+                self._pending = memoryview(self._gzip.feed(bytes(self._pending)))
 
     def readinto(self, buf) -> int:
-        while not len(self.pending):
-            if not self._feed():
-                return 0
-        n = min(len(buf), len(self.pending))
-        buf[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+        if not self._started:
+            self._start()
+        try:
+            n = self._readinto(buf)
+        except zstandard.ZstdError as exc:
+            raise BadInput(f"{self.what}: corrupt zstd data ({exc})") from None
+        self.produced += n
+        if self.limit is not None and self.produced > self.limit:
+            raise IntegrityError(f"{self.what} expands beyond the {self.limit} bytes its manifest declares")
         return n
+
+    def _readinto(self, buf) -> int:
+        if self._reader is not None:
+            return self._reader.readinto(buf)
+        while not len(self._pending):
+            data = self.src.read(CHUNK)
+            if not data:
+                if self._gzip is not None:
+                    self._gzip.finish()
+                return 0
+            self._pending = memoryview(self._gzip.feed(data) if self._gzip is not None else data)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+class _Prepend:
+    def __init__(self, head: bytes, src):
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            return out
+        return self.src.read(n)
 
 
 @dataclass
@@ -285,6 +357,7 @@ def join_parts(parts: list[PartInput], out_stream, image: dict | None, options: 
     finally:
         for o in opened:
             o.source.close()
+            o.hashing.close()
             try:
                 o.fh.close()
             except OSError:

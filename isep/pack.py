@@ -57,7 +57,7 @@ def save_id(members: list[dict]) -> str:
     """Identifies one save: members, sizes and digests (parts of one save merge by position)."""
     h = hashlib.sha256()
     for m in members:
-        h.update(f"{m['name']}\0{m['size']}\0{m.get('sha256')}\n".encode())
+        h.update(f"{m['name']}\0{m['size']}\0{m['offset']}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -154,10 +154,13 @@ class PlanRouter:
                 _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
         else:
             copy_member(member, rec, plain, self.blobs)
-        for key in ("sha256", "diff_id"):
-            if want.get(key) and rec.get(key) != want[key]:
-                raise IntegrityError(f"member {member.name!r} has {key} {rec.get(key)}, "
-                                     f"the plan says {want[key]}")
+        if want.get("sha256") and rec.get("sha256") != want["sha256"] and not special:
+            raise IntegrityError(f"member {member.name!r} has sha256 {rec.get('sha256')}, "
+                                 f"the plan says {want['sha256']}")
+        layer = want.get("layer_diff_id")
+        if layer and (rec.get("diff_id") or rec.get("sha256")) != layer:
+            raise IntegrityError(f"layer member {member.name!r} has diffID "
+                                 f"{rec.get('diff_id') or rec.get('sha256')}, the image config says {layer}")
         return rec
 
 

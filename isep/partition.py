@@ -259,9 +259,19 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
         "skipped": [{"tags": images[k]["tags"], "reason": f"is the {roles[k]} image itself"}
                     for k in range(len(images)) if roles[k] != "app"],
         "warnings": _shared_app_layer_warnings(images, apps, split),
-        "members": index["members"],
+        "members": _members_with_layer_ids(index),
         "trailer_size": index["source"]["trailer_size"],
     }
+
+
+def _members_with_layer_ids(index: dict) -> list[dict]:
+    """The index's members, those that carry a layer marked with the diffID pack must find."""
+    members = [dict(m) for m in index["members"]]
+    by_name = {m["name"]: m for m in members}
+    for image in index["images"]:
+        for layer in image["layers"]:
+            by_name[layer["member"]]["layer_diff_id"] = layer["diff_id"]
+    return members
 
 
 def _check_unique(files: dict[str, str], images: list[dict], app_parts: dict[int, str]) -> None:

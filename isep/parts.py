@@ -1,8 +1,18 @@
-"""Part files: compressed tars of verbatim archive members, hashed while they are written."""
+"""Part files: compressed tars of verbatim archive members, hashed while they are written.
+
+A part is compressed as a sequence of independent frames (zstd frames or gzip members) of 4 MiB of
+input each, on a pool of threads shared by all parts (hashlib, zstandard, zlib and file writes all
+release the GIL). The output is the same whatever the number of threads, memory stays bounded by the
+frames in flight, and every decoder reads such a stream as one (zstd frames and gzip members
+concatenate).
+"""
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 import zstandard
@@ -12,66 +22,138 @@ from .tarstream import END_OF_ARCHIVE
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 6, "none": 0}
+FRAME = 4 << 20
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-class _Identity:
-    def compress(self, data):
-        return data
-
-    def flush(self):
-        return b""
+def _workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def make_compressor(compression: str, level: int | None):
+def pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+    global _pool, _slots
+    with _pool_lock:
+        if _pool is None:
+            n = _workers()
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="isep-compress")
+            _slots = threading.BoundedSemaphore(2 * n + 2)  # frames in flight: bounds memory
+    return _pool, _slots
+
+
+def drain() -> None:
+    """Let frames in flight finish (before temporary files are removed after a failure)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+
+
+def check_level(compression: str, level: int | None) -> int:
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
     level = DEFAULT_LEVELS[compression] if level is None else level
+    if compression == "zstd" and not 1 <= level <= 19:
+        raise UsageError("--level for zstd must be between 1 and 19")
+    if compression == "gzip" and not 1 <= level <= 9:
+        raise UsageError("--level for gzip must be between 1 and 9")
+    return level
+
+
+def compress_frame(compression: str, level: int, data: bytes) -> bytes:
     if compression == "zstd":
-        if not 1 <= level <= 19:
-            raise UsageError("--level for zstd must be between 1 and 19")
-        return zstandard.ZstdCompressor(level=level, threads=-1, write_content_size=False).compressobj()
+        key = ("zstd", level)
+        comp = getattr(_local, "comp", {}).get(key)
+        if comp is None:
+            comp = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+            _local.comp = {**getattr(_local, "comp", {}), key: comp}
+        return comp.compress(data)
     if compression == "gzip":
-        if not 1 <= level <= 9:
-            raise UsageError("--level for gzip must be between 1 and 9")
-        return zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip header with mtime 0
-    return _Identity()
+        obj = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip member, mtime 0
+        return obj.compress(data) + obj.flush()
+    return data
 
 
 class PartWriter:
-    """Receives raw member bytes, compresses them to `out` and hashes what is written."""
+    """Receives raw member bytes in order; writes the compressed part to `out` and hashes it."""
 
     def __init__(self, file_name: str, out, compression: str, level: int | None):
         self.file_name = file_name
         self.compression = compression
-        self._out = out            # None: count and hash nothing, write nothing (a part not wanted)
-        self._comp = make_compressor(compression, level) if out is not None else None
+        self.level = check_level(compression, level)
+        self.wanted = out is not None   # False: the part is reused or not asked for: only counted
+        self._out = out
         self._sha = hashlib.sha256()
         self._xxh = xxhash.xxh3_128()
         self.size = 0
         self.raw_size = 0
         self.members: list[dict] = []
-        self.wanted = out is not None
+        self._buf = bytearray()
+        self._last_done: threading.Event | None = None
+        self._error: BaseException | None = None
         self._final: dict | None = None
 
     def write(self, data) -> None:
         self.raw_size += len(data)
-        if self._comp is not None:
-            self._emit(self._comp.compress(data))
+        if not self.wanted:
+            return
+        self._buf += data
+        if len(self._buf) >= FRAME:
+            self._submit(bytes(self._buf[:FRAME]))
+            del self._buf[:FRAME]
 
-    def _emit(self, blob: bytes) -> None:
-        if blob:
-            self._sha.update(blob)
-            self._xxh.update(blob)
-            self.size += len(blob)
-            self._out.write(blob)
+    def _submit(self, frame: bytes) -> None:
+        executor, slots = pool()
+        self._raise_failure()
+        slots.acquire()
+        prev, done = self._last_done, threading.Event()
+        self._last_done = done
+        try:
+            executor.submit(self._frame_task, frame, prev, done, slots)
+        except BaseException:
+            slots.release()
+            done.set()
+            raise
+
+    def _frame_task(self, frame: bytes, prev: threading.Event | None, done: threading.Event, slots) -> None:
+        try:
+            blob = compress_frame(self.compression, self.level, frame)
+            if prev is not None:
+                prev.wait()
+            if self._error is None:
+                self._sha.update(blob)
+                self._xxh.update(blob)
+                self.size += len(blob)
+                self._out.write(blob)
+        except BaseException as exc:  # surfaced in the writing thread by _raise_failure
+            self._error = exc
+        finally:
+            done.set()
+            slots.release()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def finish(self) -> dict:
         if self._final is not None:
             return self._final
         self.write(END_OF_ARCHIVE)
-        if self._comp is not None:
-            self._emit(self._comp.flush())
+        if self.wanted:
+            if self._buf or self._last_done is None:
+                self._submit(bytes(self._buf))
+                self._buf = bytearray()
+            self._last_done.wait()
+            self._raise_failure()
         self._final = {"file": self.file_name, "compression": self.compression, "size": self.size,
-                "sha256": "sha256:" + self._sha.hexdigest(), "xxh3": self._xxh.hexdigest(),
-                "raw_size": self.raw_size}
+                       "sha256": "sha256:" + self._sha.hexdigest(), "xxh3": self._xxh.hexdigest(),
+                       "raw_size": self.raw_size}
         return self._final
+
+    def abandon(self) -> None:
+        """Wait for frames in flight (so that nothing writes after an abort)."""
+        if self._last_done is not None:
+            self._last_done.wait()

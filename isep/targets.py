@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 
 from .archive import JSON_CAP
 from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, encode_manifest, merge_manifest, os_error
 from .errors import EnvironmentFailure
+from .parts import drain
 from .tarstream import CHUNK, build_header, padded
 
 STREAM_SCHEMA = "isep-stream/1"
@@ -122,6 +124,7 @@ class DirTarget:
         self.store.temps.discard(temp)
 
     def abort(self) -> None:
+        drain()
         for out, _ in self._outs:
             try:
                 out.raw.close()
@@ -191,17 +194,20 @@ class StreamTarget:
         self.existing = None
         self._counters: dict[str, int] = {}
         self._named: list[tuple[_TempOut, str]] = []
+        self._lock = threading.RLock()  # parts' frames are written from the compression threads
         self._emit(STREAM_HEAD, json.dumps({"schema": STREAM_SCHEMA, **head}).encode())
 
     def _emit(self, name: str, data: bytes) -> None:
-        self.out.write(build_header(name, len(data), mode=0o644))
-        self.out.write(data)
-        self.out.write(bytes(padded(len(data)) - len(data)))
+        with self._lock:
+            self.out.write(build_header(name, len(data), mode=0o644))
+            self.out.write(data)
+            self.out.write(bytes(padded(len(data)) - len(data)))
 
     def chunk(self, file_name: str, data: bytes) -> None:
-        n = self._counters.get(file_name, 0)
-        self._counters[file_name] = n + 1
-        self._emit(f"parts/{file_name}/{n:06d}", data)
+        with self._lock:
+            n = self._counters.get(file_name, 0)
+            self._counters[file_name] = n + 1
+            self._emit(f"parts/{file_name}/{n:06d}", data)
 
     def open(self, file_name: str) -> _StreamPart:
         return _StreamPart(self, file_name)
@@ -234,4 +240,4 @@ class StreamTarget:
         return doc
 
     def abort(self) -> None:
-        pass
+        drain()

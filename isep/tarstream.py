@@ -161,8 +161,29 @@ class Source:
             yield view
 
     def skip(self, n: int, what: str) -> None:
-        for _ in self.chunks(n, what):
-            pass
+        """Pass over n bytes; on a seekable file without prefetch, by seeking."""
+        buffered = len(self._cur) - self._pos
+        if self._prefetch or n <= buffered or not self._seekable():
+            for _ in self.chunks(n, what):
+                pass
+            return
+        self._pos = len(self._cur)
+        self.offset += buffered
+        rest = n - buffered
+        end = self._raw.seek(0, os.SEEK_CUR) + rest
+        if end > self._size:
+            raise Truncated(f"{self.name}: truncated in {what} at byte {self.offset + self._size - end + rest}")
+        self._raw.seek(rest, os.SEEK_CUR)
+        self.offset += rest
+
+    def _seekable(self) -> bool:
+        if not hasattr(self, "_size"):
+            try:
+                st = os.fstat(self._raw.fileno())
+                self._size = st.st_size if stat.S_ISREG(st.st_mode) else -1
+            except (AttributeError, OSError, ValueError):
+                self._size = -1
+        return self._size >= 0
 
 
 def _octal(field_bytes: bytes, what: str, name: str) -> int:
@@ -262,8 +283,9 @@ class Member:
 
     def skip(self) -> None:
         if not self._consumed:
-            for _ in self.iter_data():
-                pass
+            self._consumed = True
+            self._source.skip(self.size, f"data of {self.name!r}")
+            self.padding = self._source.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
 
     def raw_chunks(self) -> Iterator[bytes | memoryview]:
         """Header, data and padding exactly as read."""

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from ..archive import build_index, load_json, scan
+from ..archive import build_index, scan_metadata
 from ..bundle import Store
 from ..errors import BadInput, UsageError
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
@@ -109,8 +109,8 @@ def _open_target(output: str, base, lib):
 def _run(fh, name, plan, base, lib, target, options):
     if plan is not None:
         return pack_with_plan(Source(fh, name=name), plan, target, options)
-    if _seekable_file(fh):  # a file: index it first, then pack with the plan (no spool at all)
-        scanned = scan(Source(fh, name=name))
+    if _seekable_file(fh):  # a file: walk its headers first, then pack with the plan (no spool at all)
+        scanned = scan_metadata(Source(fh, name=name, prefetch=False))
         index = build_index(scanned)
         base_ref, lib_ref = resolve_refs(base, lib, index["images"])
         plan = make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)

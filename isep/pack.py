@@ -217,13 +217,14 @@ class PackRun:
                 "layers": part["layers"], "format": plan["source"]["format"], "save": save,
                 "members": [slim(m) for m in writer.members],
             })
+        written_apps = {p["file"] for p in parts_out if p["role"] == "app"}
         images = [{
             "tags": im["tags"], "config": im["config"], "platform": im["platform"],
             "diff_ids": im["diff_ids"], "layer_paths": im["layer_paths"],
             "parts": im["parts"],
             "app_part": im["app_part"], "format": plan["source"]["format"], "save": save,
             "trailer_size": trailer_size, "byte_exact": im["byte_exact"] and not self.reused,
-        } for im in plan["images"]]
+        } for im in plan["images"] if im["app_part"] in written_apps]  # a store of base/lib only has no image
         isula = isula_manifest(plan, infos) if self.options.isula_manifest else None
         doc = self.target.finish(parts_out, images, isula)
         return PackResult(doc, parts_out, self.reused, spool_peak, source_bytes)
@@ -472,11 +473,10 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     apps = [p for p in plan["parts"] if p["role"] == "app"]
     if len(apps) == 1 and not apps[0].get("rewrite"):
         apps[0]["members"] = [m["seq"] for m in section.members]
-        run.writers[apps[0]["file"]] = _Finished(section, apps[0]["file"])
-        if "app" in options.parts:
-            target.name(section_out, apps[0]["file"])
-        else:
-            target.name(section_out, None)
+        adopted = _Finished(section, apps[0]["file"])
+        adopted.wanted = "app" in options.parts
+        run.writers[apps[0]["file"]] = adopted
+        target.name(section_out, apps[0]["file"] if adopted.wanted else None)
     else:
         _split_section(plan, section, section_out, target, run, options)
     return run.finish(plan, len(reader.trailer), shot.spool.peak, source.offset)

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from .errors import BadInput, EnvironmentFailure, Truncated
+from .errors import BadInput, EnvironmentFailure, IsepError, Truncated
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -107,6 +107,8 @@ class Source:
             slot, n = self._filled.get()
             if slot is None:
                 self._eof = True
+                if isinstance(n, IsepError):
+                    raise n
                 raise EnvironmentFailure(f"cannot read {self.name}: {n}")
             self._cur_slot = slot
         else:

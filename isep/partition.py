@@ -213,7 +213,8 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
     for k in apps:
         image = images[k]
         stem = part_stem(image["tags"][0]) if image["tags"] else f"app-{image['config']['digest'][7:19]}"
-        files[app_parts[k]] = _apply_rename(f"{stem}_app_image{ext}", renames, compression)
+        by_tag = next((renames[t] for t in image["tags"] if t in renames), None)
+        files[app_parts[k]] = by_tag or _apply_rename(f"{stem}_app_image{ext}", renames, compression)
     _check_unique(files, images, app_parts)
     rewrite = len(images) > 1
     by_seq = {m["seq"]: m for m in index["members"]}
@@ -287,7 +288,8 @@ def _check_unique(files: dict[str, str], images: list[dict], app_parts: dict[int
                     return tags[0] if tags else p
                 return p
             raise UsageError(f"{who(owner[name])} and {who(part_id)} would both be written to {name}; "
-                             f"give one of them another name with --rename")
+                             f"name one with --rename, e.g. [{{\"name\": \"{who(part_id)}\", "
+                             f"\"rename\": \"other.tar.zst\"}}]")
         owner[name] = part_id
 
 

@@ -218,6 +218,8 @@ SECTION_TITLES = {
     "release": "3. release update: app1:1 then app1:2 into one store (only a new app part), join app1:2, load",
     "ssh": "4. ssh hop: `isep-pack … -o - --parts app | ssh … 'isep-join STORE - | load'`",
     "isula": "5. isula-build separated bundles: `isep-join DIR IMAGE | LOADER load`",
+    "variants": "extra: `isep-pack` options (verify, byte-exact join, load)",
+    "refusals": "extra: refusals (foreign lib → exit 6; corrupt part → verify exit 5, join fails, loader gets no image)",
 }
 
 

@@ -108,12 +108,6 @@ def archive_path(engines, producer: str, archive: str) -> Path:
     return p
 
 
-def image_args(engines, producer: str, archive: str) -> list[str]:
-    """IMAGE argument of isep-join: the tag for a single-image save, none for app1+app2."""
-    keys = IMAGES_IN[archive]
-    return [expected(engines, producer, keys[0])[0]] if len(keys) == 1 else []
-
-
 def pack_args(engines, producer: str) -> list[str]:
     return ["--base", str(ref_file(engines, producer, "base")),
             "--lib", str(ref_file(engines, producer, "lib"))]
@@ -410,17 +404,34 @@ def test_index(engines, producer, archive):
 
 @pytest.mark.parametrize("producer,archive", CASES, ids=[f"{p}-{a}" for p, a in CASES])
 def test_roundtrip(engines, producer, archive):
-    """pack -> verify -> join -> byte-exact cmp with the original save."""
+    """pack -> verify -> join -> byte-exact cmp with the original save (single-image saves).
+    A multi-image save (app1+app2) is joined image by image (the contract promises byte
+    equality only for single-image saves): each joined archive must pass isep-verify and
+    isep-index must show the image's diff_ids."""
     with lib.cell("roundtrip", f"{producer} {archive}", "pack+verify+join+cmp"):
         src = archive_path(engines, producer, archive)
         b = bundle_for(engines, producer, archive)
-        joined = engines.tmp / f"joined--{producer}--{archive}.tar"
-        argv = isep_cmd("join") + [str(b)] + image_args(engines, producer, archive)
-        r = run_to_file(argv, joined, env=isep_env())
-        assert r.returncode == 0, f"isep-join rc={r.returncode}: {tail(r.stderr, 1)}\n{tail(r.stderr, 8)}\n$ {cmdline(argv)}"
-        assert filecmp.cmp(src, joined, shallow=False), (
-            f"joined archive differs from the original save: {first_difference(src, joined)}\n"
-            f"$ {cmdline(argv)} > {joined}; cmp {src} {joined}")
+        keys = IMAGES_IN[archive]
+        for key in keys:
+            tag, layers = expected(engines, producer, key)
+            joined = engines.tmp / f"joined--{producer}--{archive}--{key}.tar"
+            argv = isep_cmd("join") + [str(b), tag]
+            r = run_to_file(argv, joined, env=isep_env())
+            assert r.returncode == 0, (f"isep-join rc={r.returncode}: {tail(r.stderr, 1)}\n"
+                                       f"{tail(r.stderr, 8)}\n$ {cmdline(argv)}")
+            if len(keys) == 1:
+                assert filecmp.cmp(src, joined, shallow=False), (
+                    f"joined archive differs from the original save: {first_difference(src, joined)}\n"
+                    f"$ {cmdline(argv)} > {joined}; cmp {src} {joined}")
+                continue
+            r = run(isep_cmd("verify") + [str(joined)], env=isep_env(), timeout=TIMEOUT)
+            assert r.returncode == 0, (f"isep-verify of joined {tag} rc={r.returncode}: "
+                                       f"{tail(r.stderr, 1)} {tail(r.stdout, 3)}")
+            r = run(isep_cmd("index") + [str(joined)], env=isep_env(), timeout=TIMEOUT)
+            assert r.returncode == 0, f"isep-index of joined {tag} rc={r.returncode}: {tail(r.stderr, 1)}"
+            imgs = json.loads(r.stdout).get("images") or []
+            assert len(imgs) == 1, f"joined {tag}: isep-index shows {len(imgs)} images, want 1"
+            assert imgs[0].get("diff_ids") == layers, f"joined {tag}: diff_ids differ from the save's"
 
 
 # =============================================================== 2. loads
@@ -430,15 +441,16 @@ LOAD_CASES = [(p, a, l) for p, a in CASES for l in LOADERS]
 @pytest.mark.parametrize("producer,archive,loader", LOAD_CASES,
                          ids=[f"{p}-{a}-{l}" for p, a, l in LOAD_CASES])
 def test_load(engines, producer, archive, loader):
-    """isep-join BUNDLE [IMAGE] | LOADER load; loaded tags and RootFS.Layers = the originals."""
+    """isep-join BUNDLE IMAGE | LOADER load (for each image of the save); loaded tags and
+    RootFS.Layers = the originals; in docker engines also the files (hardlink, symlink, whiteout)."""
     with lib.cell("load", f"{producer} {archive}", loader):
         b = bundle_for(engines, producer, archive)
-        exp = [expected(engines, producer, k) for k in IMAGES_IN[archive]]
-        join_argv = isep_cmd("join") + [str(b)] + image_args(engines, producer, archive)
-        load_joined(engines, join_argv, loader, exp, archive_path(engines, producer, archive))
-        if loader in ("legacy", "oci", "cstore"):
-            for k, (tag, _) in zip(IMAGES_IN[archive], exp):
-                check_fs(engines, loader, tag, whiteout_expected=(producer == "umoci" and k == "app2"))
+        for key in IMAGES_IN[archive]:
+            tag, layers = expected(engines, producer, key)
+            join_argv = isep_cmd("join") + [str(b), tag]
+            load_joined(engines, join_argv, loader, [(tag, layers)], archive_path(engines, producer, archive))
+            if loader in ("legacy", "oci", "cstore"):
+                check_fs(engines, loader, tag, whiteout_expected=(producer == "umoci" and key == "app2"))
 
 
 # =============================================================== 3. release update
@@ -624,3 +636,80 @@ def test_isula_bundle(engines, bundle, loader):
         with lib.cell("isula", f"{bundle} {name}", loader):
             load_joined(engines, isep_cmd("join") + [str(ISULA_DIR / bundle), name], loader,
                         [(name, layers)], None)
+
+
+# =============================================================== extra: pack variants, refusals
+VARIANTS = {"compress-gzip": ["--compress", "gzip"], "compress-none": ["--compress", "none"],
+            "format-isula": ["--format", "isula", "--compress", "gzip"]}
+VARIANT_CASES = [(p, v) for p in ("docker-legacy", "docker-cstore") for v in VARIANTS]
+
+
+@pytest.mark.parametrize("producer,variant", VARIANT_CASES, ids=[f"{p}-{v}" for p, v in VARIANT_CASES])
+def test_pack_variant(engines, producer, variant):
+    """isep-pack options from the contract: the bundle still verifies and joins byte-exact,
+    and the join loads into the producer's engine."""
+    with lib.cell("variants", f"{producer} app2", variant):
+        store = engines.tmp / "stores" / f"variant--{producer}--{variant}"
+        shutil.rmtree(store, ignore_errors=True)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        _pack_into(engines, producer, "app2", store, VARIANTS[variant])
+        r = run(isep_cmd("verify") + [str(store)], env=isep_env(), timeout=TIMEOUT)
+        assert r.returncode == 0, f"isep-verify rc={r.returncode}: {tail(r.stderr, 1)} {tail(r.stdout, 3)}"
+        tag, layers = expected(engines, producer, "app2")
+        joined = engines.tmp / f"variant--{producer}--{variant}.tar"
+        r = run_to_file(isep_cmd("join") + [str(store), tag], joined, env=isep_env())
+        assert r.returncode == 0, f"isep-join rc={r.returncode}: {tail(r.stderr, 1)}"
+        src = archive_path(engines, producer, "app2")
+        assert filecmp.cmp(src, joined, shallow=False), f"differs from the save: {first_difference(src, joined)}"
+        load_joined(engines, isep_cmd("join") + [str(store), tag], TARGET[producer], [(tag, layers)], None)
+
+
+def test_refuses_foreign_lib(engines):
+    """app1 of dockerd 20.10 with podman's lib (other diff_ids): exit 6, nothing usable written."""
+    with lib.cell("refusals", "docker-legacy app1 + podman lib", "isep-pack exit 6"):
+        out = engines.tmp / "stores" / "foreign-lib"
+        shutil.rmtree(out, ignore_errors=True)
+        argv = (isep_cmd("pack") + [str(archive_path(engines, "docker-legacy", "app1")),
+                                    "--base", str(ref_file(engines, "docker-legacy", "base")),
+                                    "--lib", str(ref_file(engines, "podman-docker-archive", "lib")),
+                                    "-o", str(out)])
+        r = run(argv, env=isep_env(), timeout=TIMEOUT)
+        assert r.returncode == 6, f"want exit 6 (image does not fit base/lib), got {r.returncode}: {tail(r.stderr, 2)}"
+        assert len(tail(r.stderr, 50).splitlines()) >= 1, "no message on stderr"
+
+
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    parts = sorted((p for p in dst.iterdir() if p.is_file() and "_app_image" in p.name),
+                   key=lambda p: p.stat().st_size)
+    assert parts, f"no *_app_image* part in {sorted(p.name for p in dst.iterdir())}"
+    victim = parts[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+@pytest.mark.parametrize("loader", ["legacy", "oci", "cstore", "podman"])
+def test_corrupt_part_rejected(engines, loader):
+    """One flipped byte in the app part: isep-verify exits 5, isep-join exits non-zero, and
+    the loader does not end up with the image (the archive's final metadata is held back)."""
+    with lib.cell("refusals", "docker-legacy app1, 1 byte flipped in app part", loader):
+        b = bundle_for(engines, "docker-legacy", "app1")
+        bad = engines.tmp / "bundles" / f"corrupt--{loader}"
+        victim = _corrupt_copy(b, bad)
+        r = run(isep_cmd("verify") + [str(bad)], env=isep_env(), timeout=TIMEOUT)
+        assert r.returncode == 5, f"isep-verify of a corrupt bundle: want exit 5, got {r.returncode} ({victim.name})"
+        tag, _ = expected(engines, "docker-legacy", "app1")
+        remove_images(engines, loader, [tag])
+        res = pipe(isep_cmd("join") + [str(bad), tag], engines.loader_argv(loader), env1=isep_env())
+        assert res.rc1 != 0, "isep-join of a corrupt bundle exited 0\n" + res.describe()
+        if loader == "podman":
+            r = engines.podman("image", "exists", "localhost/" + norm(tag))
+            r2 = engines.podman("image", "exists", "docker.io/" + norm(tag))
+            present = r.returncode == 0 or r2.returncode == 0
+        else:
+            present = engines.docker(loader, "image", "inspect", norm(tag)).returncode == 0
+        assert not present, (f"{loader} loaded {tag} from a corrupt bundle (loader rc={res.rc2})\n"
+                             + res.describe())

@@ -195,10 +195,14 @@ class StreamTarget:
         self._counters: dict[str, int] = {}
         self._named: list[tuple[_TempOut, str]] = []
         self._lock = threading.RLock()  # parts' frames are written from the compression threads
-        self._emit(STREAM_HEAD, json.dumps({"schema": STREAM_SCHEMA, **head}).encode())
+        self._head = json.dumps({"schema": STREAM_SCHEMA, **head}).encode()
+        self._started = False  # nothing reaches stdout before the first part bytes: errors leave it empty
 
     def _emit(self, name: str, data: bytes) -> None:
         with self._lock:
+            if not self._started:
+                self._started = True
+                self._emit(STREAM_HEAD, self._head)
             self.out.write(build_header(name, len(data), mode=0o644))
             self.out.write(data)
             self.out.write(bytes(padded(len(data)) - len(data)))

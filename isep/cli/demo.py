@@ -81,7 +81,7 @@ def _diff_ids(workdir: Path, index_file: str) -> list[list[str]]:
     return [im["diff_ids"] for im in doc["images"]]
 
 
-@app.command()
+@app.command(help=app.info.help)
 def demo(
     directory: Optional[Path] = typer.Option(None, "--dir", "-d", help="Work here (kept) instead of a temporary directory."),
     fmt: str = typer.Option("docker-oci", "--format", "-f", help="Producer to imitate: " + ", ".join(FORMAT_CHOICES) + "."),

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from ..archive import index_stream
-from .common import (EXIT_CODES_HELP, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
+from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
                      input_size, input_source, new_app, run_command, write_json)
 
 PROG = "isep-index"
@@ -19,12 +19,12 @@ app = new_app(
     + EXIT_CODES_HELP)
 
 
-@app.command()
+@app.command(help=app.info.help)
 def index(
     archive: Optional[str] = typer.Argument(None, metavar="[ARCHIVE|-]", help="Image archive; stdin when omitted or '-'."),
     compact: bool = typer.Option(False, "--compact", help="One line of JSON instead of indented JSON."),
     quiet: bool = QuietOption,
-    progress: str = ProgressOption,
+    progress: Progress = ProgressOption,
     debug: bool = DebugOption,
     version: bool = VersionOption,
 ) -> None:

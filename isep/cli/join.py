@@ -12,7 +12,7 @@ import typer
 from ..errors import UsageError
 from ..join import (JoinOptions, isep_part_inputs, isula_part_inputs, join_parts, open_bundle,
                     receive_stream, select_image)
-from .common import (EXIT_CODES_HELP, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
+from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
                      input_source, new_app, run_command, stdout_binary)
 
 PROG = "isep-join"
@@ -30,7 +30,7 @@ app = new_app(
     "TMPDIR), removed afterwards. " + EXIT_CODES_HELP)
 
 
-@app.command()
+@app.command(help=app.info.help)
 def join(
     bundle: str = typer.Argument(..., metavar="BUNDLE|-", help="Store directory, or - for a bundle stream on stdin."),
     image: Optional[str] = typer.Argument(None, metavar="[IMAGE|-]", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store)."),
@@ -41,7 +41,7 @@ def join(
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     quiet: bool = QuietOption,
-    progress: str = ProgressOption,
+    progress: Progress = ProgressOption,
     debug: bool = DebugOption,
     version: bool = VersionOption,
 ) -> None:

@@ -17,7 +17,7 @@ from ..partition import make_plan
 from ..refs import read_json_file
 from ..targets import DirTarget, StreamTarget
 from ..tarstream import Source
-from .common import (EXIT_CODES_HELP, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
+from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
                      input_size, new_app, open_input, run_command, stdout_binary)
 from .shared import CompressOption, RenameOption, read_renames, resolve_refs
 
@@ -27,8 +27,8 @@ app = new_app(
     "base part, a lib part and one app part per image (compressed tars), plus the bundle manifest "
     "isep-bundle.json and isula-build's `manifest`, into the store DIR; or, with -o -, as one bundle "
     "stream on stdout. With --plan (from isep-partition) nothing is decided again and no temporary "
-    "disk is used. With --base/--lib, an ARCHIVE file is read twice (index, then pack) and uses no "
-    "temporary disk; a pipe is read once, and a member whose layer only its content reveals (a legacy "
+    "disk is used. With --base/--lib, an ARCHIVE file is read twice (its headers, then everything) "
+    "and uses no temporary disk; a pipe is read once, and a member whose layer only its content reveals (a legacy "
     "<v1id>/layer.tar, a compressed blob) is held in a spool of at most one layer in DIR (TMPDIR with "
     "-o -); with -o - the app part is held, compressed, in TMPDIR until the save's metadata arrives. "
     "Parts already in DIR with the same layers are reused, not written again. Output is atomic: "
@@ -51,7 +51,7 @@ def _seekable_file(fh) -> bool:
         return False
 
 
-@app.command()
+@app.command(help=app.info.help)
 def pack(
     archive: Optional[str] = typer.Argument(None, metavar="[ARCHIVE|-]", help="Image archive; stdin when omitted or '-'."),
     output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), or - for a bundle stream on stdout."),
@@ -64,7 +64,7 @@ def pack(
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
     quiet: bool = QuietOption,
-    progress: str = ProgressOption,
+    progress: Progress = ProgressOption,
     debug: bool = DebugOption,
     version: bool = VersionOption,
 ) -> None:

@@ -24,7 +24,7 @@ app = new_app(
     "parts goes to stderr when stderr is a terminal or with --summary. " + EXIT_CODES_HELP)
 
 
-@app.command()
+@app.command(help=app.info.help)
 def partition(
     index_file: Optional[str] = typer.Argument(None, metavar="[INDEX|-]", help="isep index JSON; stdin when omitted or '-'."),
     base: str = BaseOption,

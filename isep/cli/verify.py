@@ -29,7 +29,7 @@ app = new_app(
     + EXIT_CODES_HELP)
 
 
-@app.command()
+@app.command(help=app.info.help)
 def verify(
     target: Optional[str] = typer.Argument(None, metavar="[BUNDLE|ARCHIVE|-]", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
     fast: bool = typer.Option(False, "--fast", help="xxh3-128 instead of sha256 for part files."),

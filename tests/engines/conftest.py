@@ -19,4 +19,5 @@ _lib = _load_lib()
 pytest_configure = _lib.pytest_configure
 pytest_collection_modifyitems = _lib.pytest_collection_modifyitems
 pytest_sessionfinish = _lib.pytest_sessionfinish
+pytest_runtest_logreport = _lib.pytest_runtest_logreport
 engines = _lib.engines

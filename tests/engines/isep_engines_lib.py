@@ -24,6 +24,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +41,8 @@ MATRIX_MD = HERE / "MATRIX.md"
 
 # (section, row, column) -> (status, reason)
 RESULTS: dict[tuple[str, str, str], tuple[str, str]] = {}
+DURATIONS: dict[str, float] = {}     # test function -> summed setup+call+teardown seconds
+OUTDIR: list[Path] = []              # the build OUTDIR of this session (for VERSIONS.txt)
 _T0 = time.time()
 
 
@@ -181,6 +184,7 @@ def engines(tmp_path_factory):
             pytest.fail(f"engines.sh build {out} failed (rc={b.returncode}):\n{tail(b.stderr, 40)}",
                         pytrace=False)
         RESULTS[("timing", "engines.sh build", "seconds")] = ("%.1f" % (time.time() - t0), "")
+    OUTDIR.append(out)
     state = json.loads((WORK / "engines.json").read_text())
     yield Engines(state, out, tmp_path_factory.mktemp("engines-work"))
     if st.returncode != 0:   # this session started the engines: stop them again
@@ -207,6 +211,10 @@ def cell(section: str, row: str, column: str):
 
 def _one_line(s: str, n: int = 200) -> str:
     s = s.strip().split("\n", 1)[0] if s.strip() else ""
+    # stable text for a committed file: no per-run temp names
+    s = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/", "$TMP/", s)
+    s = s.replace(str(WORK), "$ISEP_ENGINES_WORK")
+    s = re.sub(r"docker-import-\d+", "docker-import-N", s)
     s = " ".join(s.split())
     s = s.replace("|", "\\|")
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -221,6 +229,11 @@ SECTION_TITLES = {
     "variants": "extra: `isep-pack` options (verify, byte-exact join, load)",
     "refusals": "extra: refusals (foreign lib → exit 6; corrupt part → verify exit 5, join fails, loader gets no image)",
 }
+
+
+def pytest_runtest_logreport(report):
+    name = report.nodeid.split("::")[-1].split("[")[0]
+    DURATIONS[name] = DURATIONS.get(name, 0.0) + float(getattr(report, "duration", 0.0) or 0.0)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -253,8 +266,11 @@ def pytest_sessionfinish(session, exitstatus):
             n[st] = n.get(st, 0) + 1
         lines += ["Totals: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())), ""]
     t = {r: v for (sec, r, c), v in RESULTS.items() if sec == "timing"}
-    if t:
-        lines += ["## Timings", ""] + [f"- {r}: {v[0]} s" for r, v in sorted(t.items())] + [""]
+    lines += ["## Timings", ""] + [f"- {r}: {v[0]} s" for r, v in sorted(t.items())]
+    lines += [f"- {k} (all parameters): {v:.1f} s" for k, v in sorted(DURATIONS.items())] + [""]
+    if OUTDIR and (OUTDIR[-1] / "VERSIONS.txt").exists():
+        vt = (OUTDIR[-1] / "VERSIONS.txt").read_text().replace(str(WORK), "$ISEP_ENGINES_WORK")
+        lines += ["## Versions (engines.sh build)", "", "```", vt.strip(), "```", ""]
     try:
         MATRIX_MD.write_text("\n".join(lines))
     except OSError:

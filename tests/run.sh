@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the tests need (a venv from pyproject.toml; Debian packages and real engines for the
+# engine tier) and run every tier. This is the README's test command and what .ci/run calls.
+#   bash tests/run.sh              all tiers: fast, faults, engines
+#   bash tests/run.sh --no-engines the tiers that need no container engine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+engines=1
+[ "${1:-}" = "--no-engines" ] && engines=0
+
+venv=${ISEP_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$venv/bin/python" -m pip install -q -e '.[test]'
+export PATH="$PWD/$venv/bin:$PATH"
+
+echo "== fast tier: unit, property, CLI and round-trip tests"
+python -m pytest -q -p no:cacheprovider tests --ignore=tests/engines
+
+if [ "$engines" = 1 ]; then
+  echo "== engine tier: real docker (20.10, 26, 28 containerd store), podman, containerd, sshd"
+  bash tests/engines/engines.sh install
+  bash tests/engines/engines.sh start
+  status=0
+  ISEP_ENGINES=1 python -m pytest -q -p no:cacheprovider -m engines tests/engines || status=$?
+  bash tests/engines/engines.sh stop || true
+  exit $status
+fi

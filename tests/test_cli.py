@@ -1,0 +1,97 @@
+"""The command-line contract: data on stdout only, one-line errors, exit codes, man pages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REAL, ROOT, isep, pipeline
+from isep.cli.manpage import PAGES, render
+
+COMMANDS = ["index", "partition", "pack", "verify", "join", "demo"]
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_man_pages_are_generated_from_the_command_definitions(name):
+    committed = (ROOT / "man" / f"isep-{name}.1").read_text()
+    assert committed == render(name), "man page out of date: run python -m isep.cli.manpage man"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_and_version(name):
+    result = isep(name, "--help", check=0)
+    assert b"Usage: isep-" in result.stdout and b"Exit status" in result.stdout or name == "demo"
+    assert isep(name, "--version", check=0).stdout.startswith(b"isep ")
+
+
+def test_umbrella_command_runs_the_same_commands():
+    direct = isep("index", REAL / "docker-oci" / "base.tar", check=0).stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "isep"), "index", str(REAL / "docker-oci" / "base.tar")],
+                          capture_output=True)
+    assert proc.returncode == 0 and proc.stdout == direct
+
+
+@pytest.mark.parametrize("args,code", [
+    (["pack", "-o", "x"], 2),                                   # neither --plan nor --base
+    (["pack", "--base", "a", "--plan", "b", "-o", "x"], 2),     # both
+    (["pack", "--base", "/nonexistent.json", "-o", "-"], 2),
+    (["pack", "--base", str(REAL / "docker-oci" / "inspect-base.json"), "--parts", "nope", "-o", "x"], 2),
+    (["partition", "--base", str(REAL / "docker-oci" / "inspect-base.json"), "/nonexistent"], 3),
+    (["join", "/nonexistent-dir"], 3),
+    (["verify", "/nonexistent-file"], 3),
+    (["join", str(REAL / "docker-oci")], 2),                      # a directory that is no bundle
+])
+def test_usage_and_environment_errors_are_one_line(args, code, tmp_path):
+    result = isep(*args, cwd=tmp_path, stdin=b"")
+    assert result.rc == code, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(f"isep-{args[0]}: error: ")
+    assert result.stdout == b""
+
+
+def test_stdout_carries_only_data_and_stderr_only_messages(tmp_path):
+    folder = REAL / "docker-oci"
+    result = isep("pack", folder / "app1.tar", "--base", folder / "inspect-base.json", "-o", tmp_path / "s", check=0)
+    assert result.stdout == b"" and "part(s)" in result.stderr
+    joined = isep("join", tmp_path / "s", check=0)
+    assert joined.stdout == (folder / "app1.tar").read_bytes()
+    assert isep("join", tmp_path / "s", "-q", check=0).stderr == ""
+
+
+def test_a_closed_stdout_ends_quietly():
+    big = REAL / "docker-oci" / "app1+app2.tar"
+    proc = pipeline(f"isep-index {big} | head -c 1 > /dev/null; echo ${{PIPESTATUS[0]}}")
+    assert proc.stderr == b"" and proc.stdout.strip() in (b"0", b"141")
+    proc = pipeline(f"isep-pack {big} --base {REAL}/docker-oci/inspect-base.json -o - -q | head -c 10 > /dev/null; "
+                    f"echo ${{PIPESTATUS[0]}}")
+    assert proc.stderr == b"" and proc.stdout.strip() == b"141"
+
+
+def test_binary_output_is_refused_on_a_terminal():
+    import pty
+    import os
+    folder = REAL / "docker-oci"
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, str(ROOT / "bin" / "isep-pack"), str(folder / "app1.tar"),
+                                  "--base", str(folder / "inspect-base.json"), "-o", "-"])
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert b"refusing to write binary data to a terminal" in output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "isep-demo"), "--dir", str(tmp_path / "d")],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:]
+    out = proc.stdout.decode()
+    assert "demo OK" in out and "byte-identical" in out and "FAILED" not in out.replace("FAILED: `isep-join damaged", "")

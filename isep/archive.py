@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
+from .legacy import podman_v1_from_config
 from .tarstream import Member, Source, TarReader, padded
 
 INDEX_SCHEMA = "isep-index/1"
@@ -193,6 +194,7 @@ class Image:
             "platform": self.platform, "diff_ids": self.diff_ids,
             "layers": [vars(layer) for layer in self.layers], "owned": sorted(self.owned),
             "manifest_entry": self.manifest_entry, "index_descriptors": self.index_descriptors,
+            "legacy_layers": [[lid, text.decode()] for lid, text in podman_v1_from_config(self.config)],
         }
 
 

@@ -23,6 +23,7 @@ from .archive import JSON_CAP, ScannedArchive, build_index, load_json, member_re
 from .bundle import part_for_layers
 from .digests import BlobHasher, Decompressor
 from .errors import BadInput, EnvironmentFailure, IntegrityError
+from .legacy import gojson
 from .partition import make_plan, shared_part_names
 from .parts import PartWriter
 from .refs import Ref
@@ -40,6 +41,7 @@ class PackOptions:
     level: int | None = None
     parts: tuple[str, ...] = ROLES        # which roles are written
     isula_manifest: bool = True
+    layout: str = "isep"                  # "isula": isula-build's separated layout (not verbatim)
     renames: dict | None = None
     progress: object | None = None        # callable(bytes_read)
 
@@ -103,9 +105,7 @@ def restrict_metadata(name: str, data: bytes, image: dict) -> bytes:
         doc = {repo: entries for repo, entries in doc.items() if entries}
     elif name == "index.json" and isinstance(doc, dict):
         doc = {**doc, "manifests": image.get("index_descriptors") or []}
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)  # Go's encoder, as Docker writes
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return (text + "\n").encode()
+    return gojson(doc) + b"\n"  # Go's json.Encoder, as Docker writes it
 
 
 def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter, image: dict) -> None:
@@ -115,6 +115,13 @@ def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter
     writer.write(bytes(padded(len(body)) - len(body)))
     writer.members.append({**rec, **_digests_of(body), "size": len(body), "rewritten": True,
                            "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
+
+
+def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> None:
+    if want is None or want["name"] != member.name or want["size"] != member.size:
+        got = f"{member.name!r} ({member.size} bytes)"
+        exp = f"{want['name']!r} ({want['size']} bytes)" if want else "no member"
+        raise BadInput(f"{source_name} does not match the plan: member {seq} is {got}, the plan has {exp}")
 
 
 class PlanRouter:
@@ -136,10 +143,7 @@ class PlanRouter:
 
     def route(self, member: Member, seq: int, source_name: str) -> dict:
         want = self.expected.get(seq)
-        if want is None or want["name"] != member.name or want["size"] != member.size:
-            got = f"{member.name!r} ({member.size} bytes)"
-            exp = f"{want['name']!r} ({want['size']} bytes)" if want else "no member"
-            raise BadInput(f"{source_name} does not match the plan: member {seq} is {got}, the plan has {exp}")
+        check_plan_member(member, seq, want, source_name)
         rec = member_record(member, seq)
         files = self.part_of_seq.get(seq, [])
         plain = [self.writers[f] for f in files if seq not in self.restrict[f]]

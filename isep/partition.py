@@ -5,11 +5,11 @@ that pack can route each member from its header alone and join can merge parts b
 """
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from dataclasses import dataclass
 
 from .errors import Misfit, UsageError
+from .legacy import chain_ids
 from .names import check_file_name, part_stem
 from .refs import Ref
 
@@ -19,10 +19,7 @@ REWRITTEN_METADATA = ("manifest.json", "repositories", "index.json")
 
 
 def chain_id(diff_ids: list[str]) -> str:
-    chain = diff_ids[0]
-    for diff in diff_ids[1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {diff}".encode()).hexdigest()
-    return chain
+    return chain_ids(diff_ids)[-1]
 
 
 def first_difference(prefix: list[str], ids: list[str]) -> int | None:
@@ -242,6 +239,8 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
         plan_images.append({
             "tags": image["tags"], "config": image["config"], "platform": image["platform"],
             "diff_ids": image["diff_ids"], "layer_paths": [layer["path"] for layer in image["layers"]],
+            "layer_members": [layer["member"] for layer in image["layers"]],
+            "legacy_layers": image.get("legacy_layers") or [],
             "owned": image["owned"], "manifest_entry": image.get("manifest_entry"),
             "index_descriptors": image.get("index_descriptors") or [],
             "parts": [files[p] for p in needed], "app_part": files[app_parts[k]],

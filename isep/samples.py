@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from .legacy import chain_ids, gojson, podman_v1_from_config
+from .legacy import sorted_map as _sorted_map
+
 __all__ = [
     "FORMATS",
     "Layer",
@@ -84,22 +87,6 @@ _ZERO_CHUNK = bytes(CHUNK)
 # --------------------------------------------------------------------------------------
 # Go-compatible JSON and tar headers
 # --------------------------------------------------------------------------------------
-
-def gojson(obj, indent: int | None = None) -> bytes:
-    """json.Marshal (or MarshalIndent) as Go does it: key order as given (pass dicts in
-    Go struct order; sort map keys yourself), compact, UTF-8, HTML-escaped."""
-    if indent is None:
-        s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    else:
-        s = json.dumps(obj, indent=indent, ensure_ascii=False)
-    s = (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-         .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-    return s.encode("utf-8")
-
-
-def _sorted_map(d: dict | None):
-    return None if d is None else {k: d[k] for k in sorted(d)}
-
 
 def _octal(value: int, width: int) -> bytes:
     """Go formatOctal: zero padded, NUL terminated; 0 if it does not fit."""
@@ -575,16 +562,6 @@ def diff_ids(image: Image) -> list[str]:
     return [layer.diff_id for layer in image.layers]
 
 
-def chain_ids(ids: list[str]) -> list[str]:
-    out: list[str] = []
-    for d in ids:
-        if not out:
-            out.append(d)
-        else:
-            out.append("sha256:" + hashlib.sha256((out[-1] + " " + d).encode()).hexdigest())
-    return out
-
-
 def _history(image: Image) -> list[dict]:
     if image.history is not None:
         return image.history
@@ -726,29 +703,6 @@ def docker_v1_from_config(cfg: dict) -> list[tuple[str, bytes]]:
 def podman_v1_layers(image: Image) -> list[tuple[str, bytes]]:
     """[(layer id hex, json bytes)] as containers/image's docker-archive writer makes them."""
     return podman_v1_from_config(json.loads(config_bytes(image)))
-
-
-def podman_v1_from_config(cfg: dict) -> list[tuple[str, bytes]]:
-    """containers/image (5.23) legacy layer ids: sha256 of the layer's legacy config
-    (parent, and for the top layer seven attributes copied from the image config) plus
-    ``layer_id`` = chainID, as a sorted Go map; the json written adds ``id``."""
-    ids = cfg["rootfs"]["diff_ids"]
-    chains = chain_ids(ids)
-    out = []
-    parent = ""
-    for i in range(len(ids)):
-        lc: dict = {}
-        if parent:
-            lc["parent"] = parent
-        if i == len(ids) - 1:
-            for attr in ("architecture", "config", "container", "container_config", "created",
-                         "docker_version", "os"):
-                lc[attr] = cfg.get(attr)
-        lid = hashlib.sha256(gojson(_sorted_map({**lc, "layer_id": chains[i]}))).hexdigest()
-        lc["id"] = lid
-        out.append((lid, gojson(_sorted_map(lc))))
-        parent = lid
-    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import Store
 from ..errors import BadInput, UsageError
+from ..isula import pack_isula
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..partition import make_plan
 from ..refs import read_json_file
@@ -63,6 +64,7 @@ def pack(
     level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 6)."),
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
+    layout: str = typer.Option("isep", "--format", metavar="isep|isula", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. Needs the archive as a file or a --plan."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,
     debug: bool = DebugOption,
@@ -76,10 +78,12 @@ def pack(
         if plan_file is not None and (lib is not None or rename is not None):
             raise UsageError("--lib and --rename belong to the plan; give them to isep-partition")
         roles = _parse_parts(parts)
+        if layout not in ("isep", "isula"):
+            raise UsageError("--format takes isep or isula")
         fh, name = open_input(archive, "archive")
         options = PackOptions(compression=compress, level=level, parts=roles,
                               isula_manifest=not no_isula_manifest,
-                              renames=read_renames(rename, compress))
+                              renames=read_renames(rename, compress), layout=layout)
         plan = None
         if plan_file is not None:
             plan = read_json_file(plan_file, "--plan")
@@ -107,15 +111,19 @@ def _open_target(output: str, base, lib):
 
 
 def _run(fh, name, plan, base, lib, target, options):
+    execute = pack_isula if options.layout == "isula" else pack_with_plan
     if plan is not None:
-        return pack_with_plan(Source(fh, name=name), plan, target, options)
+        return execute(Source(fh, name=name), plan, target, options)
     if _seekable_file(fh):  # a file: walk its headers first, then pack with the plan (no spool at all)
         scanned = scan_metadata(Source(fh, name=name, prefetch=False))
         index = build_index(scanned)
         base_ref, lib_ref = resolve_refs(base, lib, index["images"])
         plan = make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)
         fh.seek(0)
-        return pack_with_plan(Source(fh, name=name), plan, target, options)
+        return execute(Source(fh, name=name), plan, target, options)
+    if options.layout == "isula":
+        raise UsageError("--format isula needs the archive as a file, or a --plan (its legacy layer IDs "
+                         "depend on the image config, which comes last in a stream)")
     base_ref, lib_ref = resolve_refs(base, lib, None)
     return pack_one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
 

@@ -526,6 +526,9 @@ def _safe_join(directory: str, name: str) -> str:
 
 
 def _opener(path: str) -> Callable[[], object]:
+    if path == "-":  # a part on stdin (isep-join STORE -a -)
+        return lambda: os.fdopen(os.dup(0), "rb", buffering=0)
+
     def open_it():
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

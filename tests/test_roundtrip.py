@@ -315,3 +315,13 @@ def test_join_output_file_is_atomic(bundle, tmp_path):
     out2 = tmp_path / "out2.tar"
     assert isep("join", bundle, "-o", out2).rc == 5
     assert not out2.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".isep-tmp")]
+
+
+def test_app_part_on_stdin_and_explicit_part_files(bundle):
+    app = next(bundle.glob("app1_*"))
+    original = (REAL / "docker-oci" / "app1.tar").read_bytes()
+    assert isep("join", bundle, "-a", "-", stdin=app.read_bytes(), check=0).stdout == original
+    base, lib = next(bundle.glob("base_*")), next(bundle.glob("lib_*"))
+    assert isep("join", bundle, "-b", base, "-l", lib, check=0).stdout == original
+    wrong = isep("join", bundle, "-b", lib)  # the lib part given as the base: refused, named
+    assert wrong.rc == 5 and lib.name in wrong.stderr

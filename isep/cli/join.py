@@ -68,7 +68,7 @@ def join(
             else:
                 opened = open_bundle(bundle)
                 if app_part == "-":
-                    overrides["app"] = "/dev/stdin"
+                    overrides["app"] = "-"
                 if opened.kind == "isula":
                     chosen = None
                     parts = isula_part_inputs(opened, name, overrides)

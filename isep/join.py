@@ -182,6 +182,7 @@ class PartInput:
 @dataclass
 class JoinOptions:
     verify_parts: bool = True
+    normalize: bool = False
     progress: Callable[[int], None] | None = None
     warn: Callable[[str], None] = lambda message: None
 
@@ -249,41 +250,45 @@ def _check_member(member: Member, want: dict | None, where: str) -> None:
 
 
 def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[str, list[str]],
-                 want: dict | None, where: str, skip: bool) -> None:
-    """Write one member (unless skip) while checking its data against the manifest."""
-    if member.name in FINAL_METADATA and not skip:
-        out.holding = True
-    if not skip:
-        out.write(member.header)
+                 want: dict | None, where: str, out_name: str | None) -> None:
+    """Write one member as out_name (None: not at all) while checking its data against the
+    manifest; its digests are recorded under its own name for the final checks."""
+    write = out_name is not None and out_name not in emitted.names
+    first = member.name not in emitted.digests and member.name not in emitted.links
+    if write:
+        if out_name in FINAL_METADATA:
+            out.holding = True
+        out.write(member.header if out_name == member.name
+                  else build_header(out_name, member.size, mode=0o644, mtime=member.mtime))
     hasher = BlobHasher(f"{where}: {member.name!r}") if member.is_file else None
     spool = tempfile.TemporaryFile(prefix="isep-join-") if copies.get(member.name) else None
-    keep = bytearray() if member.is_file and member.size <= JSON_CAP and not skip else None
+    keep = bytearray() if member.is_file and member.size <= JSON_CAP and first else None
     for chunk in member.iter_data():
         if hasher is not None:
             hasher.update(chunk)
         if keep is not None:
             keep += chunk
-        if not skip:
+        if write:
             out.write(chunk)
         if spool is not None:
             spool.write(chunk)
-    if not skip and member.padding:
+    if write and member.padding:
         out.write(member.padding)
     if hasher is not None:
         got = hasher.result()
         if want is not None and want.get("sha256") and got["sha256"] != want["sha256"]:
             raise IntegrityError(f"{where}: member {member.name!r} has sha256 {got['sha256']}, "
                                  f"its manifest says {want['sha256']}")
-        if not skip:
+        if first:
             emitted.digests[member.name] = got
             if keep is not None and keep[:1] in (b"{", b"["):
                 emitted.blobs[member.name] = bytes(keep)
-    elif member.kind in ("symlink", "hardlink") and not skip:
+    elif member.kind in ("symlink", "hardlink") and first:
         target = member.linkname if member.kind == "hardlink" else posixpath.normpath(
             posixpath.join(posixpath.dirname(member.name), member.linkname))
         emitted.links[member.name] = target
-    if not skip:
-        emitted.names.add(member.name)
+    if write:
+        emitted.names.add(out_name)
     if spool is not None:
         for new_name in copies[member.name]:
             _emit_copy(spool, member, new_name, out, emitted)
@@ -335,12 +340,21 @@ def join_parts(parts: list[PartInput], out_stream, image: dict | None, options: 
     """Stream the parts into one archive on out_stream; returns what was checked."""
     out = Output(out_stream)
     emitted = _Emitted()
-    copies = _plan_copies(parts, image) if image else {}
+    rename = None
+    if options.normalize:
+        if image is None:
+            raise UsageError("--normalize needs an isep bundle (isula-build bundles are joined as they are)")
+        rename, layout = normalized_names(parts, image)
+        copies = {}
+        for name in ("blobs/", "blobs/sha256/"):
+            out.write(build_header(name, 0, mode=0o755, typeflag=b"5"))
+    else:
+        copies = _plan_copies(parts, image) if image else {}
     opened = [_open_part(p) for p in parts]
     checks = {"parts": [], "layers": 0}
     try:
         try:
-            _stream(opened, out, emitted, copies, options)
+            _stream(opened, out, emitted, copies, options, rename)
             for o in opened:
                 _finish_part(o, options, checks)
         except BadInput as exc:  # damage inside a part (truncated, corrupt compressed data, bad header)
@@ -362,12 +376,16 @@ def join_parts(parts: list[PartInput], out_stream, image: dict | None, options: 
                 o.fh.close()
             except OSError:
                 pass
+    if rename is not None:
+        _write_normalized_metadata(out, image, layout, emitted)
+        trailer_size = 1024
     out.release()
     out_stream.write(bytes(trailer_size))
     return checks
 
 
-def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options: JoinOptions) -> None:
+def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options: JoinOptions,
+            rename: dict[str, str] | None) -> None:
     listed = any(o.part.entry is not None for o in opened)
     for o in opened:
         if o.part.entry is None and listed:
@@ -379,8 +397,8 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options
             if member is None:
                 raise IntegrityError(f"{o.part.label}: ends before {want['name']!r}")
             _check_member(member, want, o.part.label)
-            skip = member.name in emitted.names
-            _emit_member(member, out, emitted, copies, want, o.part.label, skip)
+            out_name = member.name if rename is None else rename.get(member.name)
+            _emit_member(member, out, emitted, copies, want, o.part.label, out_name)
             if options.progress:
                 options.progress(out.written)
         for o in opened:
@@ -390,8 +408,7 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options
     else:
         for o in opened:
             for member in o.members:
-                skip = member.name in emitted.names
-                _emit_member(member, out, emitted, copies, None, o.part.label, skip)
+                _emit_member(member, out, emitted, copies, None, o.part.label, member.name)
                 if options.progress:
                     options.progress(out.written)
 
@@ -442,6 +459,63 @@ def _expected_layers(image: dict | None, emitted: _Emitted, out: Output) -> tupl
     if not isinstance(layers, list) or len(layers) != len(diff_ids):
         raise IntegrityError(f"manifest.json lists {len(layers or [])} layers, the config {len(diff_ids)}")
     return diff_ids, layers
+
+
+def normalized_names(parts: list[PartInput], image: dict) -> tuple[dict[str, str], list[dict]]:
+    """For --normalize: each layer and the config as blobs/sha256/<digest of the stored bytes>."""
+    names = {rec["name"]: rec for part in parts for rec in (part.entry or {}).get("members", [])}
+    rename, layers = {}, []
+    for path in image["layer_paths"]:
+        rec = names.get(path)
+        for _ in range(8):
+            if rec is None or rec.get("type") != "symlink":
+                break
+            rec = names.get(posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]), rec["link"])))
+        if rec is None or not rec.get("sha256"):
+            raise IntegrityError(f"layer {path} is in none of the parts")
+        blob = "blobs/sha256/" + rec["sha256"][7:]
+        rename[rec["name"]] = blob
+        layers.append({"name": blob, "size": rec["size"], "digest": rec["sha256"],
+                       "compression": rec.get("compression")})
+    config = image["config"]
+    rename[config["member"]] = "blobs/sha256/" + config["digest"][7:]
+    return rename, layers
+
+
+def _write_normalized_metadata(out: Output, image: dict, layers: list[dict], emitted: _Emitted) -> None:
+    """Docker 25's layout: OCI manifest and index (one entry) beside manifest.json."""
+    from .legacy import gojson
+    from .names import normalize, split_tag
+    config_digest = image["config"]["digest"]
+    config_bytes = emitted.blobs.get(image["config"]["member"], b"")
+    media = {None: "application/vnd.oci.image.layer.v1.tar", "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+             "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+    manifest = gojson({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": config_digest, "size": len(config_bytes)},
+                       "layers": [{"mediaType": media[layer["compression"]], "digest": layer["digest"],
+                                   "size": layer["size"]} for layer in layers]})
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    descriptor = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+                  "size": len(manifest)}
+    tags = image.get("tags") or []
+    if tags:
+        descriptor["annotations"] = {"io.containerd.image.name": normalize(tags[0]),
+                                     "org.opencontainers.image.ref.name": split_tag(tags[0])[1]}
+    docker_manifest = gojson([{"Config": "blobs/sha256/" + config_digest[7:], "RepoTags": tags,
+                               "Layers": [layer["name"] for layer in layers]}]) + b"\n"
+    index = gojson({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [descriptor]}) + b"\n"
+    repositories = {}
+    for tag in tags:
+        repo, t = split_tag(tag)
+        repositories.setdefault(repo, {})[t] = image["diff_ids"][-1][7:]
+    out.holding = True
+    for name, data in (("blobs/sha256/" + manifest_digest[7:], manifest), ("index.json", index),
+                       ("manifest.json", docker_manifest), ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                       ("repositories", gojson(repositories) + b"\n")):
+        out.write(build_header(name, len(data), mode=0o644))
+        out.write(data + bytes(padded(len(data)) - len(data)))
 
 
 def _plan_copies(parts: list[PartInput], image: dict) -> dict[str, list[str]]:

@@ -31,6 +31,9 @@ def read_json_file(path: str, what: str):
             data = fh.read(JSON_CAP + 1)
     except OSError as exc:
         raise EnvironmentFailure(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if data[257:262] == b"ustar":
+        raise UsageError(f"{what}: {path} is an image archive, not a description of one; "
+                         f"use `isep-index {path} > index.json` and give index.json")
     return load_json(data, f"{what} {path}")
 
 

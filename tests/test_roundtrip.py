@@ -325,3 +325,20 @@ def test_app_part_on_stdin_and_explicit_part_files(bundle):
     assert isep("join", bundle, "-b", base, "-l", lib, check=0).stdout == original
     wrong = isep("join", bundle, "-b", lib)  # the lib part given as the base: refused, named
     assert wrong.rc == 5 and lib.name in wrong.stderr
+
+
+@pytest.mark.parametrize("folder", WITH_INSPECT)
+def test_normalize_writes_a_docker25_archive_with_the_same_layers(tmp_path, folder):
+    store = tmp_path / "store"
+    isep("pack", REAL / folder / "app1+app2.tar", "--base", REAL / folder / "inspect-base.json",
+         "--lib", REAL / folder / "inspect-lib.json", "-o", store, check=0)
+    joined = isep("join", store, "isep-test/app2:1", "--normalize", check=0).stdout
+    idx = isep("index", stdin=joined, check=0).json
+    assert idx["format"] in ("docker-oci", "docker-cstore")
+    assert idx["images"][0]["diff_ids"] == inspect_layers(folder, "app2")
+    names = tar_names(joined)
+    assert "manifest.json" in names and "index.json" in names
+    with tarfile.open(fileobj=io.BytesIO(joined)) as tar:
+        assert all(m.isfile() or m.isdir() for m in tar.getmembers())
+        index = json.loads(tar.extractfile("index.json").read())
+    assert len(index["manifests"]) == 1

@@ -40,6 +40,7 @@ def join(
     image_opt: Optional[str] = typer.Option(None, "--image", "-i", metavar="IMAGE", help="Image name (when IMAGE is -)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
+    normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,
     debug: bool = DebugOption,
@@ -75,7 +76,7 @@ def join(
                 else:
                     chosen = select_image(opened.doc["images"], name, bundle)
                     parts = isep_part_inputs(opened, chosen, overrides)
-            options = JoinOptions(verify_parts=not no_verify, warn=ui.warn)
+            options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
             trailer = (chosen or {}).get("trailer_size", 1024)
             _write(output, parts, chosen, options, trailer, ui)
         finally:

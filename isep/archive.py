@@ -122,10 +122,14 @@ def scan_metadata(source: Source) -> ScannedArchive:
     their first bytes tell whether they are compressed. Enough to plan, not to verify."""
     scanned = ScannedArchive(name=source.name)
     reader = TarReader(source)
+    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         if member.is_file and member.size <= JSON_CAP:
             scan_member(member, rec, scanned.blobs)
+            kept_total += len(scanned.blobs.get(member.name, b""))
+            if kept_total > KEPT_JSON_TOTAL:
+                raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         elif member.is_file:
             head = source.read_exact(min(member.size, 4), f"data of {member.name!r}")
             compression = sniff_compression(head)

@@ -25,6 +25,7 @@ ISULA_MANIFEST = "manifest"
 LOCK_FILE = "isep-bundle.lock"
 TEMP_PREFIX = ".isep-tmp-"
 MANIFEST_CAP = 64 << 20
+MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
 
 def os_error(exc: OSError, what: str) -> EnvironmentFailure:
@@ -163,10 +164,25 @@ def parse_manifest(data: bytes, what: str) -> dict:
                           ("role", str), ("compression", str)):
             if not isinstance(part.get(key), kind):
                 raise BadInput(f"{what}: part {part['file']} has no valid {key!r}")
+        for rec in part["members"]:  # join and verify index these fields
+            if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and type(rec.get("seq")) is int
+                    and type(rec.get("size")) is int and isinstance(rec.get("type"), str)
+                    and (rec["type"] not in ("symlink", "hardlink") or isinstance(rec.get("link"), str))):
+                raise BadInput(f"{what}: part {part['file']} lists a member without name, seq, size or type")
     for image in images:
         if not isinstance(image, dict) or not isinstance(image.get("parts"), list) \
                 or not isinstance(image.get("diff_ids"), list):
             raise BadInput(f"{what}: an image entry lacks parts or diff_ids")
+        config = image.get("config")
+        if not (isinstance(config, dict) and isinstance(config.get("digest"), str)
+                and isinstance(config.get("member"), str)):
+            raise BadInput(f"{what}: an image entry has no valid config")
+        lists = [image["parts"], image["diff_ids"], image.get("tags") or [], image.get("layer_paths") or []]
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
+            raise BadInput(f"{what}: an image entry lists something other than strings")
+        trailer = image.get("trailer_size", 1024)
+        if type(trailer) is not int or not 1024 <= trailer <= MAX_TRAILER:
+            raise BadInput(f"{what}: an image entry has an invalid trailer_size")
     return doc
 
 

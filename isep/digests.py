@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from typing import Iterator
 
 import xxhash
 import zstandard
@@ -12,6 +13,8 @@ from .errors import BadInput
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_ZSTD_WINDOW = 1 << 27  # frames asking for a larger window are refused (zstd bombs)
+OUT_PIECE = 1 << 20         # gzip: decompressed bytes produced per step
+ZSTD_SLICE = 1024            # zstd: compressed bytes per step (at most 32 MiB out: 4-byte RLE blocks)
 
 
 def sniff_compression(head: bytes | memoryview) -> str | None:
@@ -42,16 +45,29 @@ class Decompressor:
             self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).decompressobj(
                 read_across_frames=True)
 
-    def feed(self, chunk) -> bytes:
+    def feed(self, chunk) -> Iterator[bytes]:
+        """The decompressed bytes of chunk, as pieces of at most OUT_PIECE bytes (zstd: at most
+        ZSTD_SLICE * 32768): memory stays bounded whatever the compression ratio (bombs)."""
         try:
             if self.kind == "zstd":
-                return self._obj.decompress(chunk)
-            out = [self._obj.decompress(chunk)]
-            while self._obj.eof and self._obj.unused_data:
-                rest = self._obj.unused_data
-                self._new()
-                out.append(self._obj.decompress(rest))
-            return b"".join(out)
+                view = memoryview(chunk)
+                for start in range(0, len(view), ZSTD_SLICE):
+                    out = self._obj.decompress(view[start:start + ZSTD_SLICE])
+                    if out:
+                        yield out
+                return
+            data = chunk
+            while True:
+                out = self._obj.decompress(data, OUT_PIECE)
+                if out:
+                    yield out
+                if self._obj.eof and self._obj.unused_data:
+                    data = self._obj.unused_data
+                    self._new()
+                    continue
+                data = self._obj.unconsumed_tail
+                if not data and len(out) < OUT_PIECE:
+                    return
         except (zlib.error, zstandard.ZstdError) as exc:
             raise BadInput(f"{self.what}: corrupt {self.kind} data ({exc})") from None
 
@@ -90,9 +106,9 @@ class BlobHasher:
             self.sha.update(chunk)
         self.xxh.update(chunk)
         if self._decomp is not None:
-            out = self._decomp.feed(chunk)
-            self.uncompressed_size += len(out)
-            self._diff.update(out)
+            for out in self._decomp.feed(chunk):
+                self.uncompressed_size += len(out)
+                self._diff.update(out)
 
     def result(self) -> dict:
         out = {"xxh3": self.xxh.hexdigest()}

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import xxhash
 import zstandard
 
-from .archive import JSON_CAP, load_json
+from .archive import JSON_CAP, KEPT_JSON_TOTAL, load_json
 from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, find_part, parse_manifest
 from .digests import MAX_ZSTD_WINDOW, BlobHasher, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
@@ -107,6 +107,7 @@ class DecompressingReader:
         self._reader = None
         self._gzip: Decompressor | None = None
         self._pending = memoryview(b"")
+        self._pieces = iter(())  # decompressed gzip output not yet handed out, piece by piece
         self._started = False
 
     def _start(self) -> None:
@@ -125,7 +126,8 @@ class DecompressingReader:
         elif kind == "gzip":
             self._gzip = Decompressor("gzip", self.what)
             if len(self._pending):
-                self._pending = memoryview(self._gzip.feed(bytes(self._pending)))
+                self._pieces = self._gzip.feed(bytes(self._pending))
+                self._pending = memoryview(b"")
 
     def readinto(self, buf) -> int:
         if not self._started:
@@ -143,12 +145,19 @@ class DecompressingReader:
         if self._reader is not None:
             return self._reader.readinto(buf)
         while not len(self._pending):
+            piece = next(self._pieces, None)
+            if piece is not None:
+                self._pending = memoryview(piece)
+                continue
             data = self.src.read(CHUNK)
             if not data:
                 if self._gzip is not None:
                     self._gzip.finish()
                 return 0
-            self._pending = memoryview(self._gzip.feed(data) if self._gzip is not None else data)
+            if self._gzip is not None:
+                self._pieces = self._gzip.feed(data)
+            else:
+                self._pending = memoryview(data)
         n = min(len(buf), len(self._pending))
         buf[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -202,6 +211,7 @@ class _Emitted:
     links: dict = field(default_factory=dict)     # name -> link target name
     names: set = field(default_factory=set)
     blobs: dict = field(default_factory=dict)     # name -> data of small JSON members
+    kept: int = 0                                 # their bytes together (bounded, as when indexing)
 
 
 def _open_part(part: PartInput) -> _Open:
@@ -283,6 +293,9 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
             emitted.digests[member.name] = got
             if keep is not None and keep[:1] in (b"{", b"["):
                 emitted.blobs[member.name] = bytes(keep)
+                emitted.kept += len(keep)
+                if emitted.kept > KEPT_JSON_TOTAL:
+                    raise BadInput(f"{where}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
     elif member.kind in ("symlink", "hardlink") and first:
         target = member.linkname if member.kind == "hardlink" else posixpath.normpath(
             posixpath.join(posixpath.dirname(member.name), member.linkname))
@@ -531,13 +544,18 @@ def _plan_copies(parts: list[PartInput], image: dict) -> dict[str, list[str]]:
     copies: dict[str, list[str]] = {}
     for path, diff_id in zip(image.get("layer_paths") or [], image.get("diff_ids") or []):
         rec = names.get(path)
-        while rec is not None and rec.get("type") == "symlink":
-            rec = names.get(posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]), rec["link"])))
+        hops = 0
+        while rec is not None and rec.get("type") == "symlink" and hops < 8:  # a looping manifest ends
+            rec = names.get(posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]),
+                                                              str(rec.get("link")))))
+            hops += 1
         if rec is not None and (rec.get("diff_id") or rec.get("sha256")) == diff_id:
             continue
         carrier = carriers.get(diff_id)
         if carrier is None:
-            raise IntegrityError(f"layer {diff_id} ({path}) is in none of the parts")
+            raise IntegrityError(f"layer {diff_id} ({path!r}) is in none of the parts")
+        if image.get("byte_exact"):  # parts of one save hold every layer path: the manifest is damaged
+            raise IntegrityError(f"layer path {path!r} of the image is in none of its parts")
         copies.setdefault(carrier, []).append(path)
     return copies
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .archive import JSON_CAP, ScannedArchive, build_index, load_json, member_record
+from .archive import JSON_CAP, KEPT_JSON_TOTAL, ScannedArchive, build_index, load_json, member_record
 from .bundle import part_for_layers
 from .digests import BlobHasher, Decompressor
 from .errors import BadInput, EnvironmentFailure, IntegrityError
@@ -65,13 +65,14 @@ def save_id(members: list[dict]) -> str:
 
 # --- copying members -------------------------------------------------------------------------------
 
-def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes]) -> None:
-    """Copy one member's raw bytes to the writers while hashing its data."""
+def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes] | None) -> None:
+    """Copy one member's raw bytes to the writers while hashing its data (and keep it in blobs, when
+    given, if it is small JSON)."""
     for w in writers:
         w.write(member.header)
         w.members.append(rec)
     hasher = BlobHasher(f"member {member.name!r}") if member.is_file else None
-    keep = bytearray() if member.is_file and member.size <= JSON_CAP else None
+    keep = bytearray() if blobs is not None and member.is_file and member.size <= JSON_CAP else None
     for chunk in member.iter_data():
         if hasher is not None:
             hasher.update(chunk)
@@ -139,7 +140,6 @@ class PlanRouter:
                 self.part_of_seq.setdefault(seq, []).append(part["file"])
             self.restrict[part["file"]] = set(part.get("rewrite") or [])
         self.image_of_app = {im["app_part"]: im for im in plan["images"]}
-        self.blobs: dict[str, bytes] = {}
 
     def route(self, member: Member, seq: int, source_name: str) -> dict:
         want = self.expected.get(seq)
@@ -157,7 +157,7 @@ class PlanRouter:
             for f in special:
                 _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
         else:
-            copy_member(member, rec, plain, self.blobs)
+            copy_member(member, rec, plain, None)  # the plan already knows the metadata: keep nothing
         if want.get("sha256") and rec.get("sha256") != want["sha256"] and not special:
             raise IntegrityError(f"member {member.name!r} has sha256 {rec.get('sha256')}, "
                                  f"the plan says {want['sha256']}")
@@ -416,6 +416,8 @@ class OneShot:
             rec.update(_digests_of(data))
         self.held.append((member.header + data + member.padding, rec))
         self.held_dir = folder
+        if sum(len(raw) for raw, _ in self.held) > JSON_CAP:  # not a real v1 folder: bound memory
+            self.flush_held("app")
 
     def _resolve_by_content(self, member: Member, rec: dict) -> str:
         spool = self.spool
@@ -460,10 +462,14 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     shot = OneShot(base, lib, role_writers, target.spool_dir)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
+    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         scanned.members.append(rec)
         shot.route(member, rec)
+        kept_total += len(shot.blobs.get(member.name, b""))
+        if kept_total > KEPT_JSON_TOTAL:
+            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         if options.progress:
             options.progress(source.offset)
     shot.flush_held("app")
@@ -552,13 +558,21 @@ class _Decompressed:
         self.raw = raw
         self.dec = Decompressor(compression, "the app section") if compression != "none" else None
         self.pending = b""
+        self.pieces = iter(())
 
     def readinto(self, buf) -> int:
         while not self.pending:
+            piece = next(self.pieces, None)
+            if piece is not None:
+                self.pending = piece
+                continue
             data = self.raw.read(CHUNK)
             if not data:
                 return 0
-            self.pending = self.dec.feed(data) if self.dec else data
+            if self.dec:
+                self.pieces = self.dec.feed(data)
+            else:
+                self.pending = data
         n = min(len(buf), len(self.pending))
         buf[:n] = self.pending[:n]
         self.pending = self.pending[n:]

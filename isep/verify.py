@@ -11,8 +11,8 @@ from .archive import JSON_CAP, index_stream, load_json
 from .bundle import TEMP_PREFIX
 from .digests import BlobHasher
 from .errors import IsepError
-from .join import (Bundle, DecompressingReader, HashingFile, JoinOptions, isula_part_inputs, join_parts,
-                   _opener, _safe_join)
+from .join import (Bundle, DecompressingReader, HashingFile, JoinOptions, PartInput, isula_part_inputs,
+                   join_parts, _opener, _plan_copies, _safe_join)
 from .tarstream import Source, TarReader
 
 VERIFY_SCHEMA = "isep-verify/1"
@@ -117,6 +117,9 @@ def _verify_part(bundle: Bundle, part: dict, report: Report, mode: str) -> tuple
             if want is None or want["name"] != member.name:
                 raise _Mismatch(f"member {n} is {member.name!r}, the manifest lists "
                                 f"{want['name'] if want else 'nothing more'!r}")
+            if member.is_file and want.get("size") != member.size:  # join refuses it too
+                raise _Mismatch(f"member {member.name!r} is {member.size} bytes, the manifest says "
+                                f"{want.get('size')}")
             _check_member_data(member, want, mode)
             n += 1
         if n != len(listed):
@@ -191,6 +194,11 @@ def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report)
     lacking = [d for d in image["diff_ids"] if d not in carried]
     if lacking:
         report.add("image", False, f"{name}: layer {lacking[0]} is in none of its parts", image=name)
+        return
+    try:  # the layer paths join will look for (byte-exact bundles: each one under its own name)
+        _plan_copies([PartInput(f, None, entry={"members": good_parts[f]}) for f in image["parts"]], image)
+    except IsepError as exc:
+        report.add("image", False, f"{name}: {exc}", image=name)
         return
     config = carried.get(image["config"]["member"])
     if config is None or config.get("sha256") != image["config"]["digest"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import signal
 import sys
 import time
@@ -65,7 +66,7 @@ class Ui:
             print(f"{self.prog}: {message}", file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
-        print(f"{self.prog}: warning: {message}", file=sys.stderr, flush=True)
+        print(f"{self.prog}: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     @contextmanager
     def bar(self, total: int | None, what: str):
@@ -134,11 +135,21 @@ def _silence_stdout() -> None:
         pass
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """A message on one line, its control characters (from names in hostile input) shown escaped,
+    so that it can neither break the line nor drive the terminal."""
+    message = " ".join(message.split("\n")).strip()
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", message)
+
+
 def _report(prog: str, message: str, debug: bool) -> None:
     if debug:
         traceback.print_exc(file=sys.stderr)
-    first = " ".join(message.split("\n")).strip()
-    print(f"{prog}: error: {first}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def open_input(path: str | None, what: str = "input"):

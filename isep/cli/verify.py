@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import ExitStatus
+from ..errors import BadInput, ExitStatus
 from ..join import open_bundle, receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
@@ -46,7 +46,13 @@ def verify(
         temp_dir = None
         try:
             if path != "-" and os.path.isdir(path):
-                report = verify_bundle(open_bundle(path), Report(path, "bundle", mode), mode)
+                report = Report(path, "bundle", mode)
+                try:
+                    bundle = open_bundle(path)
+                except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
+                    report.add("manifest", False, str(exc))
+                else:
+                    report = verify_bundle(bundle, report, mode)
             else:
                 fh, name = open_input(path, "bundle or archive")
                 source = Source(fh, name=name)

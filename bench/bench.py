@@ -271,7 +271,9 @@ def _descendants(pid: int) -> list[int]:
 class TempSampler(threading.Thread):
     """Peak bytes of temporary files, sampled every 50 ms: all files under TMPDIR, files
     in the output dir named *.isep-tmp* / .isep-tmp* / *.tmp, and deleted-but-open or
-    O_TMPFILE files held by the command's processes in either place."""
+    O_TMPFILE files held by the command's processes in either place. A file that is in the
+    end renamed into the output (a part written under a temporary name) is output, not
+    temporary disk, and is left out of the peak."""
 
     def __init__(self, tmpdir: Path, outdir: Path | None, root_pid: int | None = None, period=0.05):
         super().__init__(daemon=True)
@@ -279,7 +281,7 @@ class TempSampler(threading.Thread):
         self.peak = 0
         self._halt = threading.Event()
 
-    def sample(self) -> int:
+    def sample(self) -> dict:
         seen: dict[tuple, int] = {}
         for root, _d, files in os.walk(self.tmpdir):
             for n in files:
@@ -317,17 +319,26 @@ class TempSampler(threading.Thread):
                             seen[(st.st_dev, st.st_ino)] = st.st_size
                         except OSError:
                             pass
-        return sum(seen.values())
+        return seen
 
     def run(self):
+        self.snapshots = []
         while not self._halt.is_set():
-            self.peak = max(self.peak, self.sample())
+            self.snapshots.append(self.sample())
             self._halt.wait(self.period)
 
     def stop(self):
         self._halt.set()
         self.join()
-        self.peak = max(self.peak, self.sample())
+        self.snapshots.append(self.sample())
+        output = set()
+        if self.outdir is not None and self.outdir.exists():
+            for entry in os.scandir(self.outdir):
+                if entry.is_file(follow_symlinks=False) and ".isep-tmp" not in entry.name:
+                    st = entry.stat(follow_symlinks=False)
+                    output.add((st.st_dev, st.st_ino))
+        self.peak = max((sum(v for k, v in snap.items() if k not in output) for snap in self.snapshots),
+                        default=0)
 
 
 def rss_wrapper(rss_file: Path) -> list[str]:

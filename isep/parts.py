@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -27,29 +28,60 @@ FRAME = 4 << 20
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_slots: threading.BoundedSemaphore | None = None
+_write_queue: queue.Queue | None = None
+_writer_thread: threading.Thread | None = None
 
 
 def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
-    global _pool, _slots
+def pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore, queue.Queue]:
+    """Compression workers, a bound on frames in flight, and the one thread that hashes and writes
+    finished frames in the order they were submitted (so that workers never wait for each other)."""
+    global _pool, _slots, _write_queue, _writer_thread
     with _pool_lock:
         if _pool is None:
             n = _workers()
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="isep-compress")
-            _slots = threading.BoundedSemaphore(2 * n + 2)  # frames in flight: bounds memory
-    return _pool, _slots
+            _slots = threading.BoundedSemaphore(2 * n + 2)
+            _write_queue = queue.Queue()
+            _writer_thread = threading.Thread(target=_write_loop, args=(_write_queue, _slots),
+                                              name="isep-write", daemon=True)
+            _writer_thread.start()
+    return _pool, _slots, _write_queue
+
+
+def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        part, future, done = job
+        try:
+            blob = future.result()
+            if part._error is None:
+                part._sha.update(blob)
+                part._xxh.update(blob)
+                part.size += len(blob)
+                part._out.write(blob)
+        except BaseException as exc:  # surfaced in the writing thread by _raise_failure
+            part._error = exc
+        finally:
+            slots.release()
+            done.set()
 
 
 def drain() -> None:
     """Let frames in flight finish (before temporary files are removed after a failure)."""
-    global _pool
+    global _pool, _writer_thread
     with _pool_lock:
         if _pool is not None:
             _pool.shutdown(wait=True)
-            _pool = None
+            _write_queue.put(None)
+            _writer_thread.join()
+            _pool = _writer_thread = None
 
 
 def check_level(compression: str, level: int | None) -> int:
@@ -106,33 +138,18 @@ class PartWriter:
             del self._buf[:FRAME]
 
     def _submit(self, frame: bytes) -> None:
-        executor, slots = pool()
+        executor, slots, jobs = pool()
         self._raise_failure()
         slots.acquire()
-        prev, done = self._last_done, threading.Event()
+        done = threading.Event()
         self._last_done = done
         try:
-            executor.submit(self._frame_task, frame, prev, done, slots)
+            future = executor.submit(compress_frame, self.compression, self.level, frame)
         except BaseException:
             slots.release()
             done.set()
             raise
-
-    def _frame_task(self, frame: bytes, prev: threading.Event | None, done: threading.Event, slots) -> None:
-        try:
-            blob = compress_frame(self.compression, self.level, frame)
-            if prev is not None:
-                prev.wait()
-            if self._error is None:
-                self._sha.update(blob)
-                self._xxh.update(blob)
-                self.size += len(blob)
-                self._out.write(blob)
-        except BaseException as exc:  # surfaced in the writing thread by _raise_failure
-            self._error = exc
-        finally:
-            done.set()
-            slots.release()
+        jobs.put((self, future, done))
 
     def _raise_failure(self) -> None:
         if self._error is not None:

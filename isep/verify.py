@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
@@ -73,10 +74,17 @@ def verify_bundle(bundle: Bundle, report: Report, mode: str) -> Report:
     report.add("manifest", True, f"isep-bundle.json: schema {doc['schema']}, {len(doc['parts'])} parts, "
                f"{len(doc['images'])} images")
     good_parts = {}
-    for part in doc["parts"]:
-        ok, members = _verify_part(bundle, part, report, mode)
-        if ok:
-            good_parts[part["file"]] = members
+
+    def check(part: dict):
+        own = Report(report.target, report.kind, mode)
+        ok, members = _verify_part(bundle, part, own, mode)
+        return part, ok, members, own.checks
+
+    with ThreadPoolExecutor(max_workers=2) as workers:  # two parts at a time: both cores busy
+        for part, ok, members, checks in workers.map(check, doc["parts"]):
+            report.checks.extend(checks)
+            if ok:
+                good_parts[part["file"]] = members
     partial = {p for im in doc["images"] for p in im["parts"]} - {p["file"] for p in doc["parts"]}
     for image in doc["images"]:
         if bundle.files and set(image["parts"]) & partial:  # a stream of some parts (--parts app)

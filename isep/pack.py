@@ -11,6 +11,7 @@ part when the save holds one image and is split per image otherwise.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import xxhash
 
 from .archive import JSON_CAP, KEPT_JSON_TOTAL, ScannedArchive, build_index, load_json, member_record
 from .bundle import part_for_layers
-from .digests import BlobHasher, Decompressor
+from .digests import BlobHasher, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
 from .partition import make_plan, shared_part_names
@@ -65,7 +66,8 @@ def save_id(members: list[dict]) -> str:
 
 # --- copying members -------------------------------------------------------------------------------
 
-def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes] | None) -> None:
+def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes] | None,
+                chunks=None) -> None:
     """Copy one member's raw bytes to the writers while hashing its data (and keep it in blobs, when
     given, if it is small JSON)."""
     for w in writers:
@@ -73,7 +75,7 @@ def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dic
         w.members.append(rec)
     hasher = BlobHasher(f"member {member.name!r}") if member.is_file else None
     keep = bytearray() if blobs is not None and member.is_file and member.size <= JSON_CAP else None
-    for chunk in member.iter_data():
+    for chunk in member.iter_data() if chunks is None else chunks:
         if hasher is not None:
             hasher.update(chunk)
         if keep is not None:
@@ -398,7 +400,15 @@ class OneShot:
             target = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
             role = self.role_of_member.get(target) or self.role_by_name(target) or "app"
         if role is None and member.is_file and (folder is not None or name.startswith("blobs/")):
-            role = self._resolve_by_content(member, rec)
+            chunks = member.iter_data()
+            first = next(chunks, None)
+            chunks = itertools.chain([] if first is None else [first], chunks)
+            if folder is None and DIGEST_NAME.match(name) and not sniff_compression(first or b""):
+                # uncompressed and named by its digest (its diffID if it is a layer): not base or lib
+                copy_member(member, rec, [self.writers["app"]], self.blobs, chunks)
+                self.role_of_member[name] = "app"
+                return
+            role = self._resolve_by_content(member, rec, chunks)
             if folder is not None:
                 self.dir_role[folder] = role
                 self.flush_held(role)
@@ -419,12 +429,12 @@ class OneShot:
         if sum(len(raw) for raw, _ in self.held) > JSON_CAP:  # not a real v1 folder: bound memory
             self.flush_held("app")
 
-    def _resolve_by_content(self, member: Member, rec: dict) -> str:
+    def _resolve_by_content(self, member: Member, rec: dict, chunks) -> str:
         spool = self.spool
         spool.write(member.header)
         hasher = BlobHasher(f"member {member.name!r}")
         keep = bytearray() if member.size <= JSON_CAP else None
-        for chunk in member.iter_data():
+        for chunk in chunks:
             hasher.update(chunk)
             spool.write(chunk)
             if keep is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from .. import __version__
@@ -21,7 +20,7 @@ def _escape(text: str) -> str:
     return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in text.splitlines())
 
 
-def _command(name: str) -> click.Command:
+def _command(name: str):
     module = __import__(f"isep.cli.{name}", fromlist=["app"])
     return typer.main.get_command(module.app)
 
@@ -34,7 +33,7 @@ def _help(name: str) -> str:
 def render(name: str) -> str:
     prog = f"isep-{name}"
     cmd = _command(name)
-    ctx = click.Context(cmd, info_name=prog)
+    ctx = cmd.context_class(cmd, info_name=prog)
     usage = " ".join(cmd.collect_usage_pieces(ctx))
     description = _help(name).replace(EXIT_CODES_HELP, "").strip()
     module = __import__(f"isep.cli.{name}", fromlist=["app"])

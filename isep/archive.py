@@ -202,7 +202,7 @@ class Image:
         }
 
 
-def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
+def resolve_link(name: str, table: dict[str, dict], what: str, _hops: int = 0) -> dict:
     """Follow symlinks (relative to the link's directory) to the regular member holding the bytes."""
     seen = set()
     rec = table.get(name)
@@ -215,7 +215,9 @@ def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
     if rec is None or rec["type"] not in ("file", "hardlink"):
         raise BadInput(f"{what}: layer member {name!r} is missing from the archive")
     if rec["type"] == "hardlink":
-        return resolve_link(rec["link"], table, what)
+        if _hops >= 8:  # a hard link to itself, or a ring of them
+            raise BadInput(f"{what}: hard link loop at {name!r}")
+        return resolve_link(rec["link"], table, what, _hops + 1)
     return rec
 
 
@@ -225,6 +227,13 @@ def blob_name(digest: str) -> str:
 
 
 def _member_json(scanned: ScannedArchive, name: str, what: str):
+    cache = scanned.__dict__.setdefault("_parsed", {})  # a config named by many entries is parsed once
+    if name not in cache:
+        cache[name] = _parse_member_json(scanned, name, what)
+    return cache[name]
+
+
+def _parse_member_json(scanned: ScannedArchive, name: str, what: str):
     data = scanned.blobs.get(name)
     if data is None:
         table = scanned.by_name()
@@ -309,9 +318,14 @@ def _image_from_entry(scanned: ScannedArchive, entry, table: dict, n: int) -> Im
                  owned=owned, manifest_entry=entry)
 
 
+MAX_INDEX_NESTING = 16
+
+
 def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: str, seen: set,
-                      out: list) -> None:
+                      out: list, depth: int = 0) -> None:
     """Collect (descriptor, parsed manifest) pairs reachable from an index descriptor."""
+    if depth > MAX_INDEX_NESTING:
+        raise BadInput(f"{what}: image indexes nested deeper than {MAX_INDEX_NESTING} levels")
     digest = desc.get("digest") if isinstance(desc, dict) else None
     if not isinstance(digest, str) or digest in seen:
         return
@@ -326,14 +340,20 @@ def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: st
     if media in INDEX_MEDIA_TYPES or "manifests" in doc:
         out.append((desc, doc, name, True))
         for child in _check_list(doc.get("manifests") or [], f"{what} {name} manifests"):
-            _walk_descriptors(scanned, table, child, what, seen, out)
+            _walk_descriptors(scanned, table, child, what, seen, out, depth + 1)
     else:
         out.append((desc, doc, name, False))
 
 
+def _annotations(desc) -> dict:
+    ann = desc.get("annotations") if isinstance(desc, dict) else None
+    return ann if isinstance(ann, dict) else {}
+
+
 def _tag_from_annotations(desc: dict) -> str | None:
-    ann = desc.get("annotations") or {}
-    return ann.get("io.containerd.image.name") or ann.get("org.opencontainers.image.ref.name")
+    ann = _annotations(desc)
+    tag = ann.get("io.containerd.image.name") or ann.get("org.opencontainers.image.ref.name")
+    return tag if isinstance(tag, str) else None
 
 
 def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: dict[str, Image] | None):
@@ -346,7 +366,7 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
         owned = {name for _, _, name, _ in reached}
         manifests = [(d, doc) for d, doc, _, is_index in reached if not is_index
                      and isinstance(doc.get("config"), dict)
-                     and (d.get("annotations") or {}).get("vnd.docker.reference.type") != "attestation-manifest"]
+                     and _annotations(d).get("vnd.docker.reference.type") != "attestation-manifest"]
         for desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
             if is_index or any(doc is m for _, m in manifests):
                 continue
@@ -368,13 +388,11 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
     return found
 
 
-def _is_image_layer(desc: dict) -> bool:
-    media = desc.get("mediaType") or ""
-    return "layer" in media or "rootfs" in media
-
-
 def _image_from_oci_manifest(scanned, table, doc: dict, tag: str | None, owned: set, what: str) -> Image:
-    config_name = blob_name(doc["config"]["digest"])
+    digest = doc["config"].get("digest")
+    if not isinstance(digest, str):
+        raise BadInput(f"{what}: an image manifest's config has no digest")
+    config_name = blob_name(digest)
     config_rec = resolve_link(config_name, table, what)
     config = _member_json(scanned, config_name, what)
     diff_ids = _diff_ids(config, f"{what} config {config_name}")
@@ -383,7 +401,8 @@ def _image_from_oci_manifest(scanned, table, doc: dict, tag: str | None, owned: 
         raise IntegrityError(f"{what}: {len(descs)} layers listed, the config has {len(diff_ids)} diffIDs")
     layers = []
     for i, (desc, diff_id) in enumerate(zip(descs, diff_ids)):
-        path = blob_name(desc.get("digest", ""))
+        digest = desc.get("digest") if isinstance(desc, dict) else None
+        path = blob_name(digest if isinstance(digest, str) else "")
         layers.append(_layer_from(resolve_link(path, table, what), path, diff_id, i, what))
     return Image(tags=[tag] if tag else [], config_member=config_name, config_digest=config_rec.get("sha256"),
                  config=config, diff_ids=diff_ids, layers=layers, platform=_platform(config),
@@ -408,6 +427,10 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
                 _oci_images(scanned, table, index, {im.config_digest: im for im in images})
     if not images:
         raise BadInput(f"{scanned.name}: the archive holds no image")
+    for rec in table.values():  # content-addressed blobs: the name is the digest of the bytes
+        if rec["name"].startswith("blobs/sha256/") and rec.get("sha256") \
+                and rec["sha256"] != "sha256:" + rec["name"][len("blobs/sha256/"):]:
+            raise IntegrityError(f"{scanned.name}: {rec['name']!r} holds bytes of digest {rec['sha256']}")
     return fmt, images
 
 

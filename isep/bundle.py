@@ -28,6 +28,17 @@ MANIFEST_CAP = 64 << 20
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
 
+def write_all(fh, data) -> None:
+    """Write every byte to an unbuffered file: its write() may write less (a disk filling up) and
+    only the next call reports the error."""
+    view = memoryview(data)
+    while len(view):
+        written = fh.write(view)
+        if written is None:  # a sink that reports nothing took it all
+            return
+        view = view[written:]
+
+
 def os_error(exc: OSError, what: str) -> EnvironmentFailure:
     reason = exc.strerror or str(exc)
     if exc.errno == errno.ENOSPC:
@@ -40,9 +51,11 @@ class Store:
 
     def __init__(self, path: str, *, create: bool = True):
         self.path = path
+        self.created = False
         if create:
             try:
                 os.mkdir(path, 0o755)
+                self.created = True
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -63,6 +76,14 @@ class Store:
 
     def close(self) -> None:
         os.close(self.fd)
+
+    def remove_if_created_empty(self) -> None:
+        """After a failed first run: the directory this Store made goes again, if still empty."""
+        if self.created:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
 
     def exists(self, name: str) -> bool:
         try:
@@ -104,14 +125,18 @@ class Store:
             self.temps.discard(name)
 
     def write_file(self, final_name: str, data: bytes, *, replace: bool = False) -> None:
+        self.commit(self.prepare_file(final_name, data), final_name, replace=replace)
+
+    def prepare_file(self, final_name: str, data: bytes) -> str:
+        """A complete temporary copy of a file, to be committed (renamed) later."""
         temp, fh = self.create_temp(final_name, internal=True)
         try:
             with fh:
-                fh.write(data)
+                write_all(fh, data)
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise os_error(exc, f"cannot write {os.path.join(self.path, final_name)}") from None
-        self.commit(temp, final_name, replace=replace)
+        return temp
 
     def open_read(self, name: str):
         try:
@@ -121,11 +146,14 @@ class Store:
         return os.fdopen(fd, "rb", buffering=0)
 
     def read_manifest(self) -> dict | None:
-        if not self.exists(BUNDLE_MANIFEST):
+        raw = self.read_raw(BUNDLE_MANIFEST, MANIFEST_CAP + 1)
+        return None if raw is None else parse_manifest(raw, os.path.join(self.path, BUNDLE_MANIFEST))
+
+    def read_raw(self, name: str, limit: int) -> bytes | None:
+        if not self.exists(name):
             return None
-        with self.open_read(BUNDLE_MANIFEST) as fh:
-            data = fh.read(MANIFEST_CAP + 1)
-        return parse_manifest(data, os.path.join(self.path, BUNDLE_MANIFEST))
+        with self.open_read(name) as fh:
+            return fh.read(limit)
 
     @contextmanager
     def locked(self):
@@ -181,7 +209,7 @@ def parse_manifest(data: bytes, what: str) -> dict:
         if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
             raise BadInput(f"{what}: an image entry lists something other than strings")
         trailer = image.get("trailer_size", 1024)
-        if type(trailer) is not int or not 1024 <= trailer <= MAX_TRAILER:
+        if type(trailer) is not int or not 1024 <= trailer <= MAX_TRAILER or trailer % 512:
             raise BadInput(f"{what}: an image entry has an invalid trailer_size")
     return doc
 

@@ -22,7 +22,7 @@ import xxhash
 import zstandard
 
 from .archive import JSON_CAP, KEPT_JSON_TOTAL, load_json
-from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, find_part, parse_manifest
+from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, find_part, parse_manifest, write_all
 from .digests import MAX_ZSTD_WINDOW, BlobHasher, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
 from .names import same_image_name
@@ -241,12 +241,12 @@ class Output:
             if self.held_size > HOLD_LIMIT:
                 raise BadInput(f"over {HOLD_LIMIT >> 20} MiB of members follow the archive's metadata")
         else:
-            self.out.write(data)
+            write_all(self.out, data)  # a short write (reader gone) must not pass unnoticed
             self.written += len(data)
 
     def release(self) -> None:
         for data in self.held:
-            self.out.write(data)
+            write_all(self.out, data)
         self.held = []
         self.holding = False
 
@@ -393,7 +393,7 @@ def join_parts(parts: list[PartInput], out_stream, image: dict | None, options: 
         _write_normalized_metadata(out, image, layout, emitted)
         trailer_size = 1024
     out.release()
-    out_stream.write(bytes(trailer_size))
+    write_all(out_stream, bytes(trailer_size))
     return checks
 
 
@@ -404,6 +404,8 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options
         if o.part.entry is None and listed:
             raise UsageError("cannot join an isep part with an isula-build part")
     if listed:
+        saves = {(o.part.entry or {}).get("save") for o in opened}
+        one_save = len(saves) == 1 and None not in saves and rename is None
         for i, want in _schedule(opened):
             o = opened[i]
             member = next(o.members, None)
@@ -411,6 +413,10 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies, options
                 raise IntegrityError(f"{o.part.label}: ends before {want['name']!r}")
             _check_member(member, want, o.part.label)
             out_name = member.name if rename is None else rename.get(member.name)
+            if one_save:  # a name twice in one save: both are written, and the last one counts
+                emitted.names.discard(member.name)
+                emitted.digests.pop(member.name, None)
+                emitted.links.pop(member.name, None)
             _emit_member(member, out, emitted, copies, want, o.part.label, out_name)
             if options.progress:
                 options.progress(out.written)
@@ -536,11 +542,11 @@ def _plan_copies(parts: list[PartInput], image: dict) -> dict[str, list[str]]:
     another release or producer): copy the member carrying that diffID under the expected name."""
     names = {}
     carriers = {}
-    for part in parts:
-        for rec in (part.entry or {}).get("members", []):
-            names[rec["name"]] = rec
-            if rec.get("type") == "file":
-                carriers.setdefault(rec.get("diff_id") or rec.get("sha256"), rec["name"])
+    records = [rec for part in parts for rec in (part.entry or {}).get("members", [])]
+    for rec in sorted(records, key=lambda r: r["seq"]):  # a name twice: the last one counts, as in a load
+        names[rec["name"]] = rec
+        if rec.get("type") == "file":
+            carriers.setdefault(rec.get("diff_id") or rec.get("sha256"), rec["name"])
     copies: dict[str, list[str]] = {}
     for path, diff_id in zip(image.get("layer_paths") or [], image.get("diff_ids") or []):
         rec = names.get(path)
@@ -554,7 +560,8 @@ def _plan_copies(parts: list[PartInput], image: dict) -> dict[str, list[str]]:
         carrier = carriers.get(diff_id)
         if carrier is None:
             raise IntegrityError(f"layer {diff_id} ({path!r}) is in none of the parts")
-        if image.get("byte_exact"):  # parts of one save hold every layer path: the manifest is damaged
+        if image.get("byte_exact") and len({(p.entry or {}).get("save") for p in parts}) == 1:
+            # the parts of the very save the image comes from hold every layer path: damage
             raise IntegrityError(f"layer path {path!r} of the image is in none of its parts")
         copies.setdefault(carrier, []).append(path)
     return copies
@@ -571,14 +578,26 @@ class Bundle:
     doc: dict | None = None         # isep-bundle.json
     isula: dict | None = None       # isula-build's manifest
     files: dict[str, Callable[[], object]] = field(default_factory=dict)  # received part files
+    manifest_bytes: bytes = b""     # isep-bundle.json as stored, for signature checks
+    signature: bytes | None = None  # isep-bundle.json.sig, when there is one
+
+    def check_signature(self, allowed_signers: str) -> str:
+        """The principal that signed this bundle's manifest; IntegrityError otherwise."""
+        from .signing import verify_manifest
+        if self.kind != "isep":
+            raise IntegrityError(f"{self.path}: an isula-build bundle carries no signature")
+        return verify_manifest(self.manifest_bytes, self.signature, allowed_signers)
 
 
 def open_bundle(path: str) -> Bundle:
+    from .signing import MAX_SIGNATURE, SIGNATURE_FILE
     store = Store(path, create=False)
     try:
-        doc = store.read_manifest()
-        if doc is not None:
-            return Bundle(path, "isep", doc=doc)
+        raw = store.read_raw(BUNDLE_MANIFEST, 64 << 20 + 1)
+        if raw is not None:
+            doc = parse_manifest(raw, os.path.join(path, BUNDLE_MANIFEST))
+            return Bundle(path, "isep", doc=doc, manifest_bytes=raw,
+                          signature=store.read_raw(SIGNATURE_FILE, MAX_SIGNATURE + 1))
         if store.exists(ISULA_MANIFEST):
             with store.open_read(ISULA_MANIFEST) as fh:
                 isula = load_json(fh.read(JSON_CAP + 1), os.path.join(path, ISULA_MANIFEST))
@@ -652,6 +671,7 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
         out.append(PartInput(label=path or entry["file"], opener=opener, entry=entry,
                              expected_sha256=entry["sha256"], expected_size=entry["size"], order=order))
     _check_coverage(image, [p.entry for p in out])
+    check_order(image, [p.entry for p in out])
     return out
 
 
@@ -679,6 +699,25 @@ def _check_coverage(image: dict, entries: list[dict]) -> None:
     missing = [d for d in image["diff_ids"] if d not in have]
     if missing:
         raise IntegrityError(f"layer {missing[0]} of the image is in none of its parts")
+
+
+def check_order(image: dict, entries: list[dict]) -> None:
+    """Parts merge by stream position (seq): each lists its members in stream order, the parts of one
+    save never list a position twice, and a byte-exact image's parts hold positions 0..N-1 exactly.
+    A damaged seq would otherwise reorder the archive without any hash noticing."""
+    by_save: dict = {}
+    for entry in entries:
+        seqs = [m["seq"] for m in entry["members"]]
+        if any(b <= a for a, b in zip(seqs, seqs[1:])):
+            raise IntegrityError(f"part {entry.get('file')}: its members are not in stream order")
+        seen = by_save.setdefault(entry.get("save"), set())
+        if seen & set(seqs):
+            raise IntegrityError(f"part {entry.get('file')}: lists a stream position another part lists")
+        seen.update(seqs)
+    if image.get("byte_exact") and len(by_save) == 1:  # its own parts, not another release's base
+        everything = set().union(*by_save.values())
+        if everything != set(range(len(everything))):
+            raise IntegrityError("the parts of a byte-exact image do not hold one whole save")
 
 
 def isula_part_inputs(bundle: Bundle, name: str | None, overrides: dict[str, str]) -> list[PartInput]:
@@ -717,6 +756,8 @@ def receive_stream(source: Source, temp_dir: str) -> Bundle:
     and is checked against what arrived before anything is joined."""
     from .names import check_file_name
     from .targets import STREAM_HEAD, STREAM_SCHEMA
+    from .signing import MAX_SIGNATURE, SIGNATURE_FILE
+    manifest_bytes, signature = b"", None
     files: dict[str, tuple[object, int]] = {}
     doc = head = None
     for member in TarReader(source):
@@ -741,7 +782,10 @@ def receive_stream(source: Source, temp_dir: str) -> Bundle:
                 fh.write(chunk)
             files[file_name] = (fh, count + 1)
         elif name == BUNDLE_MANIFEST:
-            doc = parse_manifest(member.read_all(64 << 20), "bundle stream manifest")
+            manifest_bytes = member.read_all(64 << 20)
+            doc = parse_manifest(manifest_bytes, "bundle stream manifest")
+        elif name == SIGNATURE_FILE:
+            signature = member.read_all(MAX_SIGNATURE)
         elif name == ISULA_MANIFEST:
             member.skip()
         else:
@@ -757,6 +801,6 @@ def receive_stream(source: Source, temp_dir: str) -> Bundle:
     missing = listed - set(files)
     if missing:
         raise BadInput(f"bundle stream lacks part {sorted(missing)[0]!r} that its manifest lists")
-    bundle = Bundle(temp_dir, "isep", doc=doc)
+    bundle = Bundle(temp_dir, "isep", doc=doc, manifest_bytes=manifest_bytes, signature=signature)
     bundle.files = {f: _opener(os.path.join(temp_dir, f)) for f in files}
     return bundle

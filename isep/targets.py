@@ -7,9 +7,10 @@ import tempfile
 import threading
 
 from .archive import JSON_CAP
-from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, encode_manifest, merge_manifest, os_error
+from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, encode_manifest, merge_manifest, os_error, write_all
 from .errors import EnvironmentFailure
 from .parts import drain
+from .signing import SIGNATURE_FILE, sign_manifest
 from .tarstream import CHUNK, build_header, padded
 
 STREAM_SCHEMA = "isep-stream/1"
@@ -33,7 +34,7 @@ class _FileOut:
     def flush(self) -> None:
         if self.buf:
             try:
-                self.raw.write(self.buf)
+                write_all(self.raw, self.buf)
             except OSError as exc:
                 raise os_error(exc, "cannot write a part") from None
             self.buf.clear()
@@ -50,8 +51,9 @@ class _FileOut:
 class DirTarget:
     """Parts go to temporary names in the store and are renamed when all is done, manifest last."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, sign_key: str | None = None):
         self.store = store
+        self.sign_key = sign_key
         self.existing = store.read_manifest()
         self._outs: list[tuple[_FileOut, str | None]] = []
 
@@ -92,11 +94,17 @@ class DirTarget:
     def _commit(self, parts, images, isula, final, committed) -> dict:
         current = self.store.read_manifest()
         known = {p["file"]: p for p in (current or {}).get("parts", [])}
+        adopted: dict[str, dict] = {}
         for part in parts:
             temp = final.pop(part["file"])
             old = known.get(part["file"])
             if old is not None and old.get("sha256") == part["sha256"]:
                 self._drop(temp)  # the store already holds this very part
+                continue
+            if old is not None and part["role"] != "app" and old.get("role") == part["role"] \
+                    and old.get("diff_ids") == part["diff_ids"]:
+                self._drop(temp)  # a concurrent pack of another save stored these layers first:
+                adopted[part["file"]] = old  # reuse them, as a pack started a moment later would
                 continue
             if old is not None:
                 raise EnvironmentFailure(
@@ -106,10 +114,26 @@ class DirTarget:
             committed.append(part["file"])
         for temp in final.values():
             self._drop(temp)
+        if adopted:
+            parts = [adopted.get(p["file"], p) for p in parts]
+            for image in images:
+                if set(image["parts"]) & set(adopted):
+                    image["byte_exact"] = False
+            if isula is not None:
+                isula = _rehash_isula(isula, adopted)
         doc = merge_manifest(current, parts, images)
-        if isula is not None:
-            self.store.write_file(ISULA_MANIFEST, _merge_isula(self.store, isula), replace=True)
-        self.store.write_file(BUNDLE_MANIFEST, encode_manifest(doc), replace=True)
+        # both manifests written in full first (a full disk fails here, changing nothing), then renamed
+        isula_temp = None if isula is None else self.store.prepare_file(
+            ISULA_MANIFEST, _merge_isula(self.store, isula))
+        data = encode_manifest(doc)
+        sig_temp = None if self.sign_key is None else self.store.prepare_file(
+            SIGNATURE_FILE, sign_manifest(data, self.sign_key))
+        bundle_temp = self.store.prepare_file(BUNDLE_MANIFEST, data)
+        if isula_temp is not None:
+            self.store.commit(isula_temp, ISULA_MANIFEST, replace=True)
+        if sig_temp is not None:  # the signature first: a crash between leaves a mismatch, which is refused
+            self.store.commit(sig_temp, SIGNATURE_FILE, replace=True)
+        self.store.commit(bundle_temp, BUNDLE_MANIFEST, replace=True)
         try:
             os.fsync(self.store.fd)
         except OSError:
@@ -131,6 +155,19 @@ class DirTarget:
             except OSError:
                 pass
         self.store.discard_temps()
+        self.store.remove_if_created_empty()
+
+
+def _rehash_isula(isula: bytes, adopted: dict[str, dict]) -> bytes:
+    """isula-build's manifest entries pointing at adopted parts get those parts' hashes."""
+    entries = json.loads(isula)
+    for entry in entries.values():
+        for role in ("base", "lib"):
+            part = adopted.get(entry.get(role))
+            if part is not None:
+                entry[role + "Hash"] = part["sha256"][len("sha256:"):]
+    from .pack import encode_isula_manifest
+    return encode_isula_manifest(entries)
 
 
 def _merge_isula(store: Store, new: bytes) -> bytes:
@@ -189,8 +226,9 @@ class StreamTarget:
 
     spool_dir = None
 
-    def __init__(self, out, head: dict):
+    def __init__(self, out, head: dict, sign_key: str | None = None):
         self.out = out
+        self.sign_key = sign_key
         self.existing = None
         self._counters: dict[str, int] = {}
         self._named: list[tuple[_TempOut, str]] = []
@@ -238,7 +276,10 @@ class StreamTarget:
         doc = merge_manifest(None, parts, images)
         if isula is not None:
             self._emit(ISULA_MANIFEST, isula)
-        self._emit(BUNDLE_MANIFEST, encode_manifest(doc))
+        data = encode_manifest(doc)
+        self._emit(BUNDLE_MANIFEST, data)
+        if self.sign_key is not None:
+            self._emit(SIGNATURE_FILE, sign_manifest(data, self.sign_key))
         self.out.write(bytes(1024))
         self.out.flush()
         return doc

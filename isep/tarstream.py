@@ -384,6 +384,8 @@ class TarReader:
             tail += more
             if len(tail) > 64 * CHUNK:
                 raise BadInput(f"{src.name}: over 64 MiB of zeros after the end-of-archive marker")
+        if len(tail) % BLOCK:  # tar writers pad to whole blocks; anything else is damage
+            raise BadInput(f"{src.name}: {len(tail) % BLOCK} stray bytes after the end-of-archive marker")
         self.trailer = bytes(tail)
 
 

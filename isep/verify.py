@@ -13,7 +13,7 @@ from .bundle import TEMP_PREFIX
 from .digests import BlobHasher
 from .errors import IsepError
 from .join import (Bundle, DecompressingReader, HashingFile, JoinOptions, PartInput, isula_part_inputs,
-                   join_parts, _opener, _plan_copies, _safe_join)
+                   check_order, join_parts, _opener, _plan_copies, _safe_join)
 from .tarstream import Source, TarReader
 
 VERIFY_SCHEMA = "isep-verify/1"
@@ -204,7 +204,10 @@ def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report)
         report.add("image", False, f"{name}: layer {lacking[0]} is in none of its parts", image=name)
         return
     try:  # the layer paths join will look for (byte-exact bundles: each one under its own name)
-        _plan_copies([PartInput(f, None, entry={"members": good_parts[f]}) for f in image["parts"]], image)
+        saves = {p["file"]: p.get("save") for p in bundle.doc["parts"]}
+        _plan_copies([PartInput(f, None, entry={"members": good_parts[f], "save": saves.get(f)})
+                      for f in image["parts"]], image)
+        check_order(image, [{"file": f, "members": good_parts[f], "save": saves.get(f)} for f in image["parts"]])
     except IsepError as exc:
         report.add("image", False, f"{name}: {exc}", image=name)
         return

@@ -158,13 +158,12 @@ def open_input(path: str | None, what: str = "input"):
         if sys.stdin.isatty():
             raise UsageError(f"no {what} given and stdin is a terminal; pipe an archive in or name a file")
         return sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer, "stdin"
+    if os.path.isdir(path):  # before open(), which fails on a directory (EISDIR)
+        raise UsageError(f"{path} is a directory")
     try:
         fh = open(path, "rb", buffering=0)
     except OSError as exc:
         raise EnvironmentFailure(f"cannot open {path}: {exc.strerror}") from None
-    if os.path.isdir(path):
-        fh.close()
-        raise UsageError(f"{path} is a directory")
     return fh, path
 
 
@@ -199,9 +198,12 @@ def stdout_binary():
 
 def write_json(doc, *, compact: bool = False) -> None:
     import json
+    from ..bundle import write_all
     text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
-    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+    # every byte, or BrokenPipeError: a write cut short by a reader going away returns a short count
+    write_all(sys.stdout.buffer, (text + "\n").encode())
+    sys.stdout.buffer.flush()
 
 
 def ensure_not_tty_for_stdin(path: str | None) -> None:

@@ -40,6 +40,7 @@ def join(
     image_opt: Optional[str] = typer.Option(None, "--image", "-i", metavar="IMAGE", help="Image name (when IMAGE is -)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
+    trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,
@@ -54,6 +55,8 @@ def join(
         if image == "-" and app_part == "-":
             raise UsageError("stdin can carry the bundle stream or the app part, not both")
         overrides = {r: p for r, p in (("base", base_part), ("lib", lib_part), ("app", app_part)) if p}
+        if trust is not None and no_verify:
+            raise UsageError("--trust relies on the part hashes: leave out --no-verify")
         if no_verify:
             ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
         temp_dir = None
@@ -64,10 +67,14 @@ def join(
                 received = receive_stream(input_source("-", "bundle stream"), temp_dir)
                 extra = [open_bundle(store_dir)] if store_dir else []
                 extra = [b for b in extra if b.kind == "isep"]
+                for b in ([received] + extra) if trust is not None else []:
+                    b.check_signature(trust)
                 chosen = select_image(received.doc["images"], name, "the bundle stream")
                 parts = isep_part_inputs(received, chosen, overrides, extra)
             else:
                 opened = open_bundle(bundle)
+                if trust is not None:
+                    opened.check_signature(trust)
                 if app_part == "-":
                     overrides["app"] = "-"
                 if opened.kind == "isula":

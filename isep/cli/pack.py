@@ -11,7 +11,7 @@ import typer
 from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import Store
-from ..errors import BadInput, UsageError
+from ..errors import BadInput, EnvironmentFailure, UsageError
 from ..isula import pack_isula
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..partition import make_plan
@@ -64,6 +64,7 @@ def pack(
     level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 6)."),
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
+    sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
     layout: str = typer.Option("isep", "--format", metavar="isep|isula", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. Needs the archive as a file or a --plan."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,
@@ -91,7 +92,9 @@ def pack(
                 raise BadInput(f"{plan_file} is not an isep plan (make one with isep-partition)")
             if plan.get("compression", compress) != compress:
                 raise UsageError(f"the plan names parts for --compress {plan['compression']}")
-        target = _open_target(output, base, lib)
+        if sign is not None and not os.path.isfile(sign):
+            raise EnvironmentFailure(f"cannot read signing key {sign}: no such file")
+        target = _open_target(output, sign)
         try:
             with ui.bar(input_size(archive), "pack") as tick:
                 options.progress = tick
@@ -104,10 +107,10 @@ def pack(
     run_command(PROG, debug, body)
 
 
-def _open_target(output: str, base, lib):
+def _open_target(output: str, sign: Optional[str]):
     if output == "-":
-        return StreamTarget(stdout_binary(), {"isep": __version__})
-    return DirTarget(Store(output))
+        return StreamTarget(stdout_binary(), {"isep": __version__}, sign_key=sign)
+    return DirTarget(Store(output), sign_key=sign)
 
 
 def _run(fh, name, plan, base, lib, target, options):

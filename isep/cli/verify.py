@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import BadInput, ExitStatus
+from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
 from ..join import open_bundle, receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
@@ -34,6 +34,7 @@ def verify(
     target: Optional[str] = typer.Argument(None, metavar="[BUNDLE|ARCHIVE|-]", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
     fast: bool = typer.Option(False, "--fast", help="xxh3-128 instead of sha256 for part files."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every member with sha256 and recompute diffIDs."),
+    trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Require isep-bundle.json to be signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file; parts are then checked with sha256, never --fast."),
     quiet: bool = QuietOption,
     debug: bool = DebugOption,
     version: bool = VersionOption,
@@ -42,6 +43,8 @@ def verify(
 
     def body():
         mode = "fast" if fast else "deep" if deep else "standard"
+        if trust is not None and fast:
+            raise UsageError("--trust needs sha256 part checks: leave out --fast")
         path = target or "-"
         temp_dir = None
         try:
@@ -52,6 +55,7 @@ def verify(
                 except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
                     report.add("manifest", False, str(exc))
                 else:
+                    _check_signature(bundle, trust, report)
                     report = verify_bundle(bundle, report, mode)
             else:
                 fh, name = open_input(path, "bundle or archive")
@@ -61,7 +65,11 @@ def verify(
                 if head[:16].startswith(b"isep-stream.json"):
                     temp_dir = tempfile.mkdtemp(prefix="isep-verify-")
                     bundle = receive_stream(Source(source, name=name), temp_dir)
-                    report = verify_bundle(bundle, Report(name, "bundle stream", mode), mode)
+                    report = Report(name, "bundle stream", mode)
+                    _check_signature(bundle, trust, report)
+                    report = verify_bundle(bundle, report, mode)
+                elif trust is not None:
+                    raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
                 else:
                     report = verify_archive(Source(source, name=name), Report(name, "archive", mode))
         finally:
@@ -79,6 +87,17 @@ def verify(
         return ExitStatus.OK
 
     run_command(PROG, debug, body)
+
+
+def _check_signature(bundle, trust: Optional[str], report: Report) -> None:
+    if trust is None:
+        return
+    try:
+        principal = bundle.check_signature(trust)
+    except IntegrityError as exc:
+        report.add("signature", False, str(exc))
+    else:
+        report.add("signature", True, f"isep-bundle.json signed by {principal} (listed in {trust})")
 
 
 class _Rewound:

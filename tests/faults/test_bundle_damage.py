@@ -1,0 +1,150 @@
+"""Damaged bundles: a bit flipped in a part or in the manifest, a part missing, swapped, replaced by
+one from another pack, extended or truncated. isep-verify names the part and exits 5; isep-join
+exits non-zero and what it wrote is never a complete archive (on stdout no end-of-archive marker or
+no metadata; with -o no file at all). The bundle itself is never modified by either."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from . import craft
+from .conftest import bundle_doc, copy_store, is_complete_archive, part_files, run
+
+
+def flip(path, where: float = 0.5, bit: int = 0x10) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= bit
+    path.write_bytes(bytes(data))
+
+
+def _damage(kind: str, store, stores) -> str | None:
+    """Apply one kind of damage; the name of the part verify must blame (None: the manifest)."""
+    files = part_files(store)
+    if kind.startswith("flip-"):
+        role = kind[5:]
+        flip(store / files[role])
+        return files[role]
+    if kind == "manifest-part-sha256":
+        craft.edit_manifest(store, lambda doc: doc["parts"][1].update(
+            sha256=doc["parts"][1]["sha256"][:-1] + ("0" if doc["parts"][1]["sha256"][-1] != "0" else "1")))
+        return bundle_doc(store)["parts"][1]["file"]
+    if kind == "manifest-bit-flip":
+        text = (store / "isep-bundle.json").read_bytes()
+        pos = text.index(b'"raw_size"') + 2  # a key: the JSON stays valid, the entry does not
+        (store / "isep-bundle.json").write_bytes(text[:pos] + bytes([text[pos] ^ 0x20]) + text[pos + 1:])
+        return None
+    if kind == "manifest-not-json":
+        flip(store / "isep-bundle.json", 0.0, 0x20)  # '{' -> '['
+        return None
+    if kind == "missing-lib":
+        (store / files["lib"]).unlink()
+        return files["lib"]
+    if kind == "swapped-base-lib":
+        a, b = store / files["base"], store / files["lib"]
+        tmp = store / "swap"
+        a.rename(tmp)
+        b.rename(a)
+        tmp.rename(b)
+        return files["base"]
+    if kind == "older-app":  # the same file name from another pack (other content)
+        other = part_files(stores["seed1"])["app"]
+        assert other == files["app"]
+        shutil.copyfile(stores["seed1"] / other, store / files["app"])
+        return files["app"]
+    if kind == "extended-zeros":
+        with open(store / files["lib"], "ab") as fh:
+            fh.write(bytes(512))
+        return files["lib"]
+    if kind == "extended-frame":  # a valid extra frame: one more member, then the trailer again
+        extra = craft.compress(craft.build([craft.member("extra", b"smuggled\n")]), "zstd")
+        with open(store / files["app"], "ab") as fh:
+            fh.write(extra)
+        return files["app"]
+    if kind == "truncated-part":
+        path = store / files["base"]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return files["base"]
+    raise AssertionError(kind)
+
+
+KINDS = ["flip-base", "flip-lib", "flip-app", "manifest-part-sha256", "manifest-bit-flip",
+         "manifest-not-json", "missing-lib", "swapped-base-lib", "older-app", "extended-zeros",
+         "extended-frame", "truncated-part"]
+JOIN_STATUS = {"missing-lib": 3, "manifest-not-json": 4, "manifest-bit-flip": 4}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_bundle(kind, stores, sb):
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    blamed = _damage(kind, store, stores)
+    res = run("verify", store, expect=5, report=True, sandbox=sb)
+    failed = res.failed_checks()
+    if blamed is None:
+        assert failed[0]["check"] == "manifest"
+    else:
+        assert blamed in {c.get("part") for c in failed}, failed
+    status = JOIN_STATUS.get(kind, 5)
+    out = run("join", store, expect=status, sandbox=sb)
+    assert not is_complete_archive(out.stdout)
+    sb.out.mkdir()
+    run("join", store, "-o", sb.out / "joined.tar", expect=status, sandbox=sb, out=sb.out / "joined.tar")
+    assert not (sb.out / "joined.tar").exists()
+
+
+@pytest.mark.parametrize("kind", ["flip-base", "flip-lib", "flip-app", "truncated-part"])
+def test_damaged_gzip_bundle(kind, stores, sb):
+    store = copy_store(stores["gzip"], sb.work / "store")
+    blamed = _damage(kind, store, stores)
+    res = run("verify", store, expect=5, report=True, sandbox=sb)
+    assert blamed in {c.get("part") for c in res.failed_checks()}
+    out = run("join", store, expect=5, sandbox=sb)
+    assert not is_complete_archive(out.stdout)
+
+
+@pytest.mark.parametrize("kind", ["flip-lib", "flip-app"])
+def test_fast_and_deep_verify_catch_a_flip(kind, stores, sb):
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    blamed = _damage(kind, store, stores)
+    for mode in ("--fast", "--deep"):
+        res = run("verify", mode, store, expect=5, report=True, sandbox=sb)
+        assert blamed in {c.get("part") for c in res.failed_checks()}
+
+
+def test_damage_to_an_existing_output_file_never_happens(stores, sb):
+    """join -o over an existing file: a failed join leaves the old file as it was."""
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    _damage("flip-app", store, stores)
+    sb.out.mkdir()
+    (sb.out / "joined.tar").write_bytes(b"the previous good archive")
+    run("join", store, "-o", sb.out / "joined.tar", expect=5, sandbox=sb, out=sb.out)
+    assert (sb.out / "joined.tar").read_bytes() == b"the previous good archive"
+
+
+@pytest.mark.parametrize("where", ["head", "part", "manifest", "cut"])
+def test_damaged_bundle_stream(where, samples, sb):
+    """A bundle stream (pack -o -) damaged in its head, a part chunk or its manifest, or cut short."""
+    s = samples["docker-oci"]
+    stream = bytearray(run("pack", s["app1"], "--base", s["inspect-base"], "--lib", s["inspect-lib"],
+                           "-o", "-").stdout)
+    members, _ = craft.split(bytes(stream))
+    if where == "cut":
+        stream = stream[: len(stream) // 2]
+    else:
+        target = {"head": members[0], "part": members[1], "manifest": members[-1]}[where]
+        stream[target.data_offset + len(target.data) // 2] ^= 0x04
+    path = sb.put("stream", bytes(stream))
+    out = run("join", "-", stdin=path, expect=(4, 5), sandbox=sb)
+    assert not is_complete_archive(out.stdout)
+    run("verify", "-", stdin=path, expect=(4, 5), report=True, sandbox=sb)
+
+
+def test_isula_manifest_damage_does_not_affect_isep_join(stores, sb):
+    """isula-build's `manifest` is for isula-build only: isep joins by isep-bundle.json."""
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    flip(store / "manifest", 0.5)
+    joined = run("join", store, sandbox=sb).stdout
+    assert is_complete_archive(joined)
+    doc = json.loads((store / "isep-bundle.json").read_text())
+    assert doc["images"][0]["byte_exact"]

@@ -1,0 +1,38 @@
+"""Short atheris runs of the harnesses in fuzz/ (about 20 s in all): any exception other than
+isep.errors.IsepError is a finding and fails the test. Skipped where atheris is not installed
+(pip install atheris); fuzz/README.md tells how to run them for longer."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+atheris = pytest.importorskip("atheris")
+FUZZ = ROOT / "fuzz"
+SECONDS = {"fuzz_tarstream.py": 6, "fuzz_archive.py": 8, "fuzz_json.py": 6}
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fuzz-seeds")
+    subprocess.run([sys.executable, str(FUZZ / "make_seeds.py"), str(out)], check=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("harness", sorted(SECONDS))
+def test_harness_finds_nothing(harness, seeds, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    seed_dir = seeds / ("json" if harness == "fuzz_json.py" else "tar")
+    proc = subprocess.run(
+        [sys.executable, str(FUZZ / harness), f"-max_total_time={SECONDS[harness]}", "-max_len=65536",
+         "-rss_limit_mb=2048", "-timeout=20", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1",
+         str(corpus), str(seed_dir)],
+        capture_output=True, text=True, timeout=SECONDS[harness] + 120, cwd=tmp_path)
+    log = proc.stderr[-4000:]
+    assert "Uncaught Python exception" not in proc.stderr, log
+    assert proc.returncode == 0, log
+    assert "Done " in proc.stderr, log

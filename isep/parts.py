@@ -123,7 +123,7 @@ class PartWriter:
         self.size = 0
         self.raw_size = 0
         self.members: list[dict] = []
-        self._buf = bytearray()
+        self._buf, self._fill = bytearray(FRAME), 0
         self._last_done: threading.Event | None = None
         self._error: BaseException | None = None
         self._final: dict | None = None
@@ -132,10 +132,15 @@ class PartWriter:
         self.raw_size += len(data)
         if not self.wanted:
             return
-        self._buf += data
-        if len(self._buf) >= FRAME:
-            self._submit(bytes(self._buf[:FRAME]))
-            del self._buf[:FRAME]
+        view = memoryview(data).cast("B")
+        while len(view):  # each byte is copied once, into the frame that is handed to a worker
+            take = min(FRAME - self._fill, len(view))
+            self._buf[self._fill:self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == FRAME:
+                self._submit(self._buf)
+                self._buf, self._fill = bytearray(FRAME), 0
 
     def _submit(self, frame: bytes) -> None:
         executor, slots, jobs = pool()
@@ -160,9 +165,9 @@ class PartWriter:
             return self._final
         self.write(END_OF_ARCHIVE)
         if self.wanted:
-            if self._buf or self._last_done is None:
-                self._submit(bytes(self._buf))
-                self._buf = bytearray()
+            if self._fill or self._last_done is None:
+                self._submit(bytes(self._buf[:self._fill]))
+                self._buf, self._fill = bytearray(), 0
             self._last_done.wait()
             self._raise_failure()
         self._final = {"file": self.file_name, "compression": self.compression, "size": self.size,

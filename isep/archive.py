@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
@@ -24,7 +24,6 @@ FORMATS = {
     "podman": "containers/image docker-archive (podman, skopeo): <diffID>.tar + symlinked v1 dirs",
     "oci-archive": "OCI image layout archive without manifest.json (podman/skopeo oci-archive)",
 }
-METADATA_NAMES = ("manifest.json", "repositories", "index.json", "oci-layout")
 INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json")
 
@@ -449,7 +448,3 @@ def build_index(scanned: ScannedArchive) -> dict:
 def index_stream(source: Source, sink: Callable | None = None,
                  progress: Callable[[int], None] | None = None) -> dict:
     return build_index(scan(source, sink=sink, progress=progress))
-
-
-def iter_tags(images: Iterable[Image]) -> list[str]:
-    return [tag for image in images for tag in image.tags]

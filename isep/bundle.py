@@ -124,9 +124,6 @@ class Store:
                 pass
             self.temps.discard(name)
 
-    def write_file(self, final_name: str, data: bytes, *, replace: bool = False) -> None:
-        self.commit(self.prepare_file(final_name, data), final_name, replace=replace)
-
     def prepare_file(self, final_name: str, data: bytes) -> str:
         """A complete temporary copy of a file, to be committed (renamed) later."""
         temp, fh = self.create_temp(final_name, internal=True)

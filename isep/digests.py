@@ -26,10 +26,6 @@ def sniff_compression(head: bytes | memoryview) -> str | None:
     return None
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 class Decompressor:
     """Incremental gzip (multi-member) or zstd (multi-frame) decompression."""
 

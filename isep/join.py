@@ -117,7 +117,6 @@ class DecompressingReader:
             head = self.src.read(CHUNK)
             self._pending = memoryview(head)
             kind = sniff_compression(head)
-            self._pending_raw = True
         if kind == "zstd":
             reader = _Prepend(bytes(self._pending), self.src) if len(self._pending) else self.src
             self._pending = memoryview(b"")

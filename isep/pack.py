@@ -22,8 +22,9 @@ import xxhash
 
 from .archive import JSON_CAP, KEPT_JSON_TOTAL, ScannedArchive, build_index, load_json, member_record
 from .bundle import part_for_layers
-from .digests import BlobHasher, Decompressor, sniff_compression
+from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
+from .join import DecompressingReader
 from .legacy import gojson
 from .partition import make_plan, shared_part_names
 from .parts import PartWriter
@@ -555,35 +556,8 @@ def _split_section(plan: dict, section: PartWriter, section_out, target, run: Pa
     router = PlanRouter(plan, {f: w for f, w in run.writers.items()
                                if any(p["file"] == f and p["role"] == "app" for p in plan["parts"])})
     with target.reopen(section_out) as raw:
-        reader = TarReader(Source(_Decompressed(raw, options.compression), name="the app section"))
+        reader = TarReader(Source(DecompressingReader(raw, options.compression, None, "the app section"),
+                                  name="the app section"))
         for member, rec in zip(reader, section.members):
             router.route(member, rec["seq"], "the app section")
     target.name(section_out, None)
-
-
-class _Decompressed:
-    """A readinto() view of a compressed temporary file."""
-
-    def __init__(self, raw, compression: str):
-        self.raw = raw
-        self.dec = Decompressor(compression, "the app section") if compression != "none" else None
-        self.pending = b""
-        self.pieces = iter(())
-
-    def readinto(self, buf) -> int:
-        while not self.pending:
-            piece = next(self.pieces, None)
-            if piece is not None:
-                self.pending = piece
-                continue
-            data = self.raw.read(CHUNK)
-            if not data:
-                return 0
-            if self.dec:
-                self.pieces = self.dec.feed(data)
-            else:
-                self.pending = data
-        n = min(len(buf), len(self.pending))
-        buf[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n

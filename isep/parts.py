@@ -174,8 +174,3 @@ class PartWriter:
                        "sha256": "sha256:" + self._sha.hexdigest(), "xxh3": self._xxh.hexdigest(),
                        "raw_size": self.raw_size}
         return self._final
-
-    def abandon(self) -> None:
-        """Wait for frames in flight (so that nothing writes after an abort)."""
-        if self._last_done is not None:
-            self._last_done.wait()

@@ -448,9 +448,4 @@ def _ustar(name: bytes, size: int, mode: int, mtime: int, typeflag: bytes, linkn
     return bytes(block)
 
 
-def file_member_bytes(name: str, data: bytes, *, mode: int = 0o644, mtime: int = 0) -> bytes:
-    """A complete regular-file member (header, data, padding)."""
-    return build_header(name, len(data), mode=mode, mtime=mtime) + data + bytes(padded(len(data)) - len(data))
-
-
 END_OF_ARCHIVE = bytes(2 * BLOCK)

@@ -1,14 +1,13 @@
 """Verifying bundles and archives: every check is reported, passed or not."""
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
 
-from .archive import JSON_CAP, index_stream, load_json
+from .archive import index_stream
 from .bundle import TEMP_PREFIX
 from .digests import BlobHasher
 from .errors import IsepError
@@ -247,15 +246,3 @@ def _verify_isula(bundle: Bundle, report: Report) -> Report:
         except IsepError as exc:
             report.add("image", False, f"{key}: {exc}", image=key)
     return report
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def config_text(data: bytes):
-    return load_json(data, "config") if len(data) <= JSON_CAP else None

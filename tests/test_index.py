@@ -1,7 +1,6 @@
 """isep-index on every real archive, and on the generated ones."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 
 import pytest
 
-from conftest import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep, pipeline
+from conftest import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep
 
 NO_INSPECT = ("podman-oci-archive", "skopeo-docker-archive", "skopeo-oci-archive", "umoci-docker-archive")
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isep.errors import BadInput, IsepError, Truncated
+from isep.errors import BadInput
 from isep.tarstream import Source, TarReader, build_header, padded
 
 

@@ -204,8 +204,3 @@ def write_json(doc, *, compact: bool = False) -> None:
     # every byte, or BrokenPipeError: a write cut short by a reader going away returns a short count
     write_all(sys.stdout.buffer, (text + "\n").encode())
     sys.stdout.buffer.flush()
-
-
-def ensure_not_tty_for_stdin(path: str | None) -> None:
-    if path in (None, "-") and sys.stdin.isatty():
-        raise UsageError("no input given and stdin is a terminal")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import ExitStatus, IsepError
+from ..errors import ExitStatus
 from .common import DebugOption, VersionOption, new_app, run_command
 
 PROG = "isep-demo"

@@ -1,8 +1,6 @@
 """isep: the umbrella command; `isep pack ...` is `isep-pack ...`."""
 from __future__ import annotations
 
-import typer
-
 from . import demo, index, join, pack, partition, verify
 from .common import new_app
 

@@ -8,7 +8,7 @@ import typer
 
 from ..archive import load_json
 from ..errors import BadInput
-from ..partition import load_renames, make_plan, summary_lines
+from ..partition import make_plan, summary_lines
 from .common import (EXIT_CODES_HELP, DebugOption, QuietOption, Ui, VersionOption, new_app, open_input,
                      run_command, write_json)
 from .shared import BaseOption, CompressOption, LibOption, RenameOption, resolve_refs, read_renames

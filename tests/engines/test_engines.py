@@ -7,7 +7,6 @@ See README.md beside this file.
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import json
 import os
 import shlex
@@ -24,17 +23,7 @@ from pathlib import Path
 import pytest
 
 
-def _load_lib():
-    name = "isep_engines_lib"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(name + ".py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-lib = _load_lib()
+lib = sys.modules["isep_engines_lib"]  # loaded by this directory's conftest.py, which pytest imports first
 cell, run, tail, isep_cmd, isep_env = lib.cell, lib.run, lib.tail, lib.isep_cmd, lib.isep_env
 REPO, WORK = lib.REPO, lib.WORK
 

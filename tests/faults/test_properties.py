@@ -150,24 +150,27 @@ def test_any_byte_of_a_part_changed_is_caught(role, position, xor, mode, pristin
 @given(position=st.floats(0, 1), xor=st.integers(1, 255))
 def test_any_byte_of_the_manifest_changed_is_caught_or_harmless(position, xor, pristine, original):
     with tempfile.TemporaryDirectory() as tmp:
-        store = _corrupt(pristine, tmp, "isep-bundle.json", position, xor)
-        try:
-            bundle = open_bundle(str(store))
-        except IsepError:
-            event("refused: the manifest does not parse or is malformed")
-            return
-        report = verify_bundle(bundle, Report(str(store), "bundle", "deep"), "deep")
-        try:
-            joined = _join(store)
-        except IsepError:
-            event("join refused" + ("" if not report.ok else " although verify --deep passed"))
-            assert not report.ok, "verify --deep passed a manifest that join refuses"
-            return
-        if not report.ok:
-            event("verify failed, join still wrote the original")
-        else:
-            event("harmless: a field neither verify nor join depends on")
-        assert joined == original, "a damaged manifest made join write another archive"
+        _damaged_manifest_is_caught_or_harmless(_corrupt(pristine, tmp, "isep-bundle.json", position, xor),
+                                                original)
+
+
+def _damaged_manifest_is_caught_or_harmless(store: Path, original: bytes) -> None:
+    """verify --deep and join agree: both refuse, or join still writes the original archive."""
+    try:
+        bundle = open_bundle(str(store))
+    except IsepError:
+        event("refused: the manifest does not parse or is malformed")
+        return
+    report = verify_bundle(bundle, Report(str(store), "bundle", "deep"), "deep")
+    try:
+        joined = _join(store)
+    except IsepError:
+        event("join refused" + ("" if not report.ok else " although verify --deep passed"))
+        assert not report.ok, "verify --deep passed a manifest that join refuses"
+        return
+    event("verify failed, join still wrote the original" if not report.ok
+          else "harmless: a field neither verify nor join depends on")
+    assert joined == original, "a damaged manifest made join write another archive"
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -182,17 +185,4 @@ def test_any_digit_of_the_manifest_changed_is_caught_or_harmless(pick, digit, pr
         store = Path(tmp) / "store"
         shutil.copytree(pristine, store)
         (store / "isep-bundle.json").write_bytes(text[:at] + digit.encode() + text[at + 1:])
-        try:
-            bundle = open_bundle(str(store))
-        except IsepError:
-            event("refused: malformed")
-            return
-        report = verify_bundle(bundle, Report(str(store), "bundle", "deep"), "deep")
-        try:
-            joined = _join(store)
-        except IsepError:
-            event("join refused" + ("" if not report.ok else " although verify --deep passed"))
-            assert not report.ok, "verify --deep passed a manifest that join refuses"
-            return
-        event("verify failed, join still wrote the original" if not report.ok else "harmless")
-        assert joined == original, "a damaged manifest made join write another archive"
+        _damaged_manifest_is_caught_or_harmless(store, original)

@@ -374,6 +374,56 @@ def launcher_missing(exe: str) -> str | None:
     return None
 
 
+def launcher(exe: str) -> list[str]:
+    """A Python launcher runs under this interpreter (the venv the bench runs in), not through
+    whatever `env python3` finds first: a pyenv shim alone adds about 90 ms to every command."""
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(200)
+    except OSError:
+        return [exe]
+    return [sys.executable, exe] if first.startswith(b"#!") and b"python" in first else [exe]
+
+
+def measure_startup(ctx: dict, names: list[str], log, times: int = 5) -> dict:
+    """Median wall time of `isep-<cmd> --version`: what every run of the command pays before
+    reading its first byte."""
+    out = {}
+    for name in names:
+        spec = COMMANDS.get(name)
+        exe = spec["argv"][0].format(**ctx) if spec else None
+        if exe is None or launcher_missing(exe) or exe in out:
+            continue
+        walls = []
+        for _ in range(times):
+            t = time.perf_counter()
+            subprocess.run(launcher(exe) + ["--version"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - t)
+        out[exe] = round(sorted(walls)[len(walls) // 2], 3)
+    log("  startup (--version, median of %d): " % times
+        + ", ".join(f"{os.path.basename(k)} {v} s" for k, v in out.items()))
+    return {os.path.basename(k): v for k, v in out.items()}
+
+
+def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int) -> dict:
+    """The command `runs` times; MB/s from the median wall time, RSS and temp bytes the worst."""
+    results = []
+    for _ in range(runs):
+        if name == "pack":  # a pack into an existing store reuses its parts: start empty each time
+            shutil.rmtree(ctx["parts"], ignore_errors=True)
+        r = run_command(name, spec, ctx, workdir, log)
+        results.append(r)
+        if r.get("rc") != 0:
+            return r
+    results.sort(key=lambda r: r["wall_s"])
+    median = dict(results[len(results) // 2])
+    median["walls_s"] = [r["wall_s"] for r in results]
+    rss = [r["peak_rss_MiB"] for r in results if r.get("peak_rss_MiB")]
+    median["peak_rss_MiB"] = max(rss) if rss else None
+    median["temp_peak_bytes"] = max(r["temp_peak_bytes"] for r in results)
+    return median
+
+
 def run_command(name: str, spec: dict, ctx: dict, workdir: Path, log) -> dict:
     argv = [a.format(**ctx) for a in spec["argv"]]
     exe = argv[0]
@@ -396,7 +446,7 @@ def run_command(name: str, spec: dict, ctx: dict, workdir: Path, log) -> dict:
         cat = None
         if spec["stdin"]:
             cat = subprocess.Popen(["cat", ctx["archive"]], stdout=subprocess.PIPE)
-        proc = subprocess.Popen(rss_wrapper(rss_file) + argv, stdin=cat.stdout if cat else subprocess.DEVNULL,
+        proc = subprocess.Popen(rss_wrapper(rss_file) + launcher(exe) + argv[1:], stdin=cat.stdout if cat else subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(workdir))
         if cat:
             cat.stdout.close()
@@ -504,10 +554,12 @@ def run_size(size: int, args, log) -> dict:
     ctx = {"bin": str(Path(args.bin).resolve()), "archive": gen["archive"],
            "archive_bytes": gen["archive_bytes"], "base_json": gen["base_json"],
            "lib_json": gen["lib_json"], "parts": str(workdir / "parts"), "image": gen["image"]}
+    selected = [c.strip() for c in args.commands.split(",") if c.strip()]
+    run["startup_s"] = measure_startup(ctx, selected, log)
     cmds = []
     done_ok: set[str] = set()
     log("  isep commands:")
-    for name in [c.strip() for c in args.commands.split(",") if c.strip()]:
+    for name in selected:
         spec = COMMANDS.get(name)
         if spec is None:
             log(f"  {name:<12} unknown command (known: {', '.join(COMMANDS)})")
@@ -518,9 +570,7 @@ def run_size(size: int, args, log) -> dict:
             log(f"  {name:<12} SKIPPED: {r['skipped']}")
             cmds.append(r)
             continue
-        if name == "pack":
-            shutil.rmtree(ctx["parts"], ignore_errors=True)
-        r = run_command(name, spec, ctx, workdir, log)
+        r = run_repeated(name, spec, ctx, workdir, log, args.runs)
         prim = run["primitives"].get(spec.get("primitive") or "")
         if prim and r.get("rc") == 0 and prim.get("MBps"):
             basis = r["MBps"] if spec["input"] == "archive" else r["archive_MBps"]
@@ -570,7 +620,7 @@ def print_table(runs: list[dict], log) -> None:
             log(f"{sz:>9} {r['command']:<12} {r['MBps']:>8} {r['archive_MBps']:>9} {r.get('primitive') or '':<10} "
                 f"{p.get('MBps', ''):>9} {r.get('ratio_to_primitive', ''):>6} "
                 f"{r['peak_rss_MiB'] if r['peak_rss_MiB'] is not None else '?':>8} "
-                f"{human(r['temp_peak_bytes']):>10}")
+                f"{human(r['temp_peak_bytes']):>10}  walls {r.get('walls_s', [r['wall_s']])}")
         if "isula_route" in run:
             i = run["isula_route"]
             best = max((r["MBps"] for r in run["commands"] if r.get("command") == "pack" and r.get("rc") == 0),
@@ -580,6 +630,8 @@ def print_table(runs: list[dict], log) -> None:
                 f"{human(i['temp_bytes']):>10}  on {human(i['archive_bytes'])}; {note}")
         if prims:
             log(f"{sz:>9} primitives: " + ", ".join(f"{k} {v['MBps']}" for k, v in prims.items()))
+        if run.get("startup_s"):
+            log(f"{sz:>9} startup: " + ", ".join(f"{k} {v} s" for k, v in run["startup_s"].items()))
 
 
 def main(argv=None) -> int:
@@ -600,6 +652,8 @@ def main(argv=None) -> int:
     ap.add_argument("--isula-size", default="256M",
                     help="archive size for the isula-style route ('full' = the main archive)")
     ap.add_argument("--repeat", type=int, default=1, help="run each primitive N times, report the median")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="run each command N times; MB/s from the median run, RSS and temp the worst (default 3)")
     ap.add_argument("--skip-primitives", action="store_true")
     ap.add_argument("--skip-isula", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (archive, parts)")
@@ -609,7 +663,8 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     sizes = [parse_size(s) for s in (args.sizes.split(",") if args.sizes else [args.size])]
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+    machine = {"python": sys.version.split()[0], "interpreter": sys.executable,
+               "platform": platform.platform(), "cpus": os.cpu_count(),
                "time_tool": "/usr/bin/time -v" if os.access("/usr/bin/time", os.X_OK) else "getrusage wrapper"}
     try:
         import xxhash

@@ -74,6 +74,8 @@ class HashingFile:
             if not item:
                 self._eof = True
                 return b""
+            if n is None or n < 0 or n >= len(item):
+                return item  # the common case: a whole chunk, handed on without a copy
             self._left = memoryview(item)
         if n is None or n < 0 or n >= len(self._left):
             out, self._left = self._left, memoryview(b"")

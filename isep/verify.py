@@ -79,8 +79,13 @@ def verify_bundle(bundle: Bundle, report: Report, mode: str) -> Report:
         ok, members = _verify_part(bundle, part, own, mode)
         return part, ok, members, own.checks
 
-    with ThreadPoolExecutor(max_workers=2) as workers:  # two parts at a time: both cores busy
-        for part, ok, members, checks in workers.map(check, doc["parts"]):
+    # Two parts at a time keep both cores busy; the largest start first so that the last one to
+    # finish is a small one, not the app part running alone.
+    with ThreadPoolExecutor(max_workers=2) as workers:
+        by_size = sorted(range(len(doc["parts"])), key=lambda i: -doc["parts"][i].get("size", 0))
+        futures = {i: workers.submit(check, doc["parts"][i]) for i in by_size}
+        for i in range(len(doc["parts"])):
+            part, ok, members, checks = futures[i].result()
             report.checks.extend(checks)
             if ok:
                 good_parts[part["file"]] = members

@@ -96,6 +96,17 @@ def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
 
 
+@contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM are held until the block is left (then delivered as usual)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> None:
     """Run a command body; map every failure to one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupted)

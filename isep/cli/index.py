@@ -21,7 +21,7 @@ app = new_app(
 
 @app.command(help=app.info.help)
 def index(
-    archive: Optional[str] = typer.Argument(None, metavar="[ARCHIVE|-]", help="Image archive; stdin when omitted or '-'."),
+    archive: Optional[str] = typer.Argument(None, metavar="ARCHIVE|-", help="Image archive; stdin when omitted or '-'."),
     compact: bool = typer.Option(False, "--compact", help="One line of JSON instead of indented JSON."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..join import (JoinOptions, isep_part_inputs, isula_part_inputs, join_parts, open_bundle,
                     receive_stream, select_image)
 from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
-                     input_source, new_app, run_command, stdout_binary)
+                     input_source, new_app, run_command, signals_deferred, stdout_binary)
 
 PROG = "isep-join"
 app = new_app(
@@ -32,7 +32,7 @@ app = new_app(
 @app.command(help=app.info.help)
 def join(
     bundle: str = typer.Argument(..., metavar="BUNDLE|-", help="Store directory, or - for a bundle stream on stdin."),
-    image: Optional[str] = typer.Argument(None, metavar="[IMAGE|-]", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store)."),
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE|-", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store)."),
     base_part: Optional[str] = typer.Option(None, "--base-part", "-b", metavar="PART", help="Base part file to use."),
     lib_part: Optional[str] = typer.Option(None, "--lib-part", "-l", metavar="PART", help="Lib part file to use."),
     app_part: Optional[str] = typer.Option(None, "--app-part", "-a", metavar="PART", help="App part file to use."),
@@ -62,7 +62,8 @@ def join(
         try:
             if stream_in:
                 store_dir = None if bundle == "-" else bundle
-                temp_dir = _temp_dir(store_dir)
+                with signals_deferred():  # a signal is handled once temp_dir names what to remove
+                    temp_dir = _temp_dir(store_dir)
                 received = receive_stream(input_source("-", "bundle stream"), temp_dir)
                 extra = [open_bundle(store_dir)] if store_dir else []
                 extra = [b for b in extra if b.kind == "isep"]

@@ -53,7 +53,7 @@ def _seekable_file(fh) -> bool:
 
 @app.command(help=app.info.help)
 def pack(
-    archive: Optional[str] = typer.Argument(None, metavar="[ARCHIVE|-]", help="Image archive; stdin when omitted or '-'."),
+    archive: Optional[str] = typer.Argument(None, metavar="ARCHIVE|-", help="Image archive; stdin when omitted or '-'."),
     output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), or - for a bundle stream on stdout."),
     plan_file: Optional[str] = typer.Option(None, "--plan", "-p", metavar="PLAN", help="A plan from isep-partition."),
     base: Optional[str] = typer.Option(None, "--base", "-b", metavar="REF", help="The base image (as for isep-partition)."),

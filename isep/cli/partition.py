@@ -26,7 +26,7 @@ app = new_app(
 
 @app.command(help=app.info.help)
 def partition(
-    index_file: Optional[str] = typer.Argument(None, metavar="[INDEX|-]", help="isep index JSON; stdin when omitted or '-'."),
+    index_file: Optional[str] = typer.Argument(None, metavar="INDEX|-", help="isep index JSON; stdin when omitted or '-'."),
     base: str = BaseOption,
     lib: Optional[str] = LibOption,
     rename: Optional[str] = RenameOption,

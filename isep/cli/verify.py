@@ -31,7 +31,7 @@ app = new_app(
 
 @app.command(help=app.info.help)
 def verify(
-    target: Optional[str] = typer.Argument(None, metavar="[BUNDLE|ARCHIVE|-]", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
+    target: Optional[str] = typer.Argument(None, metavar="BUNDLE|ARCHIVE|-", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
     fast: bool = typer.Option(False, "--fast", help="xxh3-128 instead of sha256 for part files."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every member with sha256 and recompute diffIDs."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Require isep-bundle.json to be signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file; parts are then checked with sha256, never --fast."),

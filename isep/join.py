@@ -39,8 +39,9 @@ class HashingFile:
     def __init__(self, raw, what: str, *, sha256: bool = True, depth: int = 4):
         self.raw = raw
         self.what = what
+        # one digest, the one checked: sha256, or xxh3 for a fast verify
         self.sha = hashlib.sha256() if sha256 else None
-        self.xxh = xxhash.xxh3_128()
+        self.xxh = None if sha256 else xxhash.xxh3_128()
         self.size = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._left = memoryview(b"")
@@ -56,9 +57,7 @@ class HashingFile:
                 if not data:
                     break
                 self.size += len(data)
-                if self.sha is not None:
-                    self.sha.update(data)
-                self.xxh.update(data)
+                (self.sha or self.xxh).update(data)
                 self._queue.put(data)
             self._queue.put(b"")
         except BaseException as exc:

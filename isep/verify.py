@@ -121,7 +121,11 @@ def _verify_part(bundle: Bundle, part: dict, report: Report, mode: str) -> tuple
             hashing.close()
             fh.close()
         return _part_hash_verdict(part, hashing, report, mode, listed)
-    source = Source(DecompressingReader(hashing, part["compression"], part["raw_size"], name), name=name)
+    # Decompressing on this thread, not a read-ahead one: with two parts checked at once, a third
+    # thread per part costs more in hand-offs than it overlaps (0.59 s instead of 0.74 s on the
+    # bench's 1 GiB bundle), and a part alone still overlaps its sha256 with decompression.
+    source = Source(DecompressingReader(hashing, part["compression"], part["raw_size"], name), name=name,
+                    prefetch=False)
     try:
         n = 0
         for member in TarReader(source):

@@ -47,7 +47,7 @@ COMMANDS = {
     "verify": {"argv": ["{bin}/isep-verify", "{parts}"], "stdin": False, "input": "parts",
                "primitive": "sha256", "needs": "pack"},
     "verify-fast": {"argv": ["{bin}/isep-verify", "--fast", "{parts}"], "stdin": False, "input": "parts",
-                    "primitive": "zstd_d", "needs": "pack"},
+                    "primitive": "xxh3_128", "ratio_on": "input", "needs": "pack"},
     "join": {"argv": ["{bin}/isep-join", "{parts}", "{image}"], "stdin": False, "input": "parts",
              "primitive": "zstd_d", "needs": "pack"},
 }
@@ -573,7 +573,8 @@ def run_size(size: int, args, log) -> dict:
         r = run_repeated(name, spec, ctx, workdir, log, args.runs)
         prim = run["primitives"].get(spec.get("primitive") or "")
         if prim and r.get("rc") == 0 and prim.get("MBps"):
-            basis = r["MBps"] if spec["input"] == "archive" else r["archive_MBps"]
+            on_input = spec["input"] == "archive" or spec.get("ratio_on") == "input"
+            basis = r["MBps"] if on_input else r["archive_MBps"]
             r["ratio_to_primitive"] = round(basis / prim["MBps"], 3)
         cmds.append(r)
         if r.get("rc") == 0:

@@ -80,10 +80,11 @@ class Decompressor:
 class BlobHasher:
     """Hashes a member's stored bytes; when they start like gzip or zstd, also the decompressed bytes."""
 
-    def __init__(self, what: str, *, want_diff_id: bool = True, want_sha256: bool = True):
+    def __init__(self, what: str, *, want_diff_id: bool = True, want_sha256: bool = True,
+                 want_xxh3: bool = True):
         self.what = what
         self.sha = hashlib.sha256() if want_sha256 else None
-        self.xxh = xxhash.xxh3_128()
+        self.xxh = xxhash.xxh3_128() if want_xxh3 else None
         self.want_diff_id = want_diff_id
         self.compression: str | None = None
         self._decomp: Decompressor | None = None
@@ -100,14 +101,15 @@ class BlobHasher:
                 self._diff = hashlib.sha256()
         if self.sha is not None:
             self.sha.update(chunk)
-        self.xxh.update(chunk)
+        if self.xxh is not None:
+            self.xxh.update(chunk)
         if self._decomp is not None:
             for out in self._decomp.feed(chunk):
                 self.uncompressed_size += len(out)
                 self._diff.update(out)
 
     def result(self) -> dict:
-        out = {"xxh3": self.xxh.hexdigest()}
+        out = {"xxh3": self.xxh.hexdigest()} if self.xxh is not None else {}
         if self.sha is not None:
             out["sha256"] = "sha256:" + self.sha.hexdigest()
         if self._decomp is not None:

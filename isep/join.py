@@ -270,7 +270,8 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
             out.holding = True
         out.write(member.header if out_name == member.name
                   else build_header(out_name, member.size, mode=0o644, mtime=member.mtime))
-    hasher = BlobHasher(f"{where}: {member.name!r}") if member.is_file else None
+    # sha256 and diffIDs are what a join checks; xxh3 would only cost time on the busiest thread
+    hasher = BlobHasher(f"{where}: {member.name!r}", want_xxh3=False) if member.is_file else None
     spool = tempfile.TemporaryFile(prefix="isep-join-") if copies.get(member.name) else None
     keep = bytearray() if member.is_file and member.size <= JSON_CAP and first else None
     for chunk in member.iter_data():

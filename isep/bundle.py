@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from . import __version__
 from .archive import load_json
-from .errors import BadInput, EnvironmentFailure, UsageError
+from .errors import BadInput, EnvironmentFailure, UsageError, signals_deferred
 from .names import check_file_name
 
 BUNDLE_SCHEMA = "isep-bundle/1"
@@ -98,12 +98,13 @@ class Store:
         if problem:
             raise UsageError(problem)
         name = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final_name}"[:255]
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=self.fd)
-        except OSError as exc:
-            raise os_error(exc, f"cannot create a file in {self.path}") from None
-        self.temps.add(name)
+        with signals_deferred():  # created and recorded (for discard_temps) as one step
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=self.fd)
+            except OSError as exc:
+                raise os_error(exc, f"cannot create a file in {self.path}") from None
+            self.temps.add(name)
         return name, os.fdopen(fd, "wb", buffering=0)
 
     def commit(self, temp_name: str, final_name: str, *, replace: bool = False) -> None:

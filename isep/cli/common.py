@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -15,7 +17,7 @@ from typing import Callable, Optional
 import typer
 
 from .. import __version__
-from ..errors import EnvironmentFailure, ExitStatus, Interrupted, IsepError, UsageError
+from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError, raise_interrupted, signals_deferred
 from ..tarstream import Source
 
 EXIT_CODES_HELP = (
@@ -92,25 +94,41 @@ class Ui:
         return time.monotonic() - self.started
 
 
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
+_scratch: list[str] = []  # temporary paths of this command, removed by run_command whatever happens
 
 
-@contextmanager
-def signals_deferred():
-    """SIGINT and SIGTERM are held until the block is left (then delivered as usual)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def scratch_dir(prefix: str, parent: Optional[str] = None) -> str:
+    """A new temporary directory that lives until the command ends."""
+    with signals_deferred():
+        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        _scratch.append(path)
+    return path
+
+
+def scratch_file(prefix: str, parent: str) -> tuple[int, str]:
+    """A new temporary file (descriptor, path); removed when the command ends unless renamed away."""
+    with signals_deferred():
+        fd, path = tempfile.mkstemp(prefix=prefix, dir=parent)
+        _scratch.append(path)
+    return fd, path
+
+
+def _remove_scratch() -> None:
+    while _scratch:
+        path = _scratch.pop()
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:  # renamed into place: nothing left
+                pass
 
 
 def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> None:
     """Run a command body; map every failure to one line on stderr and an exit code."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    signal.signal(signal.SIGINT, raise_interrupted)
     status = ExitStatus.OK
     try:
         result = body()
@@ -134,6 +152,8 @@ def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> No
     except Exception as exc:  # a bug: still one line, with a hint
         status = ExitStatus.INTERNAL
         _report(prog, f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", debug)
+    finally:
+        _remove_scratch()
     raise typer.Exit(int(status))
 
 

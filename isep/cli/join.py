@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import typer
@@ -12,7 +10,7 @@ from ..errors import UsageError
 from ..join import (JoinOptions, isep_part_inputs, isula_part_inputs, join_parts, open_bundle,
                     receive_stream, select_image)
 from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
-                     input_source, new_app, run_command, signals_deferred, stdout_binary)
+                     input_source, new_app, run_command, scratch_dir, scratch_file, stdout_binary)
 
 PROG = "isep-join"
 app = new_app(
@@ -58,45 +56,38 @@ def join(
             raise UsageError("--trust relies on the part hashes: leave out --no-verify")
         if no_verify:
             ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
-        temp_dir = None
-        try:
-            if stream_in:
-                store_dir = None if bundle == "-" else bundle
-                with signals_deferred():  # a signal is handled once temp_dir names what to remove
-                    temp_dir = _temp_dir(store_dir)
-                received = receive_stream(input_source("-", "bundle stream"), temp_dir)
-                extra = [open_bundle(store_dir)] if store_dir else []
-                extra = [b for b in extra if b.kind == "isep"]
-                for b in ([received] + extra) if trust is not None else []:
-                    b.check_signature(trust)
-                chosen = select_image(received.doc["images"], name, "the bundle stream")
-                parts = isep_part_inputs(received, chosen, overrides, extra)
+        if stream_in:
+            store_dir = None if bundle == "-" else bundle
+            received = receive_stream(input_source("-", "bundle stream"), _receive_dir(store_dir))
+            extra = [open_bundle(store_dir)] if store_dir else []
+            extra = [b for b in extra if b.kind == "isep"]
+            for b in ([received] + extra) if trust is not None else []:
+                b.check_signature(trust)
+            chosen = select_image(received.doc["images"], name, "the bundle stream")
+            parts = isep_part_inputs(received, chosen, overrides, extra)
+        else:
+            opened = open_bundle(bundle)
+            if trust is not None:
+                opened.check_signature(trust)
+            if app_part == "-":
+                overrides["app"] = "-"
+            if opened.kind == "isula":
+                chosen = None
+                parts = isula_part_inputs(opened, name, overrides)
             else:
-                opened = open_bundle(bundle)
-                if trust is not None:
-                    opened.check_signature(trust)
-                if app_part == "-":
-                    overrides["app"] = "-"
-                if opened.kind == "isula":
-                    chosen = None
-                    parts = isula_part_inputs(opened, name, overrides)
-                else:
-                    chosen = select_image(opened.doc["images"], name, bundle)
-                    parts = isep_part_inputs(opened, chosen, overrides)
-            options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
-            trailer = (chosen or {}).get("trailer_size", 1024)
-            _write(output, parts, chosen, options, trailer, ui)
-        finally:
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+                chosen = select_image(opened.doc["images"], name, bundle)
+                parts = isep_part_inputs(opened, chosen, overrides)
+        options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
+        trailer = (chosen or {}).get("trailer_size", 1024)
+        _write(output, parts, chosen, options, trailer, ui)
 
     run_command(PROG, debug, body)
 
 
-def _temp_dir(store_dir: Optional[str]) -> str:
+def _receive_dir(store_dir: Optional[str]) -> str:
     if store_dir and os.access(store_dir, os.W_OK):
-        return tempfile.mkdtemp(prefix=".isep-tmp-recv-", dir=store_dir)
-    return tempfile.mkdtemp(prefix="isep-recv-")
+        return scratch_dir(".isep-tmp-recv-", store_dir)
+    return scratch_dir("isep-recv-")
 
 
 def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:
@@ -108,19 +99,12 @@ def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:
         out.flush()
     else:
         directory = os.path.dirname(os.path.abspath(output))
-        fd, temp = tempfile.mkstemp(prefix=".isep-tmp-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, output)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            raise
+        fd, temp = scratch_file(".isep-tmp-", directory)
+        with os.fdopen(fd, "wb") as out:
+            checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, output)
     ui.info(f"{len(checks['parts'])} part(s) checked, {checks['layers']} layer diffIDs verified")
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from typing import Optional
 
 import typer
@@ -14,7 +12,7 @@ from ..join import open_bundle, receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
 from .common import (EXIT_CODES_HELP, DebugOption, QuietOption, Ui, VersionOption, new_app, open_input,
-                     run_command, write_json)
+                     run_command, scratch_dir, write_json)
 
 PROG = "isep-verify"
 app = new_app(
@@ -46,35 +44,29 @@ def verify(
         if trust is not None and fast:
             raise UsageError("--trust needs sha256 part checks: leave out --fast")
         path = target or "-"
-        temp_dir = None
-        try:
-            if path != "-" and os.path.isdir(path):
-                report = Report(path, "bundle", mode)
-                try:
-                    bundle = open_bundle(path)
-                except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
-                    report.add("manifest", False, str(exc))
-                else:
-                    _check_signature(bundle, trust, report)
-                    report = verify_bundle(bundle, report, mode)
+        if path != "-" and os.path.isdir(path):
+            report = Report(path, "bundle", mode)
+            try:
+                bundle = open_bundle(path)
+            except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
+                report.add("manifest", False, str(exc))
             else:
-                fh, name = open_input(path, "bundle or archive")
-                source = Source(fh, name=name)
-                head = source.read(512)
-                source = _Rewound(head, source)
-                if head[:16].startswith(b"isep-stream.json"):
-                    temp_dir = tempfile.mkdtemp(prefix="isep-verify-")
-                    bundle = receive_stream(Source(source, name=name), temp_dir)
-                    report = Report(name, "bundle stream", mode)
-                    _check_signature(bundle, trust, report)
-                    report = verify_bundle(bundle, report, mode)
-                elif trust is not None:
-                    raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
-                else:
-                    report = verify_archive(Source(source, name=name), Report(name, "archive", mode))
-        finally:
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+                _check_signature(bundle, trust, report)
+                report = verify_bundle(bundle, report, mode)
+        else:
+            fh, name = open_input(path, "bundle or archive")
+            source = Source(fh, name=name)
+            head = source.read(512)
+            source = _Rewound(head, source)
+            if head[:16].startswith(b"isep-stream.json"):
+                bundle = receive_stream(Source(source, name=name), scratch_dir("isep-verify-"))
+                report = Report(name, "bundle stream", mode)
+                _check_signature(bundle, trust, report)
+                report = verify_bundle(bundle, report, mode)
+            elif trust is not None:
+                raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
+            else:
+                report = verify_archive(Source(source, name=name), Report(name, "archive", mode))
         doc = report.to_json()
         write_json(doc)
         failed = [c for c in report.checks if c["status"] == "fail"]

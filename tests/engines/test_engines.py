@@ -66,6 +66,14 @@ def cmdline(argv) -> str:
     return shlex.join(str(a) for a in argv)
 
 
+def verify_and_join(store: Path, tag: str, joined: Path) -> None:
+    """isep-verify STORE must pass, then isep-join STORE TAG > joined must succeed."""
+    r = run(isep_cmd("verify") + [str(store)], env=isep_env(), timeout=TIMEOUT)
+    assert r.returncode == 0, f"isep-verify {store} rc={r.returncode}: {tail(r.stdout, 6)} {tail(r.stderr, 4)}"
+    r = run_to_file(isep_cmd("join") + [str(store), tag], joined, env=isep_env())
+    assert r.returncode == 0, f"isep-join {store} {tag} rc={r.returncode}: {tail(r.stderr, 1)}\n{tail(r.stderr, 8)}"
+
+
 def ref_file(engines, producer: str, key: str) -> Path:
     d = engines.out / producer
     for f in (d / f"inspect-{key}.json", d / f"config-{key}.json"):
@@ -482,13 +490,10 @@ def test_release_update(engines, producer):
         kept = sum(v[0] for v in big_before.values())
         assert 0 < written < kept / 2, (f"release 2 wrote {written} bytes (base+lib parts: {kept}); "
                                         f"new/changed files: {[k for k in s2 if s1.get(k) != s2[k]]}")
-        r = run(isep_cmd("verify") + [str(store)], env=isep_env(), timeout=TIMEOUT)
-        assert r.returncode == 0, f"isep-verify STORE rc={r.returncode}: {tail(r.stdout, 6)} {tail(r.stderr, 4)}"
         # release 1 still joins byte-exact
         tag1, _ = expected(engines, producer, "app1")
         j1 = engines.tmp / f"release1--{producer}.tar"
-        r = run_to_file(isep_cmd("join") + [str(store), tag1], j1, env=isep_env())
-        assert r.returncode == 0, f"isep-join STORE {tag1} rc={r.returncode}: {tail(r.stderr, 1)}\n{tail(r.stderr, 8)}"
+        verify_and_join(store, tag1, j1)
         orig1 = archive_path(engines, producer, "app1")
         assert filecmp.cmp(orig1, j1, shallow=False), \
             f"app1:1 from the store differs from its save: {first_difference(orig1, j1)}"
@@ -643,12 +648,9 @@ def test_pack_variant(engines, producer, variant):
         shutil.rmtree(store, ignore_errors=True)
         store.parent.mkdir(parents=True, exist_ok=True)
         _pack_into(engines, producer, "app2", store, VARIANTS[variant])
-        r = run(isep_cmd("verify") + [str(store)], env=isep_env(), timeout=TIMEOUT)
-        assert r.returncode == 0, f"isep-verify rc={r.returncode}: {tail(r.stderr, 1)} {tail(r.stdout, 3)}"
         tag, layers = expected(engines, producer, "app2")
         joined = engines.tmp / f"variant--{producer}--{variant}.tar"
-        r = run_to_file(isep_cmd("join") + [str(store), tag], joined, env=isep_env())
-        assert r.returncode == 0, f"isep-join rc={r.returncode}: {tail(r.stderr, 1)}"
+        verify_and_join(store, tag, joined)
         src = archive_path(engines, producer, "app2")
         if variant == "format-isula":
             # isula-build's layout is re-headed (not byte-exact by design); it must read like

@@ -3,7 +3,6 @@ pack, a stdout closed by its reader, two packs into one store at once, output di
 symbolic links or not writable."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BIN, Sandbox, bundle_doc, check_sandbox, copy_store, is_complete_archive, pack_args, run, start
+from .conftest import Sandbox, bundle_doc, check_sandbox, copy_store, is_complete_archive, pack_args, run, start
 
 
 # --- a small tmpfs -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from . import craft
-from .conftest import bundle_doc, is_complete_archive, run
+from .conftest import is_complete_archive, run
 
 BLOB = "blobs/sha256/"
 

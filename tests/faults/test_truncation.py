@@ -7,7 +7,7 @@ import random
 import pytest
 
 from . import craft
-from .conftest import copy_store, pack_args, run
+from .conftest import copy_store, run
 
 
 def _cuts(samples) -> dict[str, bytes]:
@@ -96,7 +96,6 @@ def test_verify_reports(case, cuts, sb):
 def test_pack_into_existing_store_changes_nothing(case, cuts, samples, stores, sb):
     """A failed pack into a store that holds a bundle leaves every file of it as it was."""
     copy_store(stores["docker-oci"], sb.out)
-    s = samples["docker-oci"]
     run("pack", "--base", sb.out, "--lib", sb.out, "-o", sb.out, stdin=cuts[case], expect=4, sandbox=sb)
     run("verify", sb.out)
 

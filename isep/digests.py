@@ -7,6 +7,8 @@ from typing import Iterator
 
 import xxhash
 import zstandard
+from isal import isal_zlib
+
 
 from .errors import BadInput
 
@@ -36,7 +38,8 @@ class Decompressor:
 
     def _new(self) -> None:
         if self.kind == "gzip":
-            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            # ISA-L inflates gzip several times faster than zlib, with the same bounded-output API
+            self._obj = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
         else:
             self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).decompressobj(
                 read_across_frames=True)
@@ -64,7 +67,7 @@ class Decompressor:
                 data = self._obj.unconsumed_tail
                 if not data and len(out) < OUT_PIECE:
                     return
-        except (zlib.error, zstandard.ZstdError) as exc:
+        except (zlib.error, isal_zlib.error, zstandard.ZstdError) as exc:
             raise BadInput(f"{self.what}: corrupt {self.kind} data ({exc})") from None
 
     def finish(self) -> None:

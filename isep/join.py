@@ -725,8 +725,10 @@ def isula_part_inputs(bundle: Bundle, name: str | None, overrides: dict[str, str
     """isula-build's bundles: gzip legacy-layout tarballs checked against the manifest's sha256."""
     keys = list(bundle.isula)
     if name is None:
-        if len(keys) != 1:
-            raise UsageError(f"{bundle.path} holds {len(keys)} images ({', '.join(keys)}); name one")
+        # the tags of one image are keys with the same app tarball
+        apps = {str(e.get("app")) if isinstance(e, dict) else k for k, e in bundle.isula.items()}
+        if len(apps) != 1:
+            raise UsageError(f"{bundle.path} holds {len(apps)} images ({', '.join(keys)}); name one")
         key = keys[0]
     else:
         hits = [k for k in keys if same_image_name(k, name)]

@@ -244,7 +244,7 @@ def slim(rec: dict) -> dict:
 
 
 def isula_manifest(plan: dict, infos: dict) -> bytes:
-    """isula-build's `manifest`: one entry per tagged app image, with its exact field names."""
+    """isula-build's `manifest`: one entry per tag of each app image, with its exact field names."""
     by_role = {p["role"]: p for p in plan["parts"]}
 
     def layer_ids(part, image):
@@ -261,7 +261,7 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
             continue
         app = next(p for p in plan["parts"] if p["file"] == image["app_part"])
         lib, base = by_role.get("lib"), by_role["base"]
-        out[image["tags"][0]] = {
+        entry = {
             "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:],
             "appLayers": layer_ids(app, image),
             "lib": lib["file"] if lib else "", "libHash": infos[lib["file"]]["sha256"][7:] if lib else "",
@@ -269,6 +269,10 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
             "base": base["file"], "baseHash": infos[base["file"]]["sha256"][7:],
             "baseImageName": plan["base"]["name"], "baseLayer": layer_ids(base, image)[-1],
         }
+        # isula-build keys an image by its first tag only, and `ctr-img load -i` looks its argument
+        # up exactly: every tag gets the same entry, so that the image loads by any of its names
+        for tag in image["tags"]:
+            out.setdefault(tag, entry)
     return encode_isula_manifest(out)
 
 

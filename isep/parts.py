@@ -1,8 +1,8 @@
 """Part files: compressed tars of verbatim archive members, hashed while they are written.
 
 A part is compressed as a sequence of independent frames (zstd frames or gzip members) of 4 MiB of
-input each, on a pool of threads shared by all parts (hashlib, zstandard, zlib and file writes all
-release the GIL). The output is the same whatever the number of threads, memory stays bounded by the
+input each, on a pool of threads shared by all parts (hashlib, zstandard, ISA-L, zlib and file writes
+all release the GIL). The output is the same whatever the number of threads, memory stays bounded by the
 frames in flight, and every decoder reads such a stream as one (zstd frames and gzip members
 concatenate).
 """
@@ -17,12 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 import zstandard
+from isal import isal_zlib
 
 from .errors import UsageError
 from .tarstream import END_OF_ARCHIVE
 
 COMPRESSIONS = ("zstd", "gzip", "none")
-DEFAULT_LEVELS = {"zstd": 3, "gzip": 6, "none": 0}
+DEFAULT_LEVELS = {"zstd": 3, "gzip": 2, "none": 0}
+# gzip levels 1-3 deflate with ISA-L (its levels 1-3: zlib -1 to -6's ratio at 5-15x zlib's speed,
+# bench/RESULTS.md "gzip levels"); 4-9 with zlib, for whoever wants its last percent of size.
+ISAL_MAX_LEVEL = 3
 FRAME = 4 << 20
 
 _local = threading.local()
@@ -104,7 +108,8 @@ def compress_frame(compression: str, level: int, data: bytes) -> bytes:
             _local.comp = {**getattr(_local, "comp", {}), key: comp}
         return comp.compress(data)
     if compression == "gzip":
-        obj = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip member, mtime 0
+        module = isal_zlib if level <= ISAL_MAX_LEVEL else zlib
+        obj = module.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # one gzip member, mtime 0
         return obj.compress(data) + obj.flush()
     return data
 

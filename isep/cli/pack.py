@@ -11,7 +11,7 @@ from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import Store
 from ..errors import BadInput, EnvironmentFailure, UsageError
-from ..isula import pack_isula
+from ..isula import pack_isula, pack_isula_stream
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..partition import make_plan
 from ..refs import read_json_file
@@ -60,11 +60,11 @@ def pack(
     lib: Optional[str] = typer.Option(None, "--lib", "-l", metavar="REF", help="The lib image, built on the base."),
     parts: str = typer.Option("base,lib,app", "--parts", metavar="LIST", help="Which parts to write: a subset of base,lib,app (e.g. app for an update)."),
     compress: str = CompressOption,
-    level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 6)."),
+    level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 2: 1-3 ISA-L, 4-9 zlib)."),
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
     sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
-    layout: str = typer.Option("isep", "--format", metavar="isep|isula", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. Needs the archive as a file or a --plan."),
+    layout: str = typer.Option("isep", "--format", metavar="isep|isula", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
     quiet: bool = QuietOption,
     progress: Progress = ProgressOption,
     debug: bool = DebugOption,
@@ -123,11 +123,9 @@ def _run(fh, name, plan, base, lib, target, options):
         plan = make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)
         fh.seek(0)
         return execute(Source(fh, name=name), plan, target, options)
-    if options.layout == "isula":
-        raise UsageError("--format isula needs the archive as a file, or a --plan (its legacy layer IDs "
-                         "depend on the image config, which comes last in a stream)")
     base_ref, lib_ref = resolve_refs(base, lib, None)
-    return pack_one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
+    one_shot = pack_isula_stream if options.layout == "isula" else pack_one_shot
+    return one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
 
 
 def _summary(ui: Ui, result) -> None:

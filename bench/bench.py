@@ -51,6 +51,13 @@ COMMANDS = {
     "join": {"argv": ["{bin}/isep-join", "{parts}", "{image}"], "stdin": False, "input": "parts",
              "primitive": "zstd_d", "needs": "pack"},
 }
+# isula-build's layout with gzip, from a pipe: the default level and the others, side by side (they
+# write into the same parts dir: run them after verify and join)
+_ISULA = ["{bin}/isep-pack", "--base", "{base_json}", "--lib", "{lib_json}", "-o", "{parts}",
+          "--format", "isula", "--compress", "gzip"]
+for _name, _level in (("pack-isula", []), ("pack-isula-l1", ["--level", "1"]), ("pack-isula-l3", ["--level", "3"]),
+                      ("pack-isula-zlib6", ["--level", "6"])):
+    COMMANDS[_name] = {"argv": _ISULA + _level, "stdin": True, "input": "archive", "primitive": "zstd3_mt"}
 DEFAULT_COMMANDS = "index,pack,verify,verify-fast,join"
 
 
@@ -409,7 +416,7 @@ def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int
     """The command `runs` times; MB/s from the median wall time, RSS and temp bytes the worst."""
     results = []
     for _ in range(runs):
-        if name == "pack":  # a pack into an existing store reuses its parts: start empty each time
+        if name.startswith("pack"):  # a pack into an existing store reuses its parts: start empty each time
             shutil.rmtree(ctx["parts"], ignore_errors=True)
         r = run_command(name, spec, ctx, workdir, log)
         results.append(r)
@@ -480,7 +487,7 @@ def run_command(name: str, spec: dict, ctx: dict, workdir: Path, log) -> dict:
     else:
         log(f"  {name:<12} {result['MBps']:>8} MB/s  rss {result['peak_rss_MiB']} MiB  "
             f"temp {human(sampler.peak)}  ({wall:.1f} s)")
-    if name == "pack" and rc == 0:
+    if name.startswith("pack") and rc == 0:
         result["parts_bytes"] = dir_bytes(outdir)
     shutil.rmtree(tmpdir, ignore_errors=True)
     return result
@@ -621,7 +628,8 @@ def print_table(runs: list[dict], log) -> None:
             log(f"{sz:>9} {r['command']:<12} {r['MBps']:>8} {r['archive_MBps']:>9} {r.get('primitive') or '':<10} "
                 f"{p.get('MBps', ''):>9} {r.get('ratio_to_primitive', ''):>6} "
                 f"{r['peak_rss_MiB'] if r['peak_rss_MiB'] is not None else '?':>8} "
-                f"{human(r['temp_peak_bytes']):>10}  walls {r.get('walls_s', [r['wall_s']])}")
+                f"{human(r['temp_peak_bytes']):>10}  walls {r.get('walls_s', [r['wall_s']])}"
+                + (f", parts {r['parts_bytes']} B" if r.get("parts_bytes") else ""))
         if "isula_route" in run:
             i = run["isula_route"]
             best = max((r["MBps"] for r in run["commands"] if r.get("command") == "pack" and r.get("rc") == 0),

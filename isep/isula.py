@@ -36,7 +36,9 @@ class _Emitter:
 
     def member(self, writer, name: str, size: int, mode: int, typeflag: bytes = b"0", data: bytes | None = None,
                digests: dict | None = None) -> bytes:
-        header = build_header(name, size, mode=mode, mtime=ISULA_MTIME, typeflag=typeflag, uname="root", gname="root")
+        mode |= 0o40000 if typeflag == b"5" else 0o100000
+        header = _go_mode(build_header(name, size, mode=mode, mtime=ISULA_MTIME, typeflag=typeflag,
+                                       uname="root", gname="root"), mode)
         writer.write(header)
         if data is not None:
             writer.write(data + bytes(padded(size) - size))
@@ -45,6 +47,16 @@ class _Emitter:
         self.counter[0] += 1
         writer.members.append(rec)
         return header
+
+
+def _go_mode(header: bytes, mode: int) -> bytes:
+    """The header with the file-type bits in its mode field, as Go's archive/tar writes them for
+    isula-build (040755, 0100444); build_header keeps permission bits only."""
+    block = bytearray(header[-512:])
+    block[100:108] = b"%07o\0" % mode
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(header[:-512]) + bytes(block)
 
 
 def _digests(data: bytes) -> dict:

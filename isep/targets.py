@@ -75,6 +75,12 @@ class DirTarget:
 
     def name(self, out: _FileOut, file_name: str | None) -> None:
         """Give a section its final name (None: drop it)."""
+        if file_name is None:  # read back already: remove it now, not at the end (it was left behind)
+            if not out.raw.closed:
+                out.raw.close()
+            self._drop(out.temp_name)
+            self._outs = [(o, n) for o, n in self._outs if o is not out]
+            return
         self._outs = [(o, file_name if o is out else n) for o, n in self._outs]
 
     def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:

@@ -201,11 +201,13 @@ def pack_isula_stream(source: Source, base: Ref, lib: Ref | None, target, option
                            _Spool(target.spool_dir))
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
+    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         scanned.members.append(rec)
         router.route(member, rec)
-        if sum(map(len, router.blobs.values())) > KEPT_JSON_TOTAL:
+        kept_total += len(router.blobs.get(member.name, b""))
+        if kept_total > KEPT_JSON_TOTAL:
             raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         if options.progress:
             options.progress(source.offset)

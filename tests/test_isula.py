@@ -173,3 +173,13 @@ def test_corrupt_and_truncated_gzip_are_bad_input():
     list(dec.feed(good[:len(good) // 2]))
     with pytest.raises(BadInput, match="truncated gzip"):
         dec.finish()
+
+
+def test_a_truncated_pipe_leaves_nothing_behind(tmp_path):
+    d = REAL / "docker-oci"
+    data = (d / "app1.tar").read_bytes()
+    store = tmp_path / "s"
+    result = isep("pack", "--base", d / "inspect-base.json", "--lib", d / "inspect-lib.json", *ISULA_FORMAT,
+                  "-o", store, stdin=data[:len(data) * 3 // 4])
+    assert result.rc == 4 and len(result.error_lines) == 1
+    assert not store.exists() or not any(store.iterdir())

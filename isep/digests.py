@@ -17,6 +17,11 @@ OUT_PIECE = 1 << 20         # gzip: decompressed bytes produced per step
 ZSTD_SLICE = 1024            # zstd: compressed bytes per step (at most 32 MiB out: 4-byte RLE blocks)
 
 
+def digest_hex(digest: str) -> str:
+    """The hex part of "sha256:<hex>" (a digest is always written with its algorithm)."""
+    return digest.partition(":")[2]
+
+
 def sniff_compression(head: bytes | memoryview) -> str | None:
     head = bytes(head[:4])
     if head.startswith(GZIP_MAGIC):

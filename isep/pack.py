@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
 
 import xxhash
 
-from .archive import JSON_CAP, KEPT_JSON_TOTAL, ScannedArchive, build_index, load_json, member_record
-from .bundle import part_for_layers
-from .digests import BlobHasher, sniff_compression
+from .archive import (JSON_CAP, Chunk, KeptJson, Progress, ScannedArchive, build_index, link_target, load_json,
+                      member_record, pass_member)
+from .bundle import encode_isula_manifest, part_for_layers
+from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
-from .join import DecompressingReader
 from .legacy import gojson
 from .partition import make_plan, shared_part_names
-from .parts import PartWriter
+from .parts import DecompressingReader, PartWriter, Sink
 from .refs import Ref
+from .targets import OutputTarget
 from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
 
 DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
@@ -45,7 +45,7 @@ class PackOptions:
     isula_manifest: bool = True
     layout: str = "isep"                  # "isula": isula-build's separated layout (not verbatim)
     renames: dict | None = None
-    progress: object | None = None        # callable(bytes_read)
+    progress: Progress | None = None
 
 
 @dataclass
@@ -67,29 +67,17 @@ def save_id(members: list[dict]) -> str:
 
 # --- copying members -------------------------------------------------------------------------------
 
-def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes] | None,
-                chunks=None) -> None:
-    """Copy one member's raw bytes to the writers while hashing its data (and keep it in blobs, when
+def copy_member(member: Member, rec: dict, writers: list[PartWriter], kept: KeptJson | None,
+                chunks: Iterable[Chunk] | None = None) -> None:
+    """Copy one member's raw bytes to the writers while hashing its data (and keep it, when kept is
     given, if it is small JSON)."""
     for w in writers:
         w.write(member.header)
         w.members.append(rec)
-    hasher = BlobHasher(f"member {member.name!r}") if member.is_file else None
-    keep = bytearray() if blobs is not None and member.is_file and member.size <= JSON_CAP else None
-    for chunk in member.iter_data() if chunks is None else chunks:
-        if hasher is not None:
-            hasher.update(chunk)
-        if keep is not None:
-            keep += chunk
+    rec.update(pass_member(member, [w.write for w in writers], kept, chunks=chunks))
+    if member.padding:
         for w in writers:
-            w.write(chunk)
-    for w in writers:
-        if member.padding:
             w.write(member.padding)
-    if hasher is not None:
-        rec.update(hasher.result())
-    if keep is not None and keep[:1] in (b"{", b"["):
-        blobs[member.name] = bytes(keep)
 
 
 def _digests_of(data: bytes) -> dict:
@@ -174,11 +162,13 @@ class PlanRouter:
 # --- the pack run ----------------------------------------------------------------------------------
 
 class PackRun:
-    def __init__(self, target, options: PackOptions):
+    """The writers of one pack, and the bundle manifest entries they become."""
+
+    def __init__(self, target: OutputTarget, options: PackOptions):
         self.target = target
         self.options = options
-        self.outs: dict[str, object] = {}
-        self.writers: dict[str, PartWriter] = {}
+        self.outs: dict[str, Sink] = {}
+        self.writers: dict[str, PartWriter | _Finished] = {}
         self.reused: list[str] = []
 
     def writer(self, part: dict) -> PartWriter:
@@ -252,7 +242,7 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
         if not part:
             return None
         paths = dict(zip(image["diff_ids"], image["layer_paths"]))
-        return [paths[d].split("/")[0] if paths.get(d, "").endswith("/layer.tar") else d[7:]
+        return [paths[d].split("/")[0] if paths.get(d, "").endswith("/layer.tar") else digest_hex(d)
                 for d in part["layers"]]
 
     out = {}
@@ -262,19 +252,14 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
         app = next(p for p in plan["parts"] if p["file"] == image["app_part"])
         lib, base = by_role.get("lib"), by_role["base"]
         out[image["tags"][0]] = {
-            "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:],
+            "app": app["file"], "appHash": digest_hex(infos[app["file"]]["sha256"]),
             "appLayers": layer_ids(app, image),
-            "lib": lib["file"] if lib else "", "libHash": infos[lib["file"]]["sha256"][7:] if lib else "",
+            "lib": lib["file"] if lib else "", "libHash": digest_hex(infos[lib["file"]]["sha256"]) if lib else "",
             "libImageName": (plan["lib"] or {}).get("name") or "", "libLayers": layer_ids(lib, image),
-            "base": base["file"], "baseHash": infos[base["file"]]["sha256"][7:],
+            "base": base["file"], "baseHash": digest_hex(infos[base["file"]]["sha256"]),
             "baseImageName": plan["base"]["name"], "baseLayer": layer_ids(base, image)[-1],
         }
     return encode_isula_manifest(out)
-
-
-def encode_isula_manifest(entries: dict) -> bytes:
-    """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
-    return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
 
 
 def _fix_image_parts(plan: dict) -> None:
@@ -289,7 +274,7 @@ def _rename_in_images(plan: dict) -> None:
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
 
 
-def pack_with_plan(source: Source, plan: dict, target, options: PackOptions) -> PackResult:
+def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: PackOptions) -> PackResult:
     """Execute a plan: every member goes where the plan says."""
     run = PackRun(target, options)
     _fix_image_parts(plan)
@@ -317,11 +302,11 @@ class _Spool:
     def __init__(self, directory: str | None):
         self.directory = directory
         self.mem = bytearray()
-        self.file = None
+        self.file: IO[bytes] | None = None
         self.size = 0
         self.peak = 0
 
-    def write(self, data) -> None:
+    def write(self, data: Chunk) -> None:
         self.size += len(data)
         self.peak = max(self.peak, self.size)
         if self.file is None and len(self.mem) + len(data) <= SPOOL_IN_MEMORY:
@@ -336,7 +321,7 @@ class _Spool:
         except OSError as exc:
             raise EnvironmentFailure(f"cannot spool a layer: {exc.strerror}") from None
 
-    def replay(self):
+    def replay(self) -> Iterator[bytes]:
         if self.file is None:
             yield bytes(self.mem)
         else:
@@ -355,7 +340,8 @@ class _Spool:
 class OneShot:
     """Routes members of an archive nobody has indexed, for pack --base/--lib on a pipe."""
 
-    def __init__(self, base: Ref, lib: Ref | None, writers: dict[str, PartWriter], spool_dir: str | None):
+    def __init__(self, base: Ref, lib: Ref | None, writers: dict[str, PartWriter], spool_dir: str | None,
+                 source_name: str):
         self.role_of_diff = {d: "base" for d in base.diff_ids}
         if lib is not None:
             for d in lib.diff_ids[len(base.diff_ids):]:
@@ -366,14 +352,14 @@ class OneShot:
         self.held: list[tuple[bytes, dict]] = []
         self.held_dir: str | None = None
         self.spool = _Spool(spool_dir)
-        self.blobs: dict[str, bytes] = {}
+        self.kept = KeptJson(source_name)
 
     def role_by_name(self, name: str) -> str | None:
         m = DIGEST_NAME.match(name)
         return self.role_of_diff.get("sha256:" + (m.group(1) or m.group(2))) if m else None
 
     def put(self, role: str, member: Member, rec: dict) -> None:
-        copy_member(member, rec, [self.writers[role]], self.blobs)
+        copy_member(member, rec, [self.writers[role]], self.kept)
         self.role_of_member[member.name] = role
 
     def flush_held(self, role: str) -> None:
@@ -398,7 +384,7 @@ class OneShot:
             return
         role = self.role_by_name(name)
         if member.kind == "symlink":
-            target = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+            target = link_target(name, member.linkname, "symlink")
             role = self.role_of_member.get(target) or self.role_by_name(target) or "app"
         if role is None and member.is_file and (folder is not None or name.startswith("blobs/")):
             chunks = member.iter_data()
@@ -406,7 +392,7 @@ class OneShot:
             chunks = itertools.chain([] if first is None else [first], chunks)
             if folder is None and DIGEST_NAME.match(name) and not sniff_compression(first or b""):
                 # uncompressed and named by its digest (its diffID if it is a layer): not base or lib
-                copy_member(member, rec, [self.writers["app"]], self.blobs, chunks)
+                copy_member(member, rec, [self.writers["app"]], self.kept, chunks)
                 self.role_of_member[name] = "app"
                 return
             role = self._resolve_by_content(member, rec, chunks)
@@ -430,20 +416,10 @@ class OneShot:
         if sum(len(raw) for raw, _ in self.held) > JSON_CAP:  # not a real v1 folder: bound memory
             self.flush_held("app")
 
-    def _resolve_by_content(self, member: Member, rec: dict, chunks) -> str:
-        spool = self.spool
-        spool.write(member.header)
-        hasher = BlobHasher(f"member {member.name!r}")
-        keep = bytearray() if member.size <= JSON_CAP else None
-        for chunk in chunks:
-            hasher.update(chunk)
-            spool.write(chunk)
-            if keep is not None:
-                keep += chunk
-        spool.write(member.padding)
-        rec.update(hasher.result())
-        if keep is not None and keep[:1] in (b"{", b"["):
-            self.blobs[member.name] = bytes(keep)
+    def _resolve_by_content(self, member: Member, rec: dict, chunks: Iterable[Chunk]) -> str:
+        self.spool.write(member.header)
+        rec.update(pass_member(member, [self.spool.write], self.kept, chunks=chunks))
+        self.spool.write(member.padding)
         role = self.role_of_diff.get(rec.get("diff_id") or rec["sha256"], "app")
         self.role_of_member[member.name] = role
         return role
@@ -459,7 +435,8 @@ def _carried(writer: PartWriter) -> set[str]:
     return {m.get("diff_id") or m.get("sha256") for m in writer.members if m.get("type") == "file"}
 
 
-def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: PackOptions) -> PackResult:
+def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarget,
+                  options: PackOptions) -> PackResult:
     run = PackRun(target, options)
     # the plan is known only at the end, but base and lib are named after their refs
     names = shared_part_names(base, lib, options.compression, options.renames or {})
@@ -470,21 +447,17 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     section_out = target.open_section()
     section = PartWriter("app-section", section_out, options.compression, options.level)
     role_writers["app"] = section
-    shot = OneShot(base, lib, role_writers, target.spool_dir)
+    shot = OneShot(base, lib, role_writers, target.spool_dir, source.name)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
-    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         scanned.members.append(rec)
         shot.route(member, rec)
-        kept_total += len(shot.blobs.get(member.name, b""))
-        if kept_total > KEPT_JSON_TOTAL:
-            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         if options.progress:
             options.progress(source.offset)
     shot.flush_held("app")
-    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, shot.blobs
+    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, shot.kept.blobs
     plan = make_plan(build_index(scanned), base, lib, compression=options.compression,
                      renames=options.renames)
     _check_routing(plan, role_writers, base, lib)
@@ -494,8 +467,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     apps = [p for p in plan["parts"] if p["role"] == "app"]
     if len(apps) == 1 and not apps[0].get("rewrite"):
         apps[0]["members"] = [m["seq"] for m in section.members]
-        adopted = _Finished(section, apps[0]["file"])
-        adopted.wanted = "app" in options.parts
+        adopted = _Finished(section, apps[0]["file"], wanted="app" in options.parts)
         run.writers[apps[0]["file"]] = adopted
         target.name(section_out, apps[0]["file"] if adopted.wanted else None)
     else:
@@ -517,10 +489,10 @@ def _check_routing(plan: dict, writers: dict[str, PartWriter], base: Ref, lib: R
 class _Finished:
     """A writer already finished (the app section adopted as the app part)."""
 
-    def __init__(self, writer: PartWriter, file_name: str):
+    def __init__(self, writer: PartWriter, file_name: str, *, wanted: bool):
         self._info = {**writer.finish(), "file": file_name}
         self.members = writer.members
-        self.wanted = writer.wanted
+        self.wanted = wanted
 
     def finish(self) -> dict:
         return self._info
@@ -547,7 +519,7 @@ def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> 
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
 
 
-def _split_section(plan: dict, section: PartWriter, section_out, target, run: PackRun,
+def _split_section(plan: dict, section: PartWriter, section_out: Sink, target: OutputTarget, run: PackRun,
                    options: PackOptions) -> None:
     """Several app images: read the app section back and split it per image."""
     for part in plan["parts"]:

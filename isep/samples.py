@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from .archive import FORMATS as FORMAT_DESCRIPTIONS
 from .legacy import chain_ids, gojson, podman_v1_from_config
 from .legacy import sorted_map as _sorted_map
 
@@ -66,7 +67,7 @@ __all__ = [
     "EMPTY_LAYER_DIFFID",
 ]
 
-FORMATS = ("docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive")
+FORMATS = tuple(FORMAT_DESCRIPTIONS)  # the producer formats isep reads, each made faithfully here
 
 CHUNK = 1 << 20
 BLOCK = 512

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import typer
 
 from .. import __version__
-from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError, raise_interrupted, signals_deferred
+from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
+from ..signals import raise_interrupted, signals_deferred
 from ..tarstream import Source
 
 EXIT_CODES_HELP = (

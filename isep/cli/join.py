@@ -7,8 +7,9 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from ..join import (JoinOptions, isep_part_inputs, isula_part_inputs, join_parts, open_bundle,
-                    receive_stream, select_image)
+from ..bundle import isep_part_inputs, isula_part_inputs, open_bundle, select_image
+from ..join import JoinOptions, join_parts
+from ..stream import receive_stream
 from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
                      input_source, new_app, run_command, scratch_dir, scratch_file, stdout_binary)
 

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
-from ..join import open_bundle, receive_stream
+from ..bundle import open_bundle
+from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
 from .common import (EXIT_CODES_HELP, DebugOption, QuietOption, Ui, VersionOption, new_app, open_input,

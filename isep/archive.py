@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Sequence, Union
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
 from .legacy import podman_v1_from_config
-from .tarstream import Member, Source, TarReader, padded
+from .tarstream import Member, Source, TarReader
 
 INDEX_SCHEMA = "isep-index/1"
 JSON_CAP = 4 << 20          # a JSON member larger than this is refused
@@ -160,13 +160,9 @@ def scan_metadata(source: Source) -> ScannedArchive:
         if member.is_file and member.size <= JSON_CAP:
             scan_member(member, rec, kept)
         elif member.is_file:
-            head = source.read_exact(min(member.size, 4), f"data of {member.name!r}")
-            compression = sniff_compression(head)
+            compression = sniff_compression(member.head_then_skip(4))
             if compression:
                 rec["compression"] = compression
-            source.skip(member.size - len(head), f"data of {member.name!r}")
-            member._consumed = True
-            member.padding = source.read_exact(padded(member.size) - member.size, "padding")
         scanned.members.append(rec)
     scanned.trailer = reader.trailer
     scanned.size = source.offset
@@ -201,15 +197,15 @@ class Layer:
     member: str        # the member that carries the bytes (symlinks resolved)
     media_type: str
     size: int
-    digest: str
-    xxh3: str
+    digest: str | None     # None after a metadata-only scan
+    xxh3: str | None
 
 
 @dataclass
 class Image:
     tags: list[str]
     config_member: str
-    config_digest: str
+    config_digest: str | None
     config: dict
     diff_ids: list[str]
     layers: list[Layer]
@@ -341,7 +337,7 @@ def _layer_from(rec: dict, path: str, diff_id: str, position: int, what: str) ->
         raise IntegrityError(f"{what}: layer {position} ({path}) has diffID {actual}, "
                              f"the config says {diff_id}")
     compression = rec.get("compression")
-    media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression, ""))
+    media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression or "", ""))
     return Layer(diff_id=diff_id, path=path, member=rec["name"], media_type=media, size=rec["size"],
                  digest=rec.get("sha256"), xxh3=rec.get("xxh3"))
 
@@ -417,13 +413,13 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
         manifests = [(d, doc) for d, doc, _, is_index in reached if not is_index
                      and isinstance(doc.get("config"), dict)
                      and _annotations(d).get("vnd.docker.reference.type") != "attestation-manifest"]
-        for desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
+        for _desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
             if is_index or any(doc is m for _, m in manifests):
                 continue
             refs = [doc.get("config")] + list(doc.get("layers") or [])
             owned |= {blob_name(r["digest"]) for r in refs if isinstance(r, dict) and isinstance(r.get("digest"), str)}
         tag = _tag_from_annotations(top)
-        for desc, doc in manifests:
+        for _desc, doc in manifests:
             config_digest = doc["config"].get("digest")
             if by_config is not None:
                 image = by_config.get(config_digest)

@@ -345,7 +345,10 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
         entries.append(entry)
         role = entry["role"]
         path = overrides.get(role)
-        opener = part_opener(path) if path else b.files.get(entry["file"]) or part_opener(safe_join(b.path, entry["file"]))
+        if path:
+            opener = part_opener(path)
+        else:
+            opener = b.files.get(entry["file"]) or part_opener(safe_join(b.path, entry["file"]))
         out.append(PartInput(label=path or entry["file"], opener=opener, entry=entry,
                              expected_sha256=entry["sha256"], expected_size=entry["size"], order=order))
     check_coverage(image, entries)
@@ -371,7 +374,7 @@ def _part_by_layers(docs: list[Bundle], image: dict, is_app: bool, file_name: st
 
 def check_coverage(image: dict, entries: list[dict]) -> None:
     """Every layer of the image is carried by one of its parts."""
-    have = set()
+    have: set[str] = set()
     for entry in entries:
         have.update(entry.get("layers") or [])
         have.update(m.get("diff_id") or m.get("sha256") for m in entry["members"] if m.get("type") == "file")

@@ -105,21 +105,21 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
                  want: dict | None, where: str, out_name: str | None) -> None:
     """Write one member as out_name (None: not at all) while checking its data against the
     manifest; its digests are recorded under its own name for the final checks."""
-    write = out_name is not None and out_name not in emitted.names
+    write_as = None if out_name in emitted.names else out_name
     first = member.name not in emitted.digests and member.name not in emitted.links
-    if write:
-        if out_name in FINAL_METADATA:
+    if write_as is not None:
+        if write_as in FINAL_METADATA:
             out.holding = True
-        out.write(member.header if out_name == member.name
-                  else build_header(out_name, member.size, mode=0o644, mtime=member.mtime))
+        out.write(member.header if write_as == member.name
+                  else build_header(write_as, member.size, mode=0o644, mtime=member.mtime))
     spool = tempfile.TemporaryFile(prefix="isep-join-") if copies.get(member.name) else None
-    sinks: list[Callable[[bytes | memoryview], object]] = [out.write] if write else []
+    sinks: list[Callable[[bytes | memoryview], object]] = [] if write_as is None else [out.write]
     if spool is not None:
         sinks.append(spool.write)
     # sha256 and diffIDs are what a join checks; xxh3 would only cost time on the busiest thread
     got = pass_member(member, sinks, emitted.kept if first else None, what=f"{where}: {member.name!r}",
                       want_xxh3=False)
-    if write and member.padding:
+    if write_as is not None and member.padding:
         out.write(member.padding)
     if member.is_file:
         if want is not None and want.get("sha256") and got["sha256"] != want["sha256"]:
@@ -129,8 +129,8 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
             emitted.digests[member.name] = got
     elif member.kind in ("symlink", "hardlink") and first:
         emitted.links[member.name] = link_target(member.name, member.linkname, member.kind)
-    if write:
-        emitted.names.add(out_name)
+    if write_as is not None:
+        emitted.names.add(write_as)
     if spool is not None:
         for new_name in copies[member.name]:
             _emit_copy(spool, member, new_name, out, emitted)
@@ -151,22 +151,17 @@ def _emit_copy(spool: IO[bytes], member: Member, name: str, out: Output, emitted
     emitted.names.add(name)
 
 
-def _schedule(parts: list[_Open]) -> Iterator[tuple[int, dict | None]]:
-    """(part index, expected member) in original-save order; parts without lists go in turn."""
+def _schedule(parts: list[_Open]) -> Iterator[tuple[int, dict]]:
+    """(part index, expected member) in original-save order, from the parts' member lists."""
     heap = []
     for i, p in enumerate(parts):
         entry = p.part.entry
         if entry is not None:
             for rec in entry["members"]:
                 heap.append((rec["seq"], p.part.order, i, rec))
-    if heap:
-        heap.sort(key=lambda t: (t[0], t[1]))
-        for _, _, i, rec in heap:
-            yield i, rec
-    for i, p in enumerate(parts):
-        if p.part.entry is None:
-            while True:
-                yield i, None
+    heap.sort(key=lambda t: (t[0], t[1]))
+    for _, _, i, rec in heap:
+        yield i, rec
 
 
 def _resolve_emitted(name: str, emitted: _Emitted) -> dict | None:
@@ -268,7 +263,8 @@ def _finish_part(o: _Open, options: JoinOptions, checks: dict) -> None:
     if part.expected_sha256 and options.verify_parts:
         want = part.expected_sha256 if part.expected_sha256.startswith("sha256:") else "sha256:" + part.expected_sha256
         if got != want:
-            raise IntegrityError(f"{part.label}: sha256 {digest_hex(got)[:12]}…, its manifest says {digest_hex(want)[:12]}… "
+            raise IntegrityError(f"{part.label}: sha256 {digest_hex(got)[:12]}…, "
+                                 f"its manifest says {digest_hex(want)[:12]}… "
                                  f"(corrupt, replaced or from another bundle)")
     checks["parts"].append({"part": part.label, "size": o.hashing.size, "sha256": got,
                             "verified": bool(part.expected_sha256 and options.verify_parts)})

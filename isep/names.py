@@ -55,7 +55,7 @@ def part_stem(tag: str) -> str:
     return f"{repo.rsplit('/', 1)[-1]}_{tagpart}"
 
 
-def check_file_name(name: str, what: str) -> str | None:
+def check_file_name(name: object, what: str) -> str | None:
     """Why a name cannot be a part file name in a bundle directory, or None when it can."""
     if not isinstance(name, str) or not name:
         return f"{what}: empty file name"

@@ -109,11 +109,13 @@ def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter
                            "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
 
 
-def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> None:
+def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> dict:
+    """The plan's record of member seq, when it names this member; BadInput otherwise."""
     if want is None or want["name"] != member.name or want["size"] != member.size:
         got = f"{member.name!r} ({member.size} bytes)"
         exp = f"{want['name']!r} ({want['size']} bytes)" if want else "no member"
         raise BadInput(f"{source_name} does not match the plan: member {seq} is {got}, the plan has {exp}")
+    return want
 
 
 class PlanRouter:
@@ -133,8 +135,7 @@ class PlanRouter:
         self.image_of_app = {im["app_part"]: im for im in plan["images"]}
 
     def route(self, member: Member, seq: int, source_name: str) -> dict:
-        want = self.expected.get(seq)
-        check_plan_member(member, seq, want, source_name)
+        want = check_plan_member(member, seq, self.expected.get(seq), source_name)
         rec = member_record(member, seq)
         files = self.part_of_seq.get(seq, [])
         plain = [self.writers[f] for f in files if seq not in self.restrict[f]]
@@ -168,7 +169,7 @@ class PackRun:
         self.target = target
         self.options = options
         self.outs: dict[str, Sink] = {}
-        self.writers: dict[str, PartWriter | _Finished] = {}
+        self.writers: dict[str, PartWriter] = {}
         self.reused: list[str] = []
 
     def writer(self, part: dict) -> PartWriter:
@@ -290,7 +291,8 @@ def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: Pa
         if options.progress:
             options.progress(source.offset)
     if count != len(plan["members"]) or len(reader.trailer) != plan.get("trailer_size", len(reader.trailer)):
-        raise BadInput(f"{source.name} does not match the plan: it has {count} members, the plan {len(plan['members'])}")
+        raise BadInput(f"{source.name} does not match the plan: it has {count} members, "
+                       f"the plan {len(plan['members'])}")
     return run.finish(plan, len(reader.trailer), 0, source.offset)
 
 
@@ -431,7 +433,7 @@ class OneShot:
         writer.members.append(rec)
 
 
-def _carried(writer: PartWriter) -> set[str]:
+def _carried(writer: PartWriter) -> set[str | None]:
     return {m.get("diff_id") or m.get("sha256") for m in writer.members if m.get("type") == "file"}
 
 
@@ -467,7 +469,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
     apps = [p for p in plan["parts"] if p["role"] == "app"]
     if len(apps) == 1 and not apps[0].get("rewrite"):
         apps[0]["members"] = [m["seq"] for m in section.members]
-        adopted = _Finished(section, apps[0]["file"], wanted="app" in options.parts)
+        adopted = section.adopt_as(apps[0]["file"], wanted="app" in options.parts)
         run.writers[apps[0]["file"]] = adopted
         target.name(section_out, apps[0]["file"] if adopted.wanted else None)
     else:
@@ -484,18 +486,6 @@ def _check_routing(plan: dict, writers: dict[str, PartWriter], base: Ref, lib: R
     if missing:
         raise BadInput(f"could not place layer {missing[0]} while streaming: its member did not show "
                        f"which layer it carries; run isep-index | isep-partition and pack with --plan")
-
-
-class _Finished:
-    """A writer already finished (the app section adopted as the app part)."""
-
-    def __init__(self, writer: PartWriter, file_name: str, *, wanted: bool):
-        self._info = {**writer.finish(), "file": file_name}
-        self.members = writer.members
-        self.wanted = wanted
-
-    def finish(self) -> dict:
-        return self._info
 
 
 def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> None:

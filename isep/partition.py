@@ -219,7 +219,7 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
                 "raw_size": sum(by_seq[s]["raw_size"] for s in seqs)}
         if part_id == "base":
             part.update(role="base", image=base.name, diff_ids=split.base, layers=split.base)
-        elif part_id == "lib":
+        elif part_id == "lib" and lib is not None:
             part.update(role="lib", image=lib.name, diff_ids=base.diff_ids + split.lib, layers=split.lib)
         else:
             k = int(part_id.split(":")[1])

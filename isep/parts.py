@@ -1,8 +1,7 @@
 """Part files: compressed tars of verbatim archive members, hashed while they are written, and read
 back hashed and decompressed.
 
-Writing: PartWriter. 
-a part is compressed as a sequence of independent frames (zstd frames or gzip members) of 4 MiB of
+Writing: PartWriter; a part is compressed as a sequence of independent frames (zstd frames or gzip members) of 4 MiB of
 input each, on a pool of threads shared by all parts (hashlib, zstandard, zlib and file writes all
 release the GIL). The output is the same whatever the number of threads, memory stays bounded by the
 frames in flight, and every decoder reads such a stream as one (zstd frames and gzip members
@@ -21,7 +20,7 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import IO, BinaryIO, Callable, Iterator, Protocol, cast
 
 import xxhash
 import zstandard
@@ -49,31 +48,36 @@ DEFAULT_LEVELS = {"zstd": 3, "gzip": 6, "none": 0}
 FRAME = 4 << 20
 
 _local = threading.local()
-_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-_slots: threading.BoundedSemaphore | None = None
-_write_queue: queue.Queue | None = None
-_writer_thread: threading.Thread | None = None
+
+
+class _Pool:
+    """Compression workers, a bound on frames in flight, and the one thread that hashes and writes
+    finished frames in the order they were submitted (so that workers never wait for each other)."""
+
+    def __init__(self, workers: int):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isep-compress")
+        self.slots = threading.BoundedSemaphore(2 * workers + 2)
+        self.jobs: queue.Queue = queue.Queue()
+        self.writer = threading.Thread(target=_write_loop, args=(self.jobs, self.slots), name="isep-write",
+                                       daemon=True)
+        self.writer.start()
+
+
+_pool: _Pool | None = None
 
 
 def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore, queue.Queue]:
-    """Compression workers, a bound on frames in flight, and the one thread that hashes and writes
-    finished frames in the order they were submitted (so that workers never wait for each other)."""
-    global _pool, _slots, _write_queue, _writer_thread
+def pool() -> _Pool:
+    """The process's compression pool, started on first use."""
+    global _pool
     with _pool_lock:
         if _pool is None:
-            n = _workers()
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="isep-compress")
-            _slots = threading.BoundedSemaphore(2 * n + 2)
-            _write_queue = queue.Queue()
-            _writer_thread = threading.Thread(target=_write_loop, args=(_write_queue, _slots),
-                                              name="isep-write", daemon=True)
-            _writer_thread.start()
-    return _pool, _slots, _write_queue
+            _pool = _Pool(_workers())
+        return _pool
 
 
 def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
@@ -91,13 +95,13 @@ def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
 
 def drain() -> None:
     """Let frames in flight finish (before temporary files are removed after a failure)."""
-    global _pool, _writer_thread
+    global _pool
     with _pool_lock:
         if _pool is not None:
-            _pool.shutdown(wait=True)
-            _write_queue.put(None)
-            _writer_thread.join()
-            _pool = _writer_thread = None
+            _pool.executor.shutdown(wait=True)
+            _pool.jobs.put(None)
+            _pool.writer.join()
+            _pool = None
 
 
 def check_level(compression: str, level: int | None) -> int:
@@ -111,7 +115,7 @@ def check_level(compression: str, level: int | None) -> int:
     return level
 
 
-def compress_frame(compression: str, level: int, data: bytes) -> bytes:
+def compress_frame(compression: str, level: int, data: bytes | bytearray) -> bytes | bytearray:
     if compression == "zstd":
         key = ("zstd", level)
         comp = getattr(_local, "comp", {}).get(key)
@@ -158,32 +162,42 @@ class PartWriter:
                 self._submit(self._buf)
                 self._buf, self._fill = bytearray(FRAME), 0
 
-    def _submit(self, frame: bytes) -> None:
-        executor, slots, jobs = pool()
+    def _submit(self, frame: bytes | bytearray) -> threading.Event:
+        """Hand one frame to the pool; the event is set once it is written."""
+        workers = pool()
         self._raise_failure()
-        slots.acquire()
+        workers.slots.acquire()
         done = threading.Event()
         self._last_done = done
         try:
-            future = executor.submit(compress_frame, self.compression, self.level, frame)
+            future = workers.executor.submit(compress_frame, self.compression, self.level, frame)
         except BaseException:
-            slots.release()
+            workers.slots.release()
             done.set()
             raise
-        jobs.put((self, future, done))
+        workers.jobs.put((self, future, done))
+        return done
 
     def store_frame(self, future: Future) -> None:
         """On the writing thread: hash and write one compressed frame, in submission order; a
         failure is kept and raised in the thread that writes the part (_raise_failure)."""
         try:
             blob = future.result()
-            if self._error is None:
+            if self._error is None and self._out is not None:
                 self._sha.update(blob)
                 self._xxh.update(blob)
                 self.size += len(blob)
                 self._out.write(blob)
         except BaseException as exc:
             self._error = exc
+
+    def adopt_as(self, file_name: str, *, wanted: bool) -> PartWriter:
+        """This writer, finished, as the part file_name (the app section of a one-shot pack becomes
+        the app part); wanted False: the part is not asked for, and is only counted."""
+        self._final = {**self.finish(), "file": file_name}
+        self.file_name = file_name
+        self.wanted = wanted
+        return self
 
     def _raise_failure(self) -> None:
         if self._error is not None:
@@ -194,10 +208,11 @@ class PartWriter:
             return self._final
         self.write(END_OF_ARCHIVE)
         if self.wanted:
-            if self._fill or self._last_done is None:
-                self._submit(bytes(self._buf[:self._fill]))
+            done = self._last_done
+            if self._fill or done is None:
+                done = self._submit(self._buf[:self._fill])
                 self._buf, self._fill = bytearray(), 0
-            self._last_done.wait()
+            done.wait()
             self._raise_failure()
         self._final = {"file": self.file_name, "compression": self.compression, "size": self.size,
                        "sha256": "sha256:" + self._sha.hexdigest(), "xxh3": self._xxh.hexdigest(),
@@ -327,8 +342,9 @@ class DecompressingReader:
         if kind == "zstd":
             reader = _Prepend(bytes(self._pending), self.src) if len(self._pending) else self.src
             self._pending = memoryview(b"")
+            # stream_reader calls only read(); its stubs ask for a whole IO[bytes]
             self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
-                reader, read_size=CHUNK, read_across_frames=True)
+                cast(IO[bytes], reader), read_size=CHUNK, read_across_frames=True)
         elif kind == "gzip":
             self._gzip = Decompressor("gzip", self.what)
             if len(self._pending):

@@ -7,13 +7,14 @@ every member, followed by the trailer, reproduces the input byte for byte.
 """
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import queue
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Iterator, Protocol
 
 from .errors import BadInput, EnvironmentFailure, IsepError, Truncated
 
@@ -42,6 +43,13 @@ def enlarge_pipe(fd: int) -> None:
         pass
 
 
+class RawInput(Protocol):
+    """What a Source reads from: a file, a pipe, a decompressing reader. On a regular file (an
+    io object with a descriptor) skip() seeks instead of reading."""
+
+    def readinto(self, buf: memoryview, /) -> int | None: ...
+
+
 class Source:
     """A byte stream read front to back through page-aligned buffers.
 
@@ -50,7 +58,7 @@ class Source:
     caller asks this Source for more bytes.
     """
 
-    def __init__(self, raw: BinaryIO, *, slots: int = 4, prefetch: bool = True, name: str = "input"):
+    def __init__(self, raw: RawInput, *, slots: int = 4, prefetch: bool = True, name: str = "input"):
         self.name = name
         self.offset = 0
         self._raw = raw
@@ -59,7 +67,8 @@ class Source:
         self._pos = 0
         self._eof = False
         try:
-            enlarge_pipe(raw.fileno())
+            if isinstance(raw, io.IOBase):
+                enlarge_pipe(raw.fileno())
         except (AttributeError, OSError, ValueError):
             pass
         self._prefetch = prefetch
@@ -165,7 +174,7 @@ class Source:
     def skip(self, n: int, what: str) -> None:
         """Pass over n bytes; on a seekable file without prefetch, by seeking."""
         buffered = len(self._cur) - self._pos
-        if self._prefetch or n <= buffered or not self._seekable():
+        if self._prefetch or n <= buffered or not self._seekable() or not isinstance(self._raw, io.IOBase):
             for _ in self.chunks(n, what):
                 pass
             return
@@ -181,6 +190,8 @@ class Source:
     def _seekable(self) -> bool:
         if not hasattr(self, "_size"):
             try:
+                if not isinstance(self._raw, io.IOBase):
+                    raise AttributeError("fileno")
                 st = os.fstat(self._raw.fileno())
                 self._size = st.st_size if stat.S_ISREG(st.st_mode) else -1
             except (AttributeError, OSError, ValueError):
@@ -274,7 +285,7 @@ class Member:
         if self._consumed:
             raise RuntimeError(f"data of {self.name!r} already consumed")
         self._consumed = True
-        src = self._source
+        src = self._src
         yield from src.chunks(self.size, f"data of {self.name!r}")
         self.padding = src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
 
@@ -286,8 +297,24 @@ class Member:
     def skip(self) -> None:
         if not self._consumed:
             self._consumed = True
-            self._source.skip(self.size, f"data of {self.name!r}")
-            self.padding = self._source.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+            self._src.skip(self.size, f"data of {self.name!r}")
+            self.padding = self._src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+
+    def head_then_skip(self, n: int) -> bytes:
+        """The first n bytes of the data; the rest is passed over (by seeking, on a file)."""
+        if self._consumed:
+            raise RuntimeError(f"data of {self.name!r} already consumed")
+        self._consumed = True
+        head = self._src.read_exact(min(self.size, n), f"data of {self.name!r}")
+        self._src.skip(self.size - len(head), f"data of {self.name!r}")
+        self.padding = self._src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+        return head
+
+    @property
+    def _src(self) -> Source:
+        if self._source is None:
+            raise RuntimeError(f"member {self.name!r} was not read from a Source")
+        return self._source
 
     def raw_chunks(self) -> Iterator[bytes | memoryview]:
         """Header, data and padding exactly as read."""

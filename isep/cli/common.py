@@ -130,7 +130,7 @@ def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> No
     """Run a command body; map every failure to one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
-    status = ExitStatus.OK
+    status: int = ExitStatus.OK
     try:
         result = body()
         if result is not None:

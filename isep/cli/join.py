@@ -62,8 +62,9 @@ def join(
             received = receive_stream(input_source("-", "bundle stream"), _receive_dir(store_dir))
             extra = [open_bundle(store_dir)] if store_dir else []
             extra = [b for b in extra if b.kind == "isep"]
-            for b in ([received] + extra) if trust is not None else []:
-                b.check_signature(trust)
+            if trust is not None:
+                for b in [received] + extra:
+                    b.check_signature(trust)
             chosen = select_image(received.doc["images"], name, "the bundle stream")
             parts = isep_part_inputs(received, chosen, overrides, extra)
         else:

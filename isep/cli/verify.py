@@ -58,16 +58,16 @@ def verify(
             fh, name = open_input(path, "bundle or archive")
             source = Source(fh, name=name)
             head = source.read(512)
-            source = _Rewound(head, source)
+            rewound = _Rewound(head, source)
             if head[:16].startswith(b"isep-stream.json"):
-                bundle = receive_stream(Source(source, name=name), scratch_dir("isep-verify-"))
+                bundle = receive_stream(Source(rewound, name=name), scratch_dir("isep-verify-"))
                 report = Report(name, "bundle stream", mode)
                 _check_signature(bundle, trust, report)
                 report = verify_bundle(bundle, report, mode)
             elif trust is not None:
                 raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
             else:
-                report = verify_archive(Source(source, name=name), Report(name, "archive", mode))
+                report = verify_archive(Source(rewound, name=name), Report(name, "archive", mode))
         doc = report.to_json()
         write_json(doc)
         failed = [c for c in report.checks if c["status"] == "fail"]

@@ -20,8 +20,8 @@ from .digests import digest_hex
 from .errors import BadInput, IntegrityError, UsageError
 from .legacy import gojson
 from .names import normalize, split_tag
-from .parts import DecompressingReader, HashingFile, PartInput
-from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+from .parts import DecompressingReader, HashingFile, PartInput, rewound_chunks
+from .tarstream import Member, Source, TarReader, build_header, padded
 
 FINAL_METADATA = ("manifest.json", "repositories", "index.json", "oci-layout")
 HOLD_LIMIT = 64 << 20
@@ -140,11 +140,7 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
 def _emit_copy(spool: IO[bytes], member: Member, name: str, out: Output, emitted: _Emitted) -> None:
     """The same layer bytes under the name the app's metadata expects (another release's part)."""
     out.write(build_header(name, member.size, mode=0o644, mtime=member.mtime))
-    spool.seek(0)
-    while True:
-        data = spool.read(CHUNK)
-        if not data:
-            break
+    for data in rewound_chunks(spool):
         out.write(data)
     out.write(bytes(padded(member.size) - member.size))
     emitted.digests[name] = emitted.digests[member.name]

@@ -26,10 +26,10 @@ from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
 from .partition import make_plan, shared_part_names
-from .parts import DecompressingReader, PartWriter, Sink
+from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
 from .targets import OutputTarget
-from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+from .tarstream import Member, Source, TarReader, build_header, padded
 
 DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
 V1_MEMBER = re.compile(r"^([0-9a-f]{64})/(?:|VERSION|json|layer\.tar)$")
@@ -327,12 +327,7 @@ class _Spool:
         if self.file is None:
             yield bytes(self.mem)
         else:
-            self.file.seek(0)
-            while True:
-                data = self.file.read(CHUNK)
-                if not data:
-                    break
-                yield data
+            yield from rewound_chunks(self.file)
             self.file.close()
             self.file = None
         self.mem = bytearray()

@@ -386,6 +386,16 @@ class DecompressingReader:
         return n
 
 
+def rewound_chunks(fh: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    """A spooled temporary file's bytes from its start, size bytes at a time."""
+    fh.seek(0)
+    while True:
+        data = fh.read(size)
+        if not data:
+            return
+        yield data
+
+
 class _Prepend:
     """The bytes read to sniff the compression, handed out again before the rest of the file."""
 

@@ -16,7 +16,7 @@ from typing import BinaryIO
 from .archive import JSON_CAP, load_json
 from .bundle import MANIFEST_CAP, Bundle, encode_manifest, merge_manifest, os_error, parse_manifest
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
-from .parts import drain, part_opener
+from .parts import drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
 from .errors import BadInput
 from .tarstream import Source, TarReader, build_header, padded
@@ -112,11 +112,7 @@ class StreamTarget:
 
     def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
         for out, file_name in self._named:
-            out.raw.seek(0)
-            while True:
-                data = out.raw.read(STREAM_CHUNK)
-                if not data:
-                    break
+            for data in rewound_chunks(out.raw, STREAM_CHUNK):
                 self.chunk(file_name, data)
         doc = merge_manifest(None, parts, images)
         if isula is not None:

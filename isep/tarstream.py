@@ -66,6 +66,7 @@ class Source:
         self._cur_slot: mmap.mmap | None = None
         self._pos = 0
         self._eof = False
+        self._size: int | None = None  # of a regular file, -1 for anything else: known on first skip
         try:
             if isinstance(raw, io.IOBase):
                 enlarge_pipe(raw.fileno())
@@ -174,7 +175,8 @@ class Source:
     def skip(self, n: int, what: str) -> None:
         """Pass over n bytes; on a seekable file without prefetch, by seeking."""
         buffered = len(self._cur) - self._pos
-        if self._prefetch or n <= buffered or not self._seekable() or not isinstance(self._raw, io.IOBase):
+        size = -1 if self._prefetch or n <= buffered else self._file_size()
+        if size < 0 or not isinstance(self._raw, io.IOBase):
             for _ in self.chunks(n, what):
                 pass
             return
@@ -182,13 +184,14 @@ class Source:
         self.offset += buffered
         rest = n - buffered
         end = self._raw.seek(0, os.SEEK_CUR) + rest
-        if end > self._size:
-            raise Truncated(f"{self.name}: truncated in {what} at byte {self.offset + self._size - end + rest}")
+        if end > size:
+            raise Truncated(f"{self.name}: truncated in {what} at byte {self.offset + size - end + rest}")
         self._raw.seek(rest, os.SEEK_CUR)
         self.offset += rest
 
-    def _seekable(self) -> bool:
-        if not hasattr(self, "_size"):
+    def _file_size(self) -> int:
+        """The size of a regular file read without prefetch, which skip() seeks in; -1 otherwise."""
+        if self._size is None:
             try:
                 if not isinstance(self._raw, io.IOBase):
                     raise AttributeError("fileno")
@@ -196,7 +199,7 @@ class Source:
                 self._size = st.st_size if stat.S_ISREG(st.st_mode) else -1
             except (AttributeError, OSError, ValueError):
                 self._size = -1
-        return self._size >= 0
+        return self._size
 
 
 def _octal(field_bytes: bytes, what: str, name: str) -> int:

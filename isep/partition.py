@@ -293,7 +293,7 @@ def _shared_app_layer_warnings(images: list[dict], apps: list[int], split: Split
     seen: dict[str, str] = {}
     warnings = []
     for k in apps:
-        tag = images[k]["tags"][0] if images[k]["tags"] else f"image {k}"
+        tag = display_name(images[k])
         for diff in dict.fromkeys(images[k]["diff_ids"][split.below_app:]):
             if diff in seen and seen[diff] != tag:
                 warnings.append(f"layer {diff} is in the app parts of both {seen[diff]} and {tag}; "

@@ -92,7 +92,7 @@ def verify_bundle(bundle: Bundle, report: Report, mode: str) -> Report:
     partial = {p for im in doc["images"] for p in im["parts"]} - {p["file"] for p in doc["parts"]}
     for image in doc["images"]:
         if bundle.files and set(image["parts"]) & partial:  # a stream of some parts (--parts app)
-            report.note("image", f"{image['tags'][0] if image.get('tags') else 'image'}: parts "
+            report.note("image", f"{display_name(image)}: parts "
                         f"{', '.join(sorted(set(image['parts']) & partial))} are not in this stream "
                         f"(the receiver's store provides them)")
             continue

@@ -131,11 +131,15 @@ class Store:
 
     def discard_temps(self) -> None:
         for name in list(self.temps):
-            try:
-                os.unlink(name, dir_fd=self.fd)
-            except OSError:
-                pass
-            self.temps.discard(name)
+            self.remove(name)
+
+    def remove(self, name: str) -> None:
+        """Remove a file this run made (a temporary one, or one it renamed a moment ago), if it can."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except OSError:
+            pass
+        self.temps.discard(name)
 
     def prepare_file(self, final_name: str, data: bytes) -> str:
         """A complete temporary copy of a file, to be committed (renamed) later."""

@@ -111,7 +111,7 @@ class DirTarget:
                 return self._commit(parts, images, isula, final, committed)
         except BaseException:
             for name in committed:  # ours, renamed a moment ago: a bundle is complete or absent
-                self._drop(name)
+                self.store.remove(name)
             raise
 
     def _commit(self, parts, images, isula, final, committed) -> dict:
@@ -122,11 +122,11 @@ class DirTarget:
             temp = final.pop(part["file"])
             old = known.get(part["file"])
             if old is not None and old.get("sha256") == part["sha256"]:
-                self._drop(temp)  # the store already holds this very part
+                self.store.remove(temp)  # the store already holds this very part
                 continue
             if old is not None and part["role"] != "app" and old.get("role") == part["role"] \
                     and old.get("diff_ids") == part["diff_ids"]:
-                self._drop(temp)  # a concurrent pack of another save stored these layers first:
+                self.store.remove(temp)  # a concurrent pack of another save stored these layers first:
                 adopted[part["file"]] = old  # reuse them, as a pack started a moment later would
                 continue
             if old is not None:
@@ -136,7 +136,7 @@ class DirTarget:
             self.store.commit(temp, part["file"])
             committed.append(part["file"])
         for temp in final.values():
-            self._drop(temp)
+            self.store.remove(temp)
         if adopted:
             parts = [adopted.get(p["file"], p) for p in parts]
             for image in images:
@@ -162,13 +162,6 @@ class DirTarget:
         except OSError:
             pass
         return doc
-
-    def _drop(self, temp: str) -> None:
-        try:
-            os.unlink(temp, dir_fd=self.store.fd)
-        except OSError:
-            pass
-        self.store.temps.discard(temp)
 
     def abort(self) -> None:
         drain()

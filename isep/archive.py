@@ -113,7 +113,7 @@ class KeptJson:
 
 
 Chunk = Union[bytes, memoryview]  # what a member's data arrives as
-Progress = Callable[[int], None]   # told the bytes done so far
+ProgressCallback = Callable[[int], None]   # told the bytes done so far
 
 
 def pass_member(member: Member, sinks: Sequence[Callable[[Chunk], object]], kept: KeptJson | None, *,
@@ -170,7 +170,7 @@ def scan_metadata(source: Source) -> ScannedArchive:
 
 
 def scan(source: Source, *, sink: Callable | None = None,
-         progress: Progress | None = None) -> ScannedArchive:
+         progress: ProgressCallback | None = None) -> ScannedArchive:
     """One pass over a tar stream. sink, when given, receives every raw byte in order."""
     scanned = ScannedArchive(name=source.name)
     kept = KeptJson(source.name, scanned.blobs)
@@ -493,5 +493,5 @@ def build_index(scanned: ScannedArchive) -> dict:
 
 
 def index_stream(source: Source, sink: Callable | None = None,
-                 progress: Progress | None = None) -> dict:
+                 progress: ProgressCallback | None = None) -> dict:
     return build_index(scan(source, sink=sink, progress=progress))

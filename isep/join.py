@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO, Callable, Iterator
 
-from .archive import KeptJson, Progress, follow_links, link_target, load_json, pass_member, symlinks_in
+from .archive import KeptJson, ProgressCallback, follow_links, link_target, load_json, pass_member, symlinks_in
 from .bundle import Writable, write_all
 from .digests import digest_hex
 from .errors import BadInput, IntegrityError, UsageError
@@ -35,7 +35,7 @@ def _no_warning(message: str) -> None:
 class JoinOptions:
     verify_parts: bool = True
     normalize: bool = False
-    progress: Progress | None = None
+    progress: ProgressCallback | None = None
     warn: Callable[[str], None] = _no_warning
 
 

@@ -19,7 +19,7 @@ from typing import IO, Iterable, Iterator
 
 import xxhash
 
-from .archive import (JSON_CAP, Chunk, KeptJson, Progress, ScannedArchive, build_index, link_target, load_json,
+from .archive import (JSON_CAP, Chunk, KeptJson, ProgressCallback, ScannedArchive, build_index, link_target, load_json,
                       member_record, pass_member)
 from .bundle import encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
@@ -45,7 +45,7 @@ class PackOptions:
     isula_manifest: bool = True
     layout: str = "isep"                  # "isula": isula-build's separated layout (not verbatim)
     renames: dict | None = None
-    progress: Progress | None = None
+    progress: ProgressCallback | None = None
 
 
 @dataclass

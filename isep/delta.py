@@ -1,0 +1,544 @@
+"""Layer deltas: a layer tar compressed against a reference layer held in memory (a zstd prefix).
+
+A delta of a target layer against a reference layer is one zstd frame per segment, each compressed
+with the matching slice of the reference as a raw prefix ("patch-from"): long-distance matching and
+a window spanning the slice and the segment, so that every unchanged file becomes a match into the
+reference. Frames carry content sizes and checksums. A delta of one segment is what
+`zstd -d --long=31 --patch-from=REFERENCE` decodes.
+
+Memory is the price: a segment needs its reference slice in memory (twice while the prefix is made:
+the zstd binding copies it) and a window buffer as large as the segment. `plan_segments` keeps
+`slice + max(slice, segment)` under the memory cap (default 1 GiB) by cutting large layers into
+aligned segments (segment i of the target against the proportional slice of the reference, widened
+by a margin); when even a minimal segment does not fit, the layer is shipped plain (zstd, no
+reference) and the record says why.
+
+The decoder trusts nothing: the reference must have the size and diffID the record names (checked
+before any output when it is held whole; at the end otherwise), every frame its checksum, every
+segment its size (output is produced in bounded pieces and never beyond the size: bombs), and the
+rebuilt layer the target diffID; any failure raises IntegrityError.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated, UsageError
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+DEFAULT_MEMORY = 1 << 30      # per running delta, encoder or decoder (--delta-memory)
+DEFAULT_LEVEL = 3
+WINDOW_LOG_MAX = 31           # zstd's limit on 64-bit machines
+PLAIN_WINDOW_LOG_MAX = 27     # plain segments: the same bound isep's other zstd readers use
+MIN_REFERENCE = 64           # zstd wants 8 bytes of prefix at least; below 64 nothing is gained
+MIN_SEGMENT = 16 << 20        # below this, segmenting costs more than it saves: ship plain
+PIECE = 4 << 20               # decoded bytes produced per step
+FEED = 1 << 20                # delta bytes fed per step
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+HEX_NAME = re.compile(r"[0-9a-f]{64}")
+
+Chunks = Iterable  # of bytes-like objects
+
+
+# --- records -------------------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """One frame of a delta: target bytes [target_offset, +target_size) compressed against the
+    reference bytes [ref_offset, +ref_size) ("prefix"), or alone ("plain", ref_size 0)."""
+
+    target_offset: int
+    target_size: int
+    ref_offset: int
+    ref_size: int
+    method: str = "prefix"
+    window_log: int = 0
+    size: int = 0             # compressed bytes of this frame
+
+    def memory(self) -> int:
+        """Peak bytes this segment holds while encoding or decoding."""
+        return segment_memory(self.ref_size, self.target_size) if self.method == "prefix" else 0
+
+
+@dataclass
+class DeltaRecord:
+    """What a manifest needs to know about one delta (the wiring adds the reference's part file,
+    its sha256 and member name)."""
+
+    target_diff_id: str
+    target_size: int
+    reference_diff_id: str
+    reference_size: int
+    segments: list[Segment] = field(default_factory=list)
+    level: int = DEFAULT_LEVEL
+    size: int = 0             # the delta's bytes: the sum of the segments' sizes
+    sha256: str = ""          # of the delta's bytes
+    note: str = ""            # why segmented or plain, for the plan and the report
+
+    @property
+    def method(self) -> str:
+        methods = {s.method for s in self.segments}
+        if methods == {"plain"}:
+            return "plain"
+        return "prefix" if len(self.segments) == 1 else "segmented"
+
+    def memory(self) -> int:
+        return max((s.memory() for s in self.segments), default=0)
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["method"] = self.method
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object, what: str = "delta record") -> DeltaRecord:
+        """A record from a manifest, every field checked (the manifest may be hostile)."""
+        if not isinstance(doc, dict):
+            raise BadInput(f"{what}: not an object")
+        ints = ("target_size", "reference_size", "level", "size")
+        if not all(type(doc.get(k)) is int and doc[k] >= 0 for k in ints):
+            raise BadInput(f"{what}: {', '.join(ints)} must be non-negative integers")
+        for key in ("target_diff_id", "reference_diff_id"):
+            if not isinstance(doc.get(key), str) or not DIGEST.match(doc[key]):
+                raise BadInput(f"{what}: {key} is not a sha256 digest")
+        raw_segments = doc.get("segments")
+        if not isinstance(raw_segments, list) or not raw_segments:
+            raise BadInput(f"{what}: no segments")
+        record = cls(doc["target_diff_id"], doc["target_size"], doc["reference_diff_id"],
+                     doc["reference_size"], [_segment_from_json(s, what) for s in raw_segments],
+                     doc["level"], doc["size"], str(doc.get("sha256") or ""), str(doc.get("note") or ""))
+        check_segments(record, what)
+        return record
+
+
+def _segment_from_json(doc: object, what: str) -> Segment:
+    keys = ("target_offset", "target_size", "ref_offset", "ref_size", "window_log", "size")
+    if not isinstance(doc, dict) or not all(type(doc.get(k)) is int and doc[k] >= 0 for k in keys):
+        raise BadInput(f"{what}: a segment lacks {', '.join(keys)}")
+    if doc.get("method") not in ("prefix", "plain"):
+        raise BadInput(f"{what}: a segment's method is neither prefix nor plain")
+    return Segment(*(doc[k] for k in keys[:4]), method=doc["method"], window_log=doc["window_log"],
+                   size=doc["size"])
+
+
+def check_segments(record: DeltaRecord, what: str) -> None:
+    """Segments tile the target in order, stay inside the reference, and sizes add up."""
+    offset = 0
+    for seg in record.segments:
+        if seg.target_offset != offset or seg.ref_offset + seg.ref_size > record.reference_size:
+            raise BadInput(f"{what}: segments do not tile the layer or leave the reference")
+        # the window (a decoder's buffer when a frame lies about its size) stays within twice
+        # the slice plus the segment: the memory check below covers it
+        if seg.method == "prefix" and not (seg.ref_size and 10 <= seg.window_log
+                                           <= window_log_for(seg.ref_size, seg.target_size)):
+            raise BadInput(f"{what}: a prefix segment has no reference bytes or a window beyond its sizes")
+        offset += seg.target_size
+    if offset != record.target_size or sum(s.size for s in record.segments) != record.size:
+        raise BadInput(f"{what}: segment sizes do not add up to the layer and the delta")
+
+
+def segment_memory(ref_size: int, target_size: int) -> int:
+    """The prefix (copied once while it is made) then the prefix plus a window buffer of the
+    segment (zstd sizes it by the frame's content size)."""
+    return ref_size + max(ref_size, target_size)
+
+
+def window_log_for(ref_size: int, target_size: int) -> int:
+    """A window reaching from the segment's end back to the slice's start."""
+    return max(10, min(WINDOW_LOG_MAX, (ref_size + target_size - 1).bit_length()))
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def plan_segments(target_size: int, ref_size: int, memory: int = DEFAULT_MEMORY) -> tuple[list[Segment], str]:
+    """Segments for a target against a reference within the memory cap, and a note saying why
+    the layer is segmented or plain (empty when it is one prefix frame)."""
+    if ref_size < MIN_REFERENCE or target_size == 0:
+        return [Segment(0, target_size, 0, 0, "plain")], "tiny reference or empty layer: plain"
+    if segment_memory(ref_size, target_size) <= memory:
+        return [Segment(0, target_size, 0, ref_size, window_log=window_log_for(ref_size, target_size))], ""
+    count = 2
+    while True:
+        seg_size = -(-target_size // count)
+        margin = max(4096, -(-ref_size // count) // 8)  # room for content that moved
+        slice_size = min(ref_size, -(-ref_size // count) + 2 * margin)
+        if seg_size < MIN_SEGMENT:
+            note = (f"plain: {_mib(segment_memory(ref_size, target_size))} needed for a delta, "
+                    f"no segmentation fits the {_mib(memory)} cap")
+            return [Segment(0, target_size, 0, 0, "plain")], note
+        if segment_memory(slice_size, seg_size) <= memory:
+            break
+        count += 1
+    segments = []
+    for i in range(count):
+        start = i * seg_size
+        size = min(seg_size, target_size - start)
+        if size <= 0:
+            break
+        ref_start = max(0, min(ref_size - slice_size, i * ref_size // count - margin))
+        segments.append(Segment(start, size, ref_start, slice_size,
+                                window_log=window_log_for(slice_size, size)))
+    note = (f"segmented: {len(segments)} segments of {_mib(seg_size)} against slices of {_mib(slice_size)} "
+            f"({_mib(segment_memory(ref_size, target_size))} needed whole, cap {_mib(memory)})")
+    return segments, note
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+# --- reading the reference -----------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """A reference layer: its size and diffID, and a way to read its bytes from the start (a
+    store's part decompressed, a file...). `describe` names it in messages."""
+
+    size: int
+    diff_id: str
+    open: Callable[[], Chunks]
+    describe: str = "reference layer"
+
+
+class ReferenceReader:
+    """Reads a reference once, front to back, handing out slices in non-decreasing order, and
+    checks its size and diffID when it has been read to the end."""
+
+    def __init__(self, reference: Reference):
+        self.reference = reference
+        self._chunks = iter(reference.open())
+        self._sha = hashlib.sha256()
+        self._buf = bytearray()
+        self._buf_start = 0      # reference offset of _buf[0]
+        self._read = 0           # reference bytes read (and hashed) so far
+        self._verified = False
+
+    def prefix(self, offset: int, size: int):
+        """A zstd prefix of reference bytes [offset, offset+size)."""
+        if offset < self._buf_start:
+            raise AssertionError("reference slices must not go backwards")
+        del self._buf[:offset - self._buf_start]
+        self._buf_start = offset
+        while len(self._buf) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise IntegrityError(f"{self.reference.describe} ends at {self._read} bytes, "
+                                     f"{self.reference.size} expected")
+            self._take(chunk)
+        with memoryview(self._buf) as view, view[:size] as piece:
+            prefix = zstd.ZstdDict(piece, is_raw=True)
+        if size == len(self._buf) and size == self.reference.size:  # held whole: verify before use
+            self.finish()
+            del self._buf[:]
+        return prefix
+
+    def _take(self, chunk) -> None:
+        self._sha.update(chunk)
+        self._read += len(chunk)
+        if self._read > self.reference.size:
+            raise IntegrityError(f"{self.reference.describe} is larger than {self.reference.size} bytes")
+        self._buf += chunk
+
+    def finish(self) -> None:
+        """Read what is left and check the reference's size and diffID (once)."""
+        if self._verified:
+            return
+        self._buf = bytearray()
+        for chunk in self._chunks:
+            self._sha.update(chunk)
+            self._read += len(chunk)
+            if self._read > self.reference.size:
+                break
+        digest = "sha256:" + self._sha.hexdigest()
+        if self._read != self.reference.size or digest != self.reference.diff_id:
+            raise IntegrityError(f"{self.reference.describe} is not the layer the delta was made "
+                                 f"against (diffID {digest}, {self._read} bytes; expected "
+                                 f"{self.reference.diff_id}, {self.reference.size} bytes)")
+        self._verified = True
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+class _Pieces:
+    """Splits a chunk stream at segment boundaries."""
+
+    def __init__(self, chunks: Chunks):
+        self._chunks = iter(chunks)
+        self._rest = memoryview(b"")
+
+    def take(self, size: int) -> Iterator[memoryview]:
+        while size:
+            if not len(self._rest):
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    raise Truncated("layer ended before its declared size")
+                self._rest = memoryview(chunk).cast("B")
+            piece = self._rest[:size]
+            self._rest = self._rest[len(piece):]
+            size -= len(piece)
+            yield piece
+
+    def at_end(self) -> bool:
+        return not len(self._rest) and all(not len(chunk) for chunk in self._chunks)
+
+
+def _compressor(level: int, seg: Segment, prefix=None):
+    options = {zstd.CompressionParameter.compression_level: level,
+               zstd.CompressionParameter.checksum_flag: 1}
+    if prefix is not None:
+        options[zstd.CompressionParameter.window_log] = seg.window_log
+        options[zstd.CompressionParameter.enable_long_distance_matching] = 1
+    comp = zstd.ZstdCompressor(options=options, zstd_dict=None if prefix is None else prefix.as_prefix)
+    comp.set_pledged_input_size(seg.target_size)
+    return comp
+
+
+def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: Callable[[bytes], object], *,
+                 level: int = DEFAULT_LEVEL, memory: int = DEFAULT_MEMORY) -> DeltaRecord:
+    """Compress a layer of target_size bytes against reference, writing the delta to sink; the
+    layer is read once, in chunks. Returns its record (the target's diffID computed on the way)."""
+    segments, note = plan_segments(target_size, reference.size, memory)
+    record = DeltaRecord("", target_size, reference.diff_id, reference.size, segments, level, note=note)
+    ref = ReferenceReader(reference) if any(s.method == "prefix" for s in segments) else None
+    pieces, target_sha, delta_sha = _Pieces(chunks), hashlib.sha256(), hashlib.sha256()
+
+    def emit(blob: bytes) -> None:
+        if blob:
+            delta_sha.update(blob)
+            seg.size += len(blob)
+            sink(blob)
+
+    for seg in segments:
+        prefix = ref.prefix(seg.ref_offset, seg.ref_size) if seg.method == "prefix" else None
+        comp = _compressor(level, seg, prefix)
+        for piece in pieces.take(seg.target_size):
+            target_sha.update(piece)
+            emit(comp.compress(piece))
+        emit(comp.flush())
+        del comp, prefix
+    if not pieces.at_end():
+        raise BadInput(f"layer is larger than its declared {target_size} bytes")
+    if ref is not None:
+        ref.finish()
+    record.target_diff_id = "sha256:" + target_sha.hexdigest()
+    record.size = sum(s.size for s in segments)
+    record.sha256 = "sha256:" + delta_sha.hexdigest()
+    return record
+
+
+def encode_or_plain(chunks: Chunks, target_size: int, reference: Reference, delta_sink, plain_sink, *,
+                    level: int = DEFAULT_LEVEL, memory: int = DEFAULT_MEMORY) -> tuple[DeltaRecord, int]:
+    """encode_layer, with the layer also compressed plain (zstd at the same level, on a second
+    thread) into plain_sink: returns the record and the plain size; the caller keeps the delta
+    only when `record.size < plain size` ("shipped plain when not smaller")."""
+    plain = _PlainShadow(level, plain_sink)
+
+    def both():
+        for chunk in chunks:
+            plain.feed(chunk)
+            yield chunk
+
+    try:
+        record = encode_layer(both(), target_size, reference, delta_sink, level=level, memory=memory)
+    finally:
+        plain_size = plain.close()
+    return record, plain_size
+
+
+class _PlainShadow:
+    """Plain zstd compression of the same chunks on a worker thread (the binding releases the GIL),
+    at most two chunks behind."""
+
+    def __init__(self, level: int, sink):
+        self._comp = zstd.ZstdCompressor(level=level)
+        self._sink = sink
+        self.size = 0
+        self._error: BaseException | None = None
+        self._slots = threading.Semaphore(2)
+        self._queue: list = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="isep-delta-plain", daemon=True)
+        self._thread.start()
+
+    def feed(self, chunk) -> None:
+        self._slots.acquire()
+        with self._cond:
+            self._queue.append(chunk)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                chunk = self._queue.pop(0)
+            try:
+                if chunk is None:
+                    self._write(self._comp.flush())
+                    return
+                if self._error is None:
+                    self._write(self._comp.compress(chunk))
+            except BaseException as exc:  # reported by close()
+                self._error = exc
+            finally:
+                self._slots.release()
+
+    def _write(self, blob: bytes) -> None:
+        if blob:
+            self.size += len(blob)
+            self._sink(blob)
+
+    def close(self) -> int:
+        self.feed(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.size
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference | None, *,
+                 memory: int = DEFAULT_MEMORY, what: str = "layer") -> Iterator[memoryview | bytes]:
+    """The layer rebuilt from its delta, in pieces of at most PIECE bytes. Raises IntegrityError
+    (after the last piece at the latest) when anything does not match: the caller must not
+    declare the output good before this generator is exhausted."""
+    check_segments(record, f"{what}: delta record")
+    if record.memory() > memory:
+        raise EnvironmentFailure(f"{what}: its delta needs {_mib(record.memory())} of memory, "
+                                 f"the cap is {_mib(memory)} (--delta-memory)")
+    ref = None
+    if any(s.method == "prefix" for s in record.segments):
+        if reference is None:
+            raise IntegrityError(f"{what}: its delta needs the reference layer {record.reference_diff_id}")
+        if reference.diff_id != record.reference_diff_id or reference.size != record.reference_size:
+            raise IntegrityError(f"{what}: its delta was made against {record.reference_diff_id} "
+                                 f"({record.reference_size} bytes), not {reference.diff_id}")
+        ref = ReferenceReader(reference)
+    feed = _Feed(delta_chunks, what)
+    sha = hashlib.sha256()
+    for seg in record.segments:
+        prefix = ref.prefix(seg.ref_offset, seg.ref_size) if seg.method == "prefix" else None
+        for piece in _decode_segment(seg, feed, prefix, what):
+            sha.update(piece)
+            yield piece
+        del prefix
+    if not feed.at_end():
+        raise IntegrityError(f"{what}: data after the delta's last frame")
+    if ref is not None:
+        ref.finish()
+    digest = "sha256:" + sha.hexdigest()
+    if digest != record.target_diff_id:
+        raise IntegrityError(f"{what}: rebuilt from its delta with diffID {digest}, "
+                             f"expected {record.target_diff_id}")
+
+
+class _Feed:
+    """Delta bytes, handed out in steps of FEED bytes, with what a finished frame left over."""
+
+    def __init__(self, chunks: Chunks, what: str):
+        self._chunks = iter(chunks)
+        self._rest = b""
+        self.what = what
+
+    def next(self):
+        if not self._rest:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise Truncated(f"{self.what}: delta data ends inside a frame")
+            self._rest = memoryview(chunk).cast("B")
+        step, self._rest = self._rest[:FEED], self._rest[FEED:]
+        return step
+
+    def push_back(self, data: bytes) -> None:
+        self._rest = memoryview(bytes(data) + bytes(self._rest))
+
+    def at_end(self) -> bool:
+        if len(self._rest):
+            return False
+        return all(not len(chunk) for chunk in self._chunks)
+
+
+def _decode_segment(seg: Segment, feed: _Feed, prefix, what: str) -> Iterator[bytes]:
+    window_log_max = seg.window_log if prefix is not None else PLAIN_WINDOW_LOG_MAX
+    decomp = zstd.ZstdDecompressor(zstd_dict=None if prefix is None else prefix.as_prefix,
+                                   options={zstd.DecompressionParameter.window_log_max: window_log_max})
+    produced = consumed = 0
+    try:
+        while not decomp.eof:
+            data = feed.next() if decomp.needs_input else b""
+            consumed += len(data)
+            out = decomp.decompress(data, PIECE)
+            produced += len(out)
+            if produced > seg.target_size:
+                raise IntegrityError(f"{what}: a delta frame expands beyond its {seg.target_size} bytes")
+            if out:
+                yield out
+    except zstd.ZstdError as exc:
+        raise IntegrityError(f"{what}: delta does not decode against its reference ({exc})") from None
+    if decomp.unused_data:
+        consumed -= len(decomp.unused_data)
+        feed.push_back(decomp.unused_data)
+    if produced != seg.target_size or consumed != seg.size:
+        raise IntegrityError(f"{what}: a delta frame gave {produced} bytes from {consumed}, "
+                             f"expected {seg.target_size} from {seg.size}")
+
+
+# --- choosing references -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What is known about a layer before its bytes are read: from the save's index and config
+    (target) or from a store's manifest (candidates)."""
+
+    diff_id: str
+    size: int
+    repository: str = ""      # the image's repository, without tag
+    position: int = -1        # index among the image's layers
+    role: str = "app"
+    created_by: str = ""      # the config history's step, when known
+    name: str = ""            # the layer's path in its save
+
+
+def similarity(target: LayerInfo, candidate: LayerInfo) -> float:
+    """Higher is more alike: same repository and position first, then the build step, size and
+    name. Only an order: the delta's size is what decides."""
+    score = 0.0
+    if target.repository and target.repository == candidate.repository:
+        score += 4
+    if target.position >= 0 and target.position == candidate.position:
+        score += 3
+    if target.role == candidate.role:
+        score += 1
+    if target.created_by and candidate.created_by:
+        score += 3 * difflib.SequenceMatcher(None, target.created_by, candidate.created_by).ratio()
+    if target.size and candidate.size:
+        score += 2 * min(target.size, candidate.size) / max(target.size, candidate.size)
+    if _meaningful(target.name) and _meaningful(candidate.name):
+        score += difflib.SequenceMatcher(None, target.name, candidate.name).ratio()
+    return score
+
+
+def _meaningful(name: str) -> bool:
+    return bool(name) and not HEX_NAME.search(name)  # digest-named blobs say nothing of content
+
+
+def rank_references(target: LayerInfo, candidates: Iterable[LayerInfo]) -> list[LayerInfo]:
+    """Candidates best first; none of them is the target itself (that one is not shipped)."""
+    pool = {c.diff_id: c for c in candidates if c.diff_id != target.diff_id and c.size}
+    return sorted(pool.values(), key=lambda c: (-similarity(target, c), c.diff_id))
+
+
+def check_memory_option(value: int) -> int:
+    if value < MIN_SEGMENT * 2:
+        raise UsageError(f"--delta-memory must be at least {_mib(MIN_SEGMENT * 2)}")
+    return value

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ DEPS_R2 = [{"pandas==2.2.2": "pandas==2.2.3", "requests==2.32.2": "requests==2.3
 CODE_R1, CODE_R2 = "rich==13.7.0", "rich==13.7.1"
 NODE_R1 = ["typescript@5.6.2", "express@4.21.0", "lodash@4.17.21", "moment@2.30.1"]
 NODE_R2 = ["typescript@5.6.3", "express@4.21.1", "lodash@4.17.21", "moment@2.30.1"]
+
+STEPS = {"base": "ADD rootfs.tar /", "lib": "RUN apt-get install -y python3.11",
+         "deps": "RUN pip install --target /app/deps -r requirements.txt", "code": "COPY src/ /app/code",
+         "node": "RUN npm ci --prefix /app/node"}  # the config history's created_by of each layer
 
 
 def run(argv: list[str], **kw) -> None:
@@ -211,10 +216,12 @@ def build_all(cache: Path, out: Path, wanted: set[str]) -> dict:
         layers["node2"] = build_layer(out / "node2.tar", lambda t: npm_install(NODE_R2, cache, t))
 
     def image(*names, repo="apps/web"):
-        return {"repository": repo,
-                "layers": [{"name": n.rstrip("12b"), "file": str(layers[n]),
-                            "role": ("base" if n.startswith("base") else "lib" if n.startswith("lib")
-                                     else "app")} for n in names]}
+        return {"repository": repo, "layers": [layer(n) for n in names]}
+
+    def layer(key):
+        name = re.sub(r"\d+b?$", "", key)  # deps1b -> deps
+        return {"name": name, "file": str(layers[key]), "created_by": STEPS[name],
+                "role": name if name in ("base", "lib") else "app"}
 
     pairs = {
         "a": ("dependency bump + code change", image("base1", "lib1", "deps1", "code1"),

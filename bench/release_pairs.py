@@ -223,17 +223,19 @@ def build_all(cache: Path, out: Path, wanted: set[str]) -> dict:
         return {"name": name, "file": str(layers[key]), "created_by": STEPS[name],
                 "role": name if name in ("base", "lib") else "app"}
 
-    pairs = {
-        "a": ("dependency bump + code change", image("base1", "lib1", "deps1", "code1"),
-              image("base1", "lib1", "deps2", "code2")),
-        "b": ("code-only change, deps layer byte-identical", image("deps1", "code1"), image("deps1", "code2")),
-        "c": ("deps layer rebuilt, only timestamps changed", image("deps1", "code1"), image("deps1b", "code1")),
-        "d": ("base security update (openssl), lib and app unchanged", image("base1", "lib1", "deps1", "code1"),
-              image("base2", "lib1", "deps1", "code1")),
-        "e": ("npm dependency bump", image("node1", repo="apps/node"), image("node2", repo="apps/node")),
+    pairs = {  # key: (title, release 1's layers, release 2's layers)
+        "a": ("dependency bump + code change", ("base1", "lib1", "deps1", "code1"),
+              ("base1", "lib1", "deps2", "code2")),
+        "b": ("code-only change, deps layer byte-identical", ("deps1", "code1"), ("deps1", "code2")),
+        "c": ("deps layer rebuilt, only timestamps changed", ("deps1", "code1"), ("deps1b", "code1")),
+        "d": ("base security update (openssl), lib and app unchanged", ("base1", "lib1", "deps1", "code1"),
+              ("base2", "lib1", "deps1", "code1")),
+        "e": ("npm dependency bump", ("node1",), ("node2",)),
     }
-    doc = {"pairs": {k: {"title": t, "r1": r1, "r2": r2} for k, (t, r1, r2) in pairs.items()
-                     if k in wanted}}
+    repo = {"e": "apps/node"}
+    doc = {"pairs": {k: {"title": t, "r1": image(*r1, repo=repo.get(k, "apps/web")),
+                         "r2": image(*r2, repo=repo.get(k, "apps/web"))}
+                     for k, (t, r1, r2) in pairs.items() if k in wanted}}
     (out / "pairs.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 

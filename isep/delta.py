@@ -28,6 +28,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import xxhash
+
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated, UsageError
 
 if sys.version_info >= (3, 14):
@@ -207,62 +209,88 @@ class Reference:
     diff_id: str
     open: Callable[[], Chunks]
     describe: str = "reference layer"
+    xxh3: str = ""            # xxh3-128 hex of the layer: when known (a store's manifest records it
+    #                           for every member), checked instead of re-hashing it with sha256
 
 
 class ReferenceReader:
-    """Reads a reference once, front to back, handing out slices in non-decreasing order, and
-    checks its size and diffID when it has been read to the end."""
+    """Reads a reference once, front to back, handing out prefixes of slices whose starts and ends
+    do not decrease, and checks its size and digest once it has been read to the end.
+
+    Memory: the last prefix made (a slice) and, while the next one is made, the new slice twice
+    (zstd copies a prefix's bytes): never more than two slices."""
 
     def __init__(self, reference: Reference):
         self.reference = reference
         self._chunks = iter(reference.open())
-        self._sha = hashlib.sha256()
-        self._buf = bytearray()
-        self._buf_start = 0      # reference offset of _buf[0]
-        self._read = 0           # reference bytes read (and hashed) so far
+        self._sha = xxhash.xxh3_128() if reference.xxh3 else hashlib.sha256()
+        self._held = None                 # the last prefix made; its bytes seed the next slice
+        self._held_start = 0
+        self._pending = memoryview(b"")   # bytes read but not yet in a slice
+        self._pending_start = 0
+        self._read = 0                    # reference bytes read (and hashed) so far
         self._verified = False
 
     def prefix(self, offset: int, size: int):
         """A zstd prefix of reference bytes [offset, offset+size)."""
-        if offset < self._buf_start:
+        if offset < self._held_start:
             raise AssertionError("reference slices must not go backwards")
-        del self._buf[:offset - self._buf_start]
-        self._buf_start = offset
-        while len(self._buf) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                raise IntegrityError(f"{self.reference.describe} ends at {self._read} bytes, "
-                                     f"{self.reference.size} expected")
-            self._take(chunk)
-        with memoryview(self._buf) as view, view[:size] as piece:
-            prefix = zstd.ZstdDict(piece, is_raw=True)
-        if size == len(self._buf) and size == self.reference.size:  # held whole: verify before use
+        new = bytearray(size)
+        filled = 0
+        if self._held is not None:
+            held = self._held.dict_content
+            overlap = max(0, min(self._held_start + len(held) - offset, size))
+            new[:overlap] = held[offset - self._held_start:offset - self._held_start + overlap]
+            filled = overlap
+            self._held = held = None
+        while filled < size:
+            start, piece = self._next_piece()
+            skip = offset + filled - start
+            if skip >= len(piece):
+                continue
+            take = min(len(piece) - skip, size - filled)
+            new[filled:filled + take] = piece[skip:skip + take]
+            filled += take
+            if skip + take < len(piece):
+                self._pending, self._pending_start = piece[skip + take:], start + skip + take
+        prefix = zstd.ZstdDict(new, is_raw=True)
+        del new
+        if offset == 0 and size == self.reference.size:  # held whole: verified before any use
             self.finish()
-            del self._buf[:]
+        self._held, self._held_start = prefix, offset
         return prefix
 
-    def _take(self, chunk) -> None:
+    def _next_piece(self) -> tuple[int, memoryview]:
+        if len(self._pending):
+            piece, self._pending = self._pending, memoryview(b"")
+            return self._pending_start, piece
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            raise IntegrityError(f"{self.reference.describe} ends at {self._read} bytes, "
+                                 f"{self.reference.size} expected")
         self._sha.update(chunk)
+        start = self._read
         self._read += len(chunk)
         if self._read > self.reference.size:
             raise IntegrityError(f"{self.reference.describe} is larger than {self.reference.size} bytes")
-        self._buf += chunk
+        return start, memoryview(chunk).cast("B")
 
     def finish(self) -> None:
         """Read what is left and check the reference's size and diffID (once)."""
         if self._verified:
             return
-        self._buf = bytearray()
+        self._pending = memoryview(b"")
         for chunk in self._chunks:
             self._sha.update(chunk)
             self._read += len(chunk)
             if self._read > self.reference.size:
                 break
-        digest = "sha256:" + self._sha.hexdigest()
-        if self._read != self.reference.size or digest != self.reference.diff_id:
+        expected = self.reference.xxh3 or self.reference.diff_id
+        digest = self._sha.hexdigest() if self.reference.xxh3 else "sha256:" + self._sha.hexdigest()
+        if self._read != self.reference.size or digest != expected:
             raise IntegrityError(f"{self.reference.describe} is not the layer the delta was made "
-                                 f"against (diffID {digest}, {self._read} bytes; expected "
-                                 f"{self.reference.diff_id}, {self.reference.size} bytes)")
+                                 f"against ({digest}, {self._read} bytes; expected "
+                                 f"{expected}, {self.reference.size} bytes)")
         self._verified = True
 
 

@@ -8,6 +8,7 @@ import random
 import tarfile
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -106,6 +107,17 @@ def test_wrong_reference_is_refused_before_any_output(release_pair):
         for piece in decode_layer(record, [blob], lying):
             produced.append(piece)
     assert produced == []
+
+
+def test_reference_checked_by_xxh3_when_known(release_pair):
+    old, new = release_pair
+    record, blob = encode(new, old)
+    fast = Reference(len(old), diff_id(old), lambda: iter([old]), "ref", xxh3=xxhash.xxh3_128(old).hexdigest())
+    assert decode(record, blob, fast) == new
+    other = old[:1000] + b"X" + old[1001:]
+    lying = Reference(len(old), diff_id(old), lambda: iter([other]), "ref", xxh3=xxhash.xxh3_128(old).hexdigest())
+    with pytest.raises(IntegrityError, match="not the layer"):
+        decode(record, blob, lying)
 
 
 def test_missing_reference_is_refused(release_pair):

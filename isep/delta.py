@@ -41,8 +41,10 @@ DEFAULT_MEMORY = 1 << 30      # per running delta, encoder or decoder (--delta-m
 DEFAULT_LEVEL = 3
 WINDOW_LOG_MAX = 31           # zstd's limit on 64-bit machines
 PLAIN_WINDOW_LOG_MAX = 27     # plain segments: the same bound isep's other zstd readers use
+SAMPLE = 8                    # the plain estimate compresses one MiB in every SAMPLE
 MIN_REFERENCE = 64           # zstd wants 8 bytes of prefix at least; below 64 nothing is gained
 MIN_SEGMENT = 16 << 20        # below this, segmenting costs more than it saves: ship plain
+TABLES = 16 << 20             # zstd's hash, chain and long-distance tables at level 3, and slack
 PIECE = 4 << 20               # decoded bytes produced per step
 FEED = 1 << 20                # delta bytes fed per step
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -85,6 +87,7 @@ class DeltaRecord:
     size: int = 0             # the delta's bytes: the sum of the segments' sizes
     sha256: str = ""          # of the delta's bytes
     note: str = ""            # why segmented or plain, for the plan and the report
+    plain_estimate: int = 0   # the layer's plain zstd size, estimated from a sample while encoding
 
     @property
     def method(self) -> str:
@@ -94,7 +97,11 @@ class DeltaRecord:
         return "prefix" if len(self.segments) == 1 else "segmented"
 
     def memory(self) -> int:
-        return max((s.memory() for s in self.segments), default=0)
+        """Peak bytes while encoding or decoding: the largest segment, plus the part of its slice
+        kept for the next one."""
+        kept = [max(0, a.ref_offset + a.ref_size - b.ref_offset) if b.method == "prefix" else 0
+                for a, b in zip(self.segments, self.segments[1:])] + [0]
+        return max((s.memory() + k for s, k in zip(self.segments, kept)), default=0)
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -117,7 +124,8 @@ class DeltaRecord:
             raise BadInput(f"{what}: no segments")
         record = cls(doc["target_diff_id"], doc["target_size"], doc["reference_diff_id"],
                      doc["reference_size"], [_segment_from_json(s, what) for s in raw_segments],
-                     doc["level"], doc["size"], str(doc.get("sha256") or ""), str(doc.get("note") or ""))
+                     doc["level"], doc["size"], str(doc.get("sha256") or ""), str(doc.get("note") or ""),
+                     doc["plain_estimate"] if type(doc.get("plain_estimate")) is int else 0)
         check_segments(record, what)
         return record
 
@@ -149,9 +157,10 @@ def check_segments(record: DeltaRecord, what: str) -> None:
 
 
 def segment_memory(ref_size: int, target_size: int) -> int:
-    """The prefix (copied once while it is made) then the prefix plus a window buffer of the
-    segment (zstd sizes it by the frame's content size)."""
-    return ref_size + max(ref_size, target_size)
+    """Peak bytes of one segment, as measured (libzstd 1.5.7): the slice twice while its prefix is
+    made (the binding copies it), then the prefix plus the compressor's buffers, about 1.25 times
+    the segment (the decoder's: 1 time), plus tables."""
+    return ref_size + max(ref_size, target_size + target_size // 4) + TABLES
 
 
 def window_log_for(ref_size: int, target_size: int) -> int:
@@ -177,7 +186,7 @@ def plan_segments(target_size: int, ref_size: int, memory: int = DEFAULT_MEMORY)
             note = (f"plain: {_mib(segment_memory(ref_size, target_size))} needed for a delta, "
                     f"no segmentation fits the {_mib(memory)} cap")
             return [Segment(0, target_size, 0, 0, "plain")], note
-        if segment_memory(slice_size, seg_size) <= memory:
+        if segment_memory(slice_size, seg_size) + 2 * margin <= memory:  # + the overlap kept
             break
         count += 1
     segments = []
@@ -217,32 +226,28 @@ class ReferenceReader:
     """Reads a reference once, front to back, handing out prefixes of slices whose starts and ends
     do not decrease, and checks its size and digest once it has been read to the end.
 
-    Memory: the last prefix made (a slice) and, while the next one is made, the new slice twice
-    (zstd copies a prefix's bytes): never more than two slices."""
+    Memory: while a prefix is made, its slice twice (zstd copies a prefix's bytes); then the
+    prefix and the start of the next slice where slices overlap."""
 
-    def __init__(self, reference: Reference):
+    def __init__(self, reference: Reference, segments: list[Segment]):
         self.reference = reference
+        self._slices = [(s.ref_offset, s.ref_size) for s in segments if s.method == "prefix"]
         self._chunks = iter(reference.open())
         self._sha = xxhash.xxh3_128() if reference.xxh3 else hashlib.sha256()
-        self._held = None                 # the last prefix made; its bytes seed the next slice
-        self._held_start = 0
+        self._kept = b""                  # the start of the next slice, from the last one
+        self._kept_start = 0
         self._pending = memoryview(b"")   # bytes read but not yet in a slice
         self._pending_start = 0
         self._read = 0                    # reference bytes read (and hashed) so far
         self._verified = False
 
-    def prefix(self, offset: int, size: int):
-        """A zstd prefix of reference bytes [offset, offset+size)."""
-        if offset < self._held_start:
-            raise AssertionError("reference slices must not go backwards")
+    def next_prefix(self):
+        """A zstd prefix of the next slice's bytes."""
+        offset, size = self._slices.pop(0)
         new = bytearray(size)
-        filled = 0
-        if self._held is not None:
-            held = self._held.dict_content
-            overlap = max(0, min(self._held_start + len(held) - offset, size))
-            new[:overlap] = held[offset - self._held_start:offset - self._held_start + overlap]
-            filled = overlap
-            self._held = held = None
+        filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
+        new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
+        self._kept = b""
         while filled < size:
             start, piece = self._next_piece()
             skip = offset + filled - start
@@ -253,11 +258,13 @@ class ReferenceReader:
             filled += take
             if skip + take < len(piece):
                 self._pending, self._pending_start = piece[skip + take:], start + skip + take
+        if self._slices and self._slices[0][0] < offset + size:
+            self._kept_start = self._slices[0][0]
+            self._kept = bytes(new[self._kept_start - offset:])
         prefix = zstd.ZstdDict(new, is_raw=True)
         del new
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use
             self.finish()
-        self._held, self._held_start = prefix, offset
         return prefix
 
     def _next_piece(self) -> tuple[int, memoryview]:
@@ -331,27 +338,23 @@ def _compressor(level: int, seg: Segment, prefix=None):
 
 
 def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: Callable[[bytes], object], *,
-                 level: int = DEFAULT_LEVEL, memory: int = DEFAULT_MEMORY) -> DeltaRecord:
+                 level: int = DEFAULT_LEVEL, memory: int = DEFAULT_MEMORY, sample: int = SAMPLE) -> DeltaRecord:
     """Compress a layer of target_size bytes against reference, writing the delta to sink; the
-    layer is read once, in chunks. Returns its record (the target's diffID computed on the way)."""
+    layer is read once, in chunks. Returns its record: the target's diffID computed on the way,
+    and the plain size estimated from every `sample`-th MiB compressed alone (0: no estimate)."""
     segments, note = plan_segments(target_size, reference.size, memory)
     record = DeltaRecord("", target_size, reference.diff_id, reference.size, segments, level, note=note)
-    ref = ReferenceReader(reference) if any(s.method == "prefix" for s in segments) else None
+    ref = ReferenceReader(reference, segments) if any(s.method == "prefix" for s in segments) else None
     pieces, target_sha, delta_sha = _Pieces(chunks), hashlib.sha256(), hashlib.sha256()
-
-    def emit(blob: bytes) -> None:
-        if blob:
-            delta_sha.update(blob)
-            seg.size += len(blob)
-            sink(blob)
-
+    estimate = _PlainEstimate(level, sample)
     for seg in segments:
-        prefix = ref.prefix(seg.ref_offset, seg.ref_size) if seg.method == "prefix" else None
+        prefix = ref.next_prefix() if seg.method == "prefix" else None
         comp = _compressor(level, seg, prefix)
         for piece in pieces.take(seg.target_size):
             target_sha.update(piece)
-            emit(comp.compress(piece))
-        emit(comp.flush())
+            estimate.feed(piece)
+            seg.size += _emit(comp.compress(piece), sink, delta_sha)
+        seg.size += _emit(comp.flush(), sink, delta_sha)
         del comp, prefix
     if not pieces.at_end():
         raise BadInput(f"layer is larger than its declared {target_size} bytes")
@@ -360,7 +363,48 @@ def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: C
     record.target_diff_id = "sha256:" + target_sha.hexdigest()
     record.size = sum(s.size for s in segments)
     record.sha256 = "sha256:" + delta_sha.hexdigest()
+    record.plain_estimate = estimate.result(target_size)
     return record
+
+
+def _emit(blob: bytes, sink, sha) -> int:
+    if blob:
+        sha.update(blob)
+        sink(blob)
+    return len(blob)
+
+
+class _PlainEstimate:
+    """Plain zstd of one MiB in every `sample`, scaled to the whole: enough to tell a delta that
+    clearly wins from one that does not, at a fraction of a plain compression's cost."""
+
+    def __init__(self, level: int, sample: int):
+        self._comp = zstd.ZstdCompressor(level=level) if sample else None
+        self._sample = sample
+        self._offset = self._taken = self._out = 0
+
+    def feed(self, piece) -> None:
+        if self._comp is not None and (self._offset >> 20) % self._sample == 0:
+            self._taken += len(piece)
+            self._out += len(self._comp.compress(piece))
+        self._offset += len(piece)
+
+    def result(self, total: int) -> int:
+        if self._comp is None:
+            return 0
+        self._out += len(self._comp.flush())
+        return -(-self._out * total // self._taken) if self._taken else self._out
+
+
+def to_plain(record: DeltaRecord, delta_chunks: Chunks, reference: Reference | None, sink, *,
+             level: int = DEFAULT_LEVEL, memory: int = DEFAULT_MEMORY) -> int:
+    """The layer a delta rebuilds, compressed plain into sink (when the delta does not win after
+    all); returns the plain size."""
+    comp = zstd.ZstdCompressor(level=level)
+    size = 0
+    for piece in decode_layer(record, delta_chunks, reference, memory=memory):
+        size += _emit(comp.compress(piece), sink, hashlib.sha256())
+    return size + _emit(comp.flush(), sink, hashlib.sha256())
 
 
 def encode_or_plain(chunks: Chunks, target_size: int, reference: Reference, delta_sink, plain_sink, *,
@@ -376,7 +420,7 @@ def encode_or_plain(chunks: Chunks, target_size: int, reference: Reference, delt
             yield chunk
 
     try:
-        record = encode_layer(both(), target_size, reference, delta_sink, level=level, memory=memory)
+        record = encode_layer(both(), target_size, reference, delta_sink, level=level, memory=memory, sample=0)
     finally:
         plain_size = plain.close()
     return record, plain_size
@@ -451,11 +495,11 @@ def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference
         if reference.diff_id != record.reference_diff_id or reference.size != record.reference_size:
             raise IntegrityError(f"{what}: its delta was made against {record.reference_diff_id} "
                                  f"({record.reference_size} bytes), not {reference.diff_id}")
-        ref = ReferenceReader(reference)
+        ref = ReferenceReader(reference, record.segments)
     feed = _Feed(delta_chunks, what)
     sha = hashlib.sha256()
     for seg in record.segments:
-        prefix = ref.prefix(seg.ref_offset, seg.ref_size) if seg.method == "prefix" else None
+        prefix = ref.next_prefix() if seg.method == "prefix" else None
         for piece in _decode_segment(seg, feed, prefix, what):
             sha.update(piece)
             yield piece

@@ -181,6 +181,7 @@ def test_hostile_record_fields_are_bad_input(release_pair):
 
 def test_segmentation_round_trip_with_a_small_cap(monkeypatch):
     monkeypatch.setattr(delta, "MIN_SEGMENT", 64 << 10)
+    monkeypatch.setattr(delta, "TABLES", 0)
     old = layer_tar(text_files(2, count=80))
     new = layer_tar({**text_files(2, count=80), "app/mod040.py": b"changed\n" * 100}, mtime=1_700_000_100)
     cap = len(old) // 2
@@ -193,6 +194,7 @@ def test_segmentation_round_trip_with_a_small_cap(monkeypatch):
 
 def test_segmented_decode_checks_the_whole_reference_at_the_end(monkeypatch):
     monkeypatch.setattr(delta, "MIN_SEGMENT", 64 << 10)
+    monkeypatch.setattr(delta, "TABLES", 0)
     old = layer_tar(text_files(3, count=80))
     new = layer_tar(text_files(3, count=80), mtime=5)
     record, blob = encode(new, old, memory=len(old) // 2)
@@ -233,6 +235,19 @@ def test_encode_or_plain_reports_both_sizes(release_pair):
     record, plain_size = encode_or_plain(chunks_of(unrelated), len(unrelated), reference(old),
                                          bytearray().extend, bytearray().extend)
     assert record.size >= plain_size  # nothing to gain: the caller ships plain
+
+
+def test_plain_estimate_and_to_plain(release_pair):
+    old, new = release_pair
+    record, blob = encode(new, old)
+    plain = len(zstd.compress(new, 3))
+    assert 0.5 * plain < record.plain_estimate < 2 * plain
+    unrelated = bytes(random.Random(9).randbytes(300000))
+    record, blob = encode(unrelated, old)
+    assert record.size >= record.plain_estimate * 0.9  # nothing gained: the caller ships plain
+    out = bytearray()
+    size = delta.to_plain(record, [blob], reference(old), out.extend)
+    assert size == len(out) and zstd.decompress(bytes(out)) == unrelated
 
 
 def test_declared_size_must_match():

@@ -81,8 +81,8 @@ def xxh3_file(path: str) -> str:
 def worker_pack(spec: dict) -> dict:
     """Release 2 against a store holding release 1, as isep-pack would run it: a layer whose diffID
     (known from the image config) the store holds is read and verified only; the others are encoded
-    against the best-ranked reference (checked by the xxh3 the store's manifest records), with the
-    plain size estimated from a sample)."""
+    against the best-ranked reference (checked by the xxh3 the store's manifest records), the plain
+    size estimated from a sample."""
     store = {d: f for f, d in spec["store"].items()}
     infos = [delta.LayerInfo(**i) for i in spec["store_infos"]]
     results, start = [], time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import queue
 import re
 import sys
 import threading
@@ -497,21 +498,49 @@ def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference
                                  f"({record.reference_size} bytes), not {reference.diff_id}")
         ref = ReferenceReader(reference, record.segments)
     feed = _Feed(delta_chunks, what)
-    sha = hashlib.sha256()
-    for seg in record.segments:
-        prefix = ref.next_prefix() if seg.method == "prefix" else None
-        for piece in _decode_segment(seg, feed, prefix, what):
-            sha.update(piece)
-            yield piece
-        del prefix
+    sha = _HashingThread()
+    try:
+        for seg in record.segments:
+            prefix = ref.next_prefix() if seg.method == "prefix" else None
+            for piece in _decode_segment(seg, feed, prefix, what):
+                sha.update(piece)
+                yield piece
+            del prefix
+    finally:
+        digest = "sha256:" + sha.hexdigest()
     if not feed.at_end():
         raise IntegrityError(f"{what}: data after the delta's last frame")
     if ref is not None:
         ref.finish()
-    digest = "sha256:" + sha.hexdigest()
     if digest != record.target_diff_id:
         raise IntegrityError(f"{what}: rebuilt from its delta with diffID {digest}, "
                              f"expected {record.target_diff_id}")
+
+
+class _HashingThread:
+    """sha256 of the decoded pieces on a second thread (hashlib releases the GIL), a few pieces
+    behind the decoder."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, name="isep-delta-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            self._sha.update(piece)
+
+    def update(self, piece: bytes) -> None:
+        self._queue.put(piece)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._sha.hexdigest()
 
 
 class _Feed:

@@ -245,9 +245,8 @@ class ReferenceReader:
     def next_prefix(self):
         """A zstd prefix of the next slice's bytes."""
         offset, size = self._slices.pop(0)
-        new = bytearray(size)
         filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
-        new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
+        parts = [memoryview(self._kept)[offset - self._kept_start:offset - self._kept_start + filled]]
         self._kept = b""
         while filled < size:
             start, piece = self._next_piece()
@@ -255,13 +254,15 @@ class ReferenceReader:
             if skip >= len(piece):
                 continue
             take = min(len(piece) - skip, size - filled)
-            new[filled:filled + take] = piece[skip:skip + take]
+            parts.append(piece[skip:skip + take])
             filled += take
             if skip + take < len(piece):
                 self._pending, self._pending_start = piece[skip + take:], start + skip + take
+        new = b"".join(parts)  # one copy, no zero-filling; the chunks go as it is made
+        del parts
         if self._slices and self._slices[0][0] < offset + size:
             self._kept_start = self._slices[0][0]
-            self._kept = bytes(new[self._kept_start - offset:])
+            self._kept = new[self._kept_start - offset:]
         prefix = zstd.ZstdDict(new, is_raw=True)
         del new
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use
@@ -276,6 +277,8 @@ class ReferenceReader:
         if chunk is None:
             raise IntegrityError(f"{self.reference.describe} ends at {self._read} bytes, "
                                  f"{self.reference.size} expected")
+        if not isinstance(chunk, bytes):  # slices outlive the call: a reused buffer must be copied
+            chunk = bytes(chunk)
         self._sha.update(chunk)
         start = self._read
         self._read += len(chunk)
@@ -443,6 +446,8 @@ class _PlainShadow:
         self._thread.start()
 
     def feed(self, chunk) -> None:
+        if chunk is not None and not isinstance(chunk, bytes):  # queued: a reused buffer must be copied
+            chunk = bytes(chunk)
         self._slots.acquire()
         with self._cond:
             self._queue.append(chunk)

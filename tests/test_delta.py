@@ -120,6 +120,21 @@ def test_reference_checked_by_xxh3_when_known(release_pair):
         decode(record, blob, lying)
 
 
+def test_reference_read_through_a_reused_buffer(release_pair):
+    old, new = release_pair
+    record, blob = encode(new, old)
+
+    def reused():  # as a readinto-based reader hands out one buffer, refilled
+        buf = bytearray(4096)
+        for i in range(0, len(old), 4096):
+            piece = old[i:i + 4096]
+            buf[:len(piece)] = piece
+            yield memoryview(buf)[:len(piece)]
+
+    ref = Reference(len(old), diff_id(old), reused, "ref")
+    assert b"".join(bytes(p) for p in decode_layer(record, [blob], ref)) == new
+
+
 def test_missing_reference_is_refused(release_pair):
     old, new = release_pair
     record, blob = encode(new, old)

@@ -245,8 +245,9 @@ class ReferenceReader:
     def next_prefix(self):
         """A zstd prefix of the next slice's bytes."""
         offset, size = self._slices.pop(0)
+        new = bytearray(size)  # calloc'd: fresh zero pages, no fill; each chunk is freed once copied
         filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
-        parts = [memoryview(self._kept)[offset - self._kept_start:offset - self._kept_start + filled]]
+        new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
         self._kept = b""
         while filled < size:
             start, piece = self._next_piece()
@@ -254,15 +255,13 @@ class ReferenceReader:
             if skip >= len(piece):
                 continue
             take = min(len(piece) - skip, size - filled)
-            parts.append(piece[skip:skip + take])
+            new[filled:filled + take] = piece[skip:skip + take]
             filled += take
             if skip + take < len(piece):
                 self._pending, self._pending_start = piece[skip + take:], start + skip + take
-        new = b"".join(parts)  # one copy, no zero-filling; the chunks go as it is made
-        del parts
         if self._slices and self._slices[0][0] < offset + size:
             self._kept_start = self._slices[0][0]
-            self._kept = new[self._kept_start - offset:]
+            self._kept = bytes(new[self._kept_start - offset:])
         prefix = zstd.ZstdDict(new, is_raw=True)
         del new
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 DEFAULT_ROOT = Path(os.environ.get("ISEP_PAIRS_DIR", Path.home() / ".cache" / "isep-release-pairs"))
@@ -130,7 +131,6 @@ def pip_install(specs: list[str], wheels: Path, root: Path) -> None:
 
 def copy_wheel_sources(spec: str, wheels: Path, root: Path) -> None:
     """The project's files with the dates its wheel records (a COPY of a checkout)."""
-    import zipfile
     wheel = find_wheel(spec, wheels)
     dest = root / "app/code"
     with zipfile.ZipFile(wheel) as zf:

@@ -42,7 +42,7 @@ DEFAULT_MEMORY = 1 << 30      # per running delta, encoder or decoder (--delta-m
 DEFAULT_LEVEL = 3
 WINDOW_LOG_MAX = 31           # zstd's limit on 64-bit machines
 PLAIN_WINDOW_LOG_MAX = 27     # plain segments: the same bound isep's other zstd readers use
-SAMPLE = 8                    # the plain estimate compresses one MiB in every SAMPLE
+SAMPLE = 8                    # the plain estimate compresses one byte in every SAMPLE
 MIN_REFERENCE = 64           # zstd wants 8 bytes of prefix at least; below 64 nothing is gained
 MIN_SEGMENT = 16 << 20        # below this, segmenting costs more than it saves: ship plain
 TABLES = 16 << 20             # zstd's hash, chain and long-distance tables at level 3, and slack
@@ -370,16 +370,17 @@ def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: C
     return record
 
 
-def _emit(blob: bytes, sink, sha) -> int:
+def _emit(blob: bytes, sink, sha=None) -> int:
     if blob:
-        sha.update(blob)
+        if sha is not None:
+            sha.update(blob)
         sink(blob)
     return len(blob)
 
 
 class _PlainEstimate:
-    """Plain zstd of one MiB in every `sample`, scaled to the whole: enough to tell a delta that
-    clearly wins from one that does not, at a fraction of a plain compression's cost."""
+    """Plain zstd of whole pieces making up one byte in every `sample`, scaled to the whole: enough
+    to tell a delta that clearly wins from one that does not, at a fraction of a plain compression."""
 
     def __init__(self, level: int, sample: int):
         self._comp = zstd.ZstdCompressor(level=level) if sample else None
@@ -387,7 +388,7 @@ class _PlainEstimate:
         self._offset = self._taken = self._out = 0
 
     def feed(self, piece) -> None:
-        if self._comp is not None and (self._offset >> 20) % self._sample == 0:
+        if self._comp is not None and self._taken * self._sample <= self._offset:  # whatever the chunk size
             self._taken += len(piece)
             self._out += len(self._comp.compress(piece))
         self._offset += len(piece)
@@ -406,8 +407,8 @@ def to_plain(record: DeltaRecord, delta_chunks: Chunks, reference: Reference | N
     comp = zstd.ZstdCompressor(level=level)
     size = 0
     for piece in decode_layer(record, delta_chunks, reference, memory=memory):
-        size += _emit(comp.compress(piece), sink, hashlib.sha256())
-    return size + _emit(comp.flush(), sink, hashlib.sha256())
+        size += _emit(comp.compress(piece), sink)
+    return size + _emit(comp.flush(), sink)
 
 
 # --- decoding ------------------------------------------------------------------------------------

@@ -98,11 +98,7 @@ class DeltaRecord:
         return "prefix" if len(self.segments) == 1 else "segmented"
 
     def memory(self) -> int:
-        """Peak bytes while encoding or decoding: the largest segment, plus the part of its slice
-        kept for the next one."""
-        kept = [max(0, a.ref_offset + a.ref_size - b.ref_offset) if b.method == "prefix" else 0
-                for a, b in zip(self.segments, self.segments[1:])] + [0]
-        return max((s.memory() + k for s, k in zip(self.segments, kept)), default=0)
+        return peak_memory(self.segments)
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -180,28 +176,40 @@ def plan_segments(target_size: int, ref_size: int, memory: int = DEFAULT_MEMORY)
         return [Segment(0, target_size, 0, ref_size, window_log=window_log_for(ref_size, target_size))], ""
     count = 2
     while True:
-        seg_size = -(-target_size // count)
-        margin = max(4096, -(-ref_size // count) // 8)  # room for content that moved
-        slice_size = min(ref_size, -(-ref_size // count) + 2 * margin)
-        if seg_size < MIN_SEGMENT:
+        segments = _aligned_segments(target_size, ref_size, count)
+        if segments[0].target_size < MIN_SEGMENT:
             note = (f"plain: {_mib(segment_memory(ref_size, target_size))} needed for a delta, "
                     f"no segmentation fits the {_mib(memory)} cap")
             return [Segment(0, target_size, 0, 0, "plain")], note
-        if segment_memory(slice_size, seg_size) + 2 * margin <= memory:  # + the overlap kept
+        if peak_memory(segments) <= memory:
             break
         count += 1
-    segments = []
-    for i in range(count):
-        start = i * seg_size
-        size = min(seg_size, target_size - start)
-        if size <= 0:
-            break
-        ref_start = max(0, min(ref_size - slice_size, i * ref_size // count - margin))
-        segments.append(Segment(start, size, ref_start, slice_size,
-                                window_log=window_log_for(slice_size, size)))
+    seg_size, slice_size = segments[0].target_size, segments[0].ref_size
     note = (f"segmented: {len(segments)} segments of {_mib(seg_size)} against slices of {_mib(slice_size)} "
             f"({_mib(segment_memory(ref_size, target_size))} needed whole, cap {_mib(memory)})")
     return segments, note
+
+
+def _aligned_segments(target_size: int, ref_size: int, count: int) -> list[Segment]:
+    """Segment i of the target against the reference's proportional slice i, widened by a margin
+    on both sides (room for content that moved); slices' starts and ends never decrease."""
+    seg_size = -(-target_size // count)
+    margin = -(-ref_size // count) // 8
+    slice_size = min(ref_size, -(-ref_size // count) + 2 * margin)
+    segments = []
+    for start in range(0, target_size, seg_size):
+        size = min(seg_size, target_size - start)
+        ref_start = max(0, min(ref_size - slice_size, start * ref_size // target_size - margin))
+        segments.append(Segment(start, size, ref_start, slice_size, window_log=window_log_for(slice_size, size)))
+    return segments
+
+
+def peak_memory(segments: list[Segment]) -> int:
+    """Peak bytes while encoding or decoding: the largest segment, plus the start of the next
+    slice kept from its own."""
+    kept = [max(0, a.ref_offset + a.ref_size - b.ref_offset) if b.method == "prefix" else 0
+            for a, b in zip(segments, segments[1:])] + [0]
+    return max((s.memory() + k for s, k in zip(segments, kept)), default=0)
 
 
 def _mib(n: int) -> str:

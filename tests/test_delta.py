@@ -294,3 +294,29 @@ def test_round_trip_property(old, edits, chunk):
     record = encode_layer(chunks_of(new, chunk), len(new), reference(old, chunk), out.extend)
     ref = reference(old, chunk) if old else None
     assert b"".join(bytes(p) for p in decode_layer(record, chunks_of(bytes(out), chunk), ref)) == new
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 40), st.integers(2, 40), st.lists(st.tuples(st.integers(0, 1 << 20), st.binary(max_size=200)),
+                                                      max_size=8), st.integers(3, 12))
+def test_segmented_round_trip_property(old_kib, new_kib, edits, cap_kib):
+    """Any sizes, edits and cap: the plan tiles the layer within the cap and decodes byte-exact."""
+    saved = delta.MIN_SEGMENT, delta.TABLES
+    delta.MIN_SEGMENT, delta.TABLES = 1024, 0
+    try:
+        rng = random.Random(old_kib * 1000 + new_kib)
+        words = [bytes(rng.choice(b"abcdefgh") for _ in range(6)) for _ in range(64)]
+        old = b" ".join(rng.choice(words) for _ in range(old_kib * 150))
+        new = bytearray(old[:new_kib << 10])
+        for pos, data in edits:
+            pos = pos % (len(new) + 1)
+            new[pos:pos] = data
+        new = bytes(new)
+        cap = cap_kib << 10
+        out = bytearray()
+        record = encode_layer(chunks_of(new, 3000), len(new), reference(old, 5000), out.extend, memory=cap)
+        assert record.method == "plain" or record.memory() <= cap
+        back = decode_layer(record, chunks_of(bytes(out), 999), reference(old, 777), memory=cap)
+        assert b"".join(bytes(p) for p in back) == new
+    finally:
+        delta.MIN_SEGMENT, delta.TABLES = saved

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from conftest import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep
+from tests.harness import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep
 
 NO_INSPECT = ("podman-oci-archive", "skopeo-docker-archive", "skopeo-oci-archive", "umoci-docker-archive")
 

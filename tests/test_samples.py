@@ -113,9 +113,8 @@ def check_layers_match_configs(path: Path) -> int:
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def sample_sets(tmp_path_factory):
-    base = tmp_path_factory.mktemp("samples")
-    return {fmt: samples.write_sample_set(base / fmt, fmt, seed=0, layer_kib=16) for fmt in FORMATS}
+def sample_sets(samples):  # noqa: F811 - the session's sets (tests/conftest.py), not isep.samples
+    return samples
 
 
 # ----------------------------------------------------------------------------- tests

@@ -1,14 +1,22 @@
 """The command-line contract: data on stdout only, one-line errors, exit codes, man pages."""
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
 
 import pytest
 
-from tests.harness import REAL, ROOT, isep, pipeline
-from isep.cli.manpage import PAGES, exit_status_lines, readme_exit_table, render, render_umbrella
+from isep.cli.manpage import (
+    PAGES,
+    exit_status_lines,
+    readme_exit_table,
+    render,
+    render_umbrella,
+)
 from isep.errors import ExitStatus
+from tests.harness import REAL, ROOT, isep, pipeline
 
 COMMANDS = ["index", "partition", "pack", "verify", "join", "demo"]
 
@@ -113,8 +121,6 @@ def test_a_closed_stdout_ends_quietly():
 
 
 def test_binary_output_is_refused_on_a_terminal():
-    import pty
-    import os
     folder = REAL / "docker-oci"
     pid, fd = pty.fork()
     if pid == 0:

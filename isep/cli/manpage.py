@@ -9,6 +9,7 @@ texts), never from click's rendering of them, whose spelling changes between typ
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional
@@ -65,12 +66,20 @@ def _description(help_text: str) -> list[str]:
     return lines
 
 
-def _options(params) -> list[str]:
+def _declared_help(module) -> dict[str, str]:
+    """Each parameter's help as the command declares it (click's Argument keeps no help of its own
+    in every click version typer runs on)."""
+    callback = module.app.registered_commands[0].callback
+    return {name: getattr(p.default, "help", None) or ""
+            for name, p in inspect.signature(callback).parameters.items()}
+
+
+def _options(params, declared: dict[str, str]) -> list[str]:
     lines: list[str] = []
     for param in params:
         if getattr(param, "hidden", False):
             continue
-        help_text = (getattr(param, "help", None) or "").strip()
+        help_text = (declared.get(param.name) or getattr(param, "help", None) or "").strip()
         if param.param_type_name == "option" and param.required:
             help_text += " Required."
         names = _option_names(param) if param.param_type_name == "option" else _metavar(param)
@@ -104,7 +113,7 @@ def render(name: str) -> str:
     lines = [f'.TH {prog.upper()} 1 "" "isep {__version__}" "isep manual"', ".SH NAME",
              f"{_escape(prog)} \\- {_escape(summary[0].lower() + summary[1:])}", ".SH SYNOPSIS",
              f".B {_escape(prog)}", _escape(_synopsis(params)), ".SH DESCRIPTION", *_description(module.app.info.help or ""),
-             ".SH OPTIONS", *_options(params), ".SH EXIT STATUS", *exit_status_lines(),
+             ".SH OPTIONS", *_options(params, _declared_help(module)), ".SH EXIT STATUS", *exit_status_lines(),
              ".SH EXAMPLES", *_examples(module.EXAMPLES), ".SH SEE ALSO",
              ", ".join(f"\\fBisep\\-{p}\\fR(1)" for p in PAGES if p != name)
              + "; docs/formats.md (the index, plan and bundle schemas)", ""]

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Sandbox, bundle_doc, check_sandbox, copy_store, is_complete_archive, pack_args, run, start
-
+from tests.harness import (
+    Sandbox,
+    bundle_doc,
+    check_sandbox,
+    copy_store,
+    is_complete_archive,
+    pack_args,
+    run,
+    start,
+)
 
 # --- a small tmpfs -----------------------------------------------------------------------------------
 

@@ -6,21 +6,21 @@ from __future__ import annotations
 import pytest
 
 from isep.samples import write_sample_set
-from tests.harness import FORMATS, Sandbox, pack_args, run
+from tests.harness import FORMATS, SAMPLE_LAYER_KIB, Sandbox, pack_args, run
 
 
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory):
     """isep.samples sets (base, lib, app1, app2, app1-2, app1+app2, inspect-*.json) per format."""
     root = tmp_path_factory.mktemp("samples")
-    return {fmt: write_sample_set(root / fmt, fmt, layer_kib=32) for fmt in FORMATS}
+    return {fmt: write_sample_set(root / fmt, fmt, layer_kib=SAMPLE_LAYER_KIB) for fmt in FORMATS}
 
 
 @pytest.fixture(scope="session")
 def samples_seed1(tmp_path_factory):
     """The same images with other content (seed 1): parts of the same names from another pack."""
     root = tmp_path_factory.mktemp("samples-seed1")
-    return {"docker-oci": write_sample_set(root / "docker-oci", "docker-oci", seed=1, layer_kib=32)}
+    return {"docker-oci": write_sample_set(root / "docker-oci", "docker-oci", seed=1, layer_kib=SAMPLE_LAYER_KIB)}
 
 
 @pytest.fixture(scope="session")

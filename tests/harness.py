@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from isep.errors import IsepError
+from isep.samples import FORMATS  # noqa: F401 - the producers the sample sets imitate, for tests
 from isep.tarstream import Source, TarReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ REAL_FORMATS = {  # fixture folder -> isep format name
     "skopeo-oci-archive": "oci-archive",
 }
 WITH_INSPECT = ("docker-legacy", "docker-oci", "docker-cstore", "podman-docker-archive")
-FORMATS = ("docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive")  # isep.samples
+SAMPLE_LAYER_KIB = 32  # layer size of the session's sample sets (tests/conftest.py)
 
 TEMP_PREFIX = ".isep-tmp-"
 LOCK = "isep-bundle.lock"

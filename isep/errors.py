@@ -1,7 +1,7 @@
 """One exception hierarchy; the CLI maps each class to one exit code (see ExitStatus)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+import signal
 from enum import IntEnum
 
 
@@ -19,7 +19,8 @@ class ExitStatus(IntEnum):
 
     OK = 0, "success"
     INTERNAL = 1, "internal error (a bug; --debug shows the traceback)"
-    USAGE = 2, "usage error: bad options or arguments, an unknown REF, a name that is not in the input, a bad rename target"
+    USAGE = 2, ("usage error: bad options or arguments, an unknown REF, a name that is not in the input, "
+                "a bad rename target")
     ENVIRONMENT = 3, ("environment: a file cannot be read or written, disk full, permissions, a busy lock, "
                       "the output directory is a symlink")
     BAD_INPUT = 4, "bad input: not a tar, truncated, malformed JSON, not an image archive, unsupported format"
@@ -63,34 +64,5 @@ class Misfit(IsepError):
 class Interrupted(IsepError):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
-        self.status = ExitStatus.INTERRUPTED if signum == 2 else ExitStatus.TERMINATED
+        self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.TERMINATED
 
-
-_deferring = 0
-_pending: list[int] = []
-
-
-def raise_interrupted(signum, _frame) -> None:
-    """The SIGINT/SIGTERM handler the commands install: raises Interrupted, or holds the signal
-    while a signals_deferred block runs."""
-    if _deferring:
-        _pending.append(signum)
-        return
-    raise Interrupted(signum)
-
-
-@contextmanager
-def signals_deferred():
-    """Interrupted is raised only when the block is left: a temporary file or directory is created
-    and recorded for removal as one step. (Python runs signal handlers on the main thread, so this
-    holds whichever thread the kernel delivered the signal to.)"""
-    global _deferring
-    _deferring += 1
-    try:
-        yield
-    finally:
-        _deferring -= 1
-        if not _deferring and _pending:
-            signum = _pending[0]
-            _pending.clear()
-            raise Interrupted(signum)

@@ -65,7 +65,7 @@ def pack_isula(source: Source, plan: dict, target, options: PackOptions) -> Pack
         configs.setdefault(image["config"]["member"], []).append((app_file, image))
     for seq, member in enumerate(TarReader(source)):
         want = plan["members"][seq] if seq < len(plan["members"]) else None
-        check_plan_member(member, seq, want, source.name)
+        want = check_plan_member(member, seq, want, source.name)
         layer_targets = targets.get(member.name, [])
         config_targets = configs.get(member.name, [])
         if not layer_targets and not config_targets:

@@ -16,6 +16,10 @@ fi
 "$venv/bin/python" -m pip install -q -e '.[test]'
 export PATH="$PWD/$venv/bin:$PATH"
 
+echo "== lint and types: ruff, mypy (configured in pyproject.toml)"
+python -m ruff check isep
+python -m mypy isep
+
 echo "== fast tier: unit, property, CLI and round-trip tests"
 python -m pytest -q -p no:cacheprovider tests --ignore=tests/engines
 

@@ -22,16 +22,10 @@ import typer
 
 from .. import __version__
 from ..bundle import write_all
-from ..errors import (
-    EnvironmentFailure,
-    ExitStatus,
-    IsepError,
-    UsageError,
-    raise_interrupted,
-    signals_deferred,
-)
+from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
 from ..partition import load_renames
 from ..refs import Ref, read_json_file, resolve_ref, validate_ref
+from ..signals import raise_interrupted, signals_deferred
 from ..tarstream import Source
 
 EXIT_CODES_HELP = "Exit status: " + "; ".join(f"{s.value} {s.meaning}" for s in ExitStatus) + "."
@@ -225,7 +219,7 @@ def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> No
     """Run a command body; map every failure to one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
-    status = ExitStatus.OK
+    status: int = ExitStatus.OK
     try:
         result = body()
         if result is not None:

@@ -55,12 +55,12 @@ class _Step:
         env = dict(os.environ)
         bindir = self.workdir / ".bin"
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-        out = open(self.workdir / stdout_file, "wb") if stdout_file else subprocess.PIPE
+        out = open(self.workdir / stdout_file, "wb") if stdout_file else None
         try:
             proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], cwd=self.workdir, env=env,
-                                  stdout=out, stderr=subprocess.PIPE)
+                                  stdout=out or subprocess.PIPE, stderr=subprocess.PIPE)
         finally:
-            if stdout_file:
+            if out is not None:
                 out.close()
         if proc.stdout:
             sys.stdout.write("".join(f"  {line}\n" for line in proc.stdout.decode(errors="replace").splitlines()))

@@ -7,15 +7,9 @@ from typing import Optional, cast
 import typer
 
 from ..errors import UsageError
-from ..join import (
-    JoinOptions,
-    isep_part_inputs,
-    isula_part_inputs,
-    join_parts,
-    open_bundle,
-    receive_stream,
-    select_image,
-)
+from ..bundle import isep_part_inputs, isula_part_inputs, open_bundle, select_image
+from ..join import JoinOptions, join_parts
+from ..stream import receive_stream
 from .common import (
     Ui,
     command,

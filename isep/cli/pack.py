@@ -16,7 +16,8 @@ from ..isula import pack_isula
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..partition import make_plan
 from ..refs import read_json_file
-from ..targets import DirTarget, StreamTarget
+from ..stream import StreamTarget
+from ..targets import DirTarget
 from ..tarstream import Source
 from .common import (
     ArchiveArgument,

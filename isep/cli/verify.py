@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import BinaryIO, Optional, cast
+from typing import Optional
 
 import typer
 
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
-from ..join import open_bundle, receive_stream
+from ..bundle import open_bundle
+from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
 from .common import Ui, command, launch, new_app, open_input, scratch_dir, write_json
@@ -76,7 +77,7 @@ def _check_input(path: str, trust: Optional[str], mode: str) -> Report:
     fh, name = open_input(path, "bundle or archive")
     first = Source(fh, name=name)
     head = first.read(512)
-    source = Source(cast(BinaryIO, _Rewound(head, first)), name=name)
+    source = Source(_Rewound(head, first), name=name)
     if head[:16].startswith(b"isep-stream.json"):
         bundle = receive_stream(source, scratch_dir("isep-verify-"))
         report = Report(name, "bundle stream", mode)

@@ -22,7 +22,8 @@ from isep import samples as S
 from isep.archive import build_index, scan
 from isep.bundle import Store
 from isep.errors import IsepError
-from isep.join import JoinOptions, isep_part_inputs, join_parts, open_bundle, select_image
+from isep.bundle import isep_part_inputs, open_bundle, select_image
+from isep.join import JoinOptions, join_parts
 from isep.pack import PackOptions, pack_one_shot, pack_with_plan
 from isep.partition import make_plan
 from isep.refs import Ref

@@ -15,6 +15,8 @@ with atheris.instrument_imports(include=["isep"]):
     import isep.archive  # noqa: E402,F401
     import isep.bundle  # noqa: E402,F401
     import isep.join  # noqa: E402,F401
+    import isep.parts  # noqa: E402,F401
+    import isep.stream  # noqa: E402,F401
     import isep.tarstream  # noqa: E402,F401
     from isep.errors import IsepError  # noqa: E402
 

@@ -4,7 +4,8 @@ from _common import main
 
 from isep.archive import load_json
 from isep.bundle import parse_manifest
-from isep.join import PartInput, _check_coverage, _plan_copies, check_order, find_part, select_image
+from isep.bundle import check_coverage, check_order, find_part, select_image
+from isep.join import plan_copies
 
 
 def test_one_input(data: bytes) -> None:
@@ -12,9 +13,9 @@ def test_one_input(data: bytes) -> None:
     doc = parse_manifest(data, "fuzz")
     for image in doc["images"]:
         entries = [e for e in (find_part(doc, f) for f in image["parts"]) if e is not None]
-        _check_coverage(image, entries)
+        check_coverage(image, entries)
         check_order(image, entries)
-        _plan_copies([PartInput(e["file"], None, entry=e) for e in entries], image)
+        plan_copies(entries, image)
     if doc["images"]:
         select_image(doc["images"], None, "fuzz") if len(doc["images"]) == 1 else None
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Sequence, Union
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
 from .legacy import podman_v1_from_config
-from .tarstream import Member, Source, TarReader, padded
+from .tarstream import Member, Source, TarReader
 
 INDEX_SCHEMA = "isep-index/1"
 JSON_CAP = 4 << 20          # a JSON member larger than this is refused
 KEPT_JSON_TOTAL = 64 << 20  # all JSON-looking members kept in memory, together
 MAX_JSON_DEPTH = 64
+MAX_LINK_HOPS = 8           # links followed from one name; a longer chain is taken for a loop
 
 FORMATS = {
     "docker-legacy": "Docker <= 24 (graph drivers): <v1id>/layer.tar, manifest.json, repositories",
@@ -71,6 +72,7 @@ class ScannedArchive:
     trailer: bytes = b""
     size: int = 0
     xxh3: str = ""
+    parsed: dict[str, object] = field(default_factory=dict, repr=False)  # JSON members parsed once
 
     def by_name(self) -> dict[str, dict]:
         table: dict[str, dict] = {}
@@ -88,55 +90,79 @@ def member_record(member: Member, seq: int) -> dict:
     return rec
 
 
-def looks_like_json(head: bytes) -> bool:
+def looks_like_json(head: bytes | bytearray) -> bool:
     return head[:1] in (b"{", b"[")
 
 
-def scan_member(member: Member, rec: dict, kept: dict[str, bytes], sink: Callable | None = None) -> None:
-    """Hash one member's data (and pass every raw chunk to sink); keep it if it is small JSON."""
-    if sink is not None:
-        sink(member.header)
-    if not member.is_file:
-        for chunk in member.iter_data():
-            if sink is not None:
-                sink(chunk)
-    else:
-        hasher = BlobHasher(f"member {member.name!r}")
-        keep = bytearray() if member.size <= JSON_CAP else None
-        for chunk in member.iter_data():
+class KeptJson:
+    """The small JSON-looking members kept in memory while an archive streams by (manifests,
+    indexes, configs: what interpreting it needs), their bytes together bounded."""
+
+    def __init__(self, what: str, blobs: dict[str, bytes] | None = None):
+        self.what = what
+        self.blobs: dict[str, bytes] = {} if blobs is None else blobs
+        self.total = 0
+
+    def offer(self, name: str, data: bytes | bytearray) -> None:
+        if not looks_like_json(data):
+            return
+        self.blobs[name] = bytes(data)
+        self.total += len(data)
+        if self.total > KEPT_JSON_TOTAL:
+            raise BadInput(f"{self.what}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
+
+
+Chunk = Union[bytes, memoryview]  # what a member's data arrives as
+ProgressCallback = Callable[[int], None]   # told the bytes done so far
+
+
+def pass_member(member: Member, sinks: Sequence[Callable[[Chunk], object]], kept: KeptJson | None, *,
+                what: str | None = None, chunks: Iterable[Chunk] | None = None,
+                want_xxh3: bool = True) -> dict:
+    """Hash one member's data while handing every chunk to sinks, and offer it to kept when it is
+    small; returns its digests ({} for a member that is not a regular file). The header and padding
+    are the caller's to copy: not every copy writes them as read. chunks: the data when the caller
+    has already read some of it."""
+    hasher = BlobHasher(what or f"member {member.name!r}", want_xxh3=want_xxh3) if member.is_file else None
+    keep = bytearray() if kept is not None and member.is_file and member.size <= JSON_CAP else None
+    for chunk in member.iter_data() if chunks is None else chunks:
+        if hasher is not None:
             hasher.update(chunk)
-            if keep is not None:
-                keep += chunk
-            if sink is not None:
-                sink(chunk)
-        rec.update(hasher.result())
-        if keep is not None and looks_like_json(keep):
-            kept[member.name] = bytes(keep)
-    if sink is not None and member.padding:
-        sink(member.padding)
+        if keep is not None:
+            keep += chunk
+        for sink in sinks:
+            sink(chunk)
+    if kept is not None and keep is not None:
+        kept.offer(member.name, keep)
+    return {} if hasher is None else hasher.result()
+
+
+def scan_member(member: Member, rec: dict, kept: KeptJson | None,
+                sink: Callable[[Chunk], object] | None = None) -> None:
+    """Hash one member's data (and pass every raw byte to sink); keep it if it is small JSON."""
+    sinks = [] if sink is None else [sink]
+    for sink_ in sinks:
+        sink_(member.header)
+    rec.update(pass_member(member, sinks, kept))
+    if member.padding:
+        for sink_ in sinks:
+            sink_(member.padding)
 
 
 def scan_metadata(source: Source) -> ScannedArchive:
     """Headers and small JSON members only; large members are skipped (by seeking, on a file) after
     their first bytes tell whether they are compressed. Enough to plan, not to verify."""
     scanned = ScannedArchive(name=source.name)
+    kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
-    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         if member.is_file and member.size <= JSON_CAP:
-            scan_member(member, rec, scanned.blobs)
-            kept_total += len(scanned.blobs.get(member.name, b""))
-            if kept_total > KEPT_JSON_TOTAL:
-                raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
+            scan_member(member, rec, kept)
         elif member.is_file:
-            head = source.read_exact(min(member.size, 4), f"data of {member.name!r}")
-            compression = sniff_compression(head)
+            compression = sniff_compression(member.head_then_skip(4))
             if compression:
                 rec["compression"] = compression
-            source.skip(member.size - len(head), f"data of {member.name!r}")
-            member._consumed = True
-            member.padding = source.read_exact(padded(member.size) - member.size, "padding")
         scanned.members.append(rec)
     scanned.trailer = reader.trailer
     scanned.size = source.offset
@@ -144,19 +170,16 @@ def scan_metadata(source: Source) -> ScannedArchive:
 
 
 def scan(source: Source, *, sink: Callable | None = None,
-         progress: Callable[[int], None] | None = None) -> ScannedArchive:
+         progress: ProgressCallback | None = None) -> ScannedArchive:
     """One pass over a tar stream. sink, when given, receives every raw byte in order."""
     scanned = ScannedArchive(name=source.name)
+    kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
-    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
-        scan_member(member, rec, scanned.blobs, sink)
+        scan_member(member, rec, kept, sink)
         if progress is not None:
             progress(source.offset)
-        kept_total += len(scanned.blobs.get(member.name, b""))
-        if kept_total > KEPT_JSON_TOTAL:
-            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         scanned.members.append(rec)
     if sink is not None:
         sink(reader.trailer)
@@ -174,15 +197,15 @@ class Layer:
     member: str        # the member that carries the bytes (symlinks resolved)
     media_type: str
     size: int
-    digest: str
-    xxh3: str
+    digest: str | None     # None after a metadata-only scan
+    xxh3: str | None
 
 
 @dataclass
 class Image:
     tags: list[str]
     config_member: str
-    config_digest: str
+    config_digest: str | None
     config: dict
     diff_ids: list[str]
     layers: list[Layer]
@@ -201,22 +224,47 @@ class Image:
         }
 
 
-def resolve_link(name: str, table: dict[str, dict], what: str, _hops: int = 0) -> dict:
-    """Follow symlinks (relative to the link's directory) to the regular member holding the bytes."""
-    seen = set()
+def link_target(name: str, link: str, kind: str) -> str:
+    """The member a link names: a hard link names it from the archive's root, a symlink relative to
+    its own directory."""
+    if kind == "hardlink":
+        return link
+    return posixpath.normpath(posixpath.join(posixpath.dirname(name), link))
+
+
+def follow_links(name: str, link_of: Callable[[str], str | None]) -> str:
+    """Where a chain of links from name ends: link_of gives the next name (None: not a link). At
+    most MAX_LINK_HOPS are followed, so that a loop ends, at a name that is still a link."""
+    for _ in range(MAX_LINK_HOPS):
+        target = link_of(name)
+        if target is None:
+            break
+        name = target
+    return name
+
+
+def symlinks_in(table: dict[str, dict]) -> Callable[[str], str | None]:
+    """link_of for follow_links over member records by name: their symlinks only."""
+    def link_of(name: str) -> str | None:
+        rec = table.get(name)
+        if rec is None or rec.get("type") != "symlink":
+            return None
+        return link_target(rec["name"], str(rec.get("link")), "symlink")
+    return link_of
+
+
+def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
+    """Follow symlinks and hard links to the regular member holding the bytes."""
     rec = table.get(name)
-    while rec is not None and rec["type"] == "symlink":
-        if rec["name"] in seen or len(seen) > 8:
-            raise BadInput(f"{what}: symlink loop at {name!r}")
-        seen.add(rec["name"])
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]), rec["link"]))
-        rec = table.get(target)
-    if rec is None or rec["type"] not in ("file", "hardlink"):
+    hops = 0
+    while rec is not None and rec["type"] in ("symlink", "hardlink"):
+        if hops == MAX_LINK_HOPS:
+            kind = "symlink" if rec["type"] == "symlink" else "hard link"
+            raise BadInput(f"{what}: {kind} loop at {name!r}")
+        hops += 1
+        rec = table.get(link_target(rec["name"], str(rec.get("link")), rec["type"]))
+    if rec is None or rec["type"] != "file":
         raise BadInput(f"{what}: layer member {name!r} is missing from the archive")
-    if rec["type"] == "hardlink":
-        if _hops >= 8:  # a hard link to itself, or a ring of them
-            raise BadInput(f"{what}: hard link loop at {name!r}")
-        return resolve_link(rec["link"], table, what, _hops + 1)
     return rec
 
 
@@ -226,10 +274,9 @@ def blob_name(digest: str) -> str:
 
 
 def _member_json(scanned: ScannedArchive, name: str, what: str):
-    cache = scanned.__dict__.setdefault("_parsed", {})  # a config named by many entries is parsed once
-    if name not in cache:
-        cache[name] = _parse_member_json(scanned, name, what)
-    return cache[name]
+    if name not in scanned.parsed:  # a config named by many entries is parsed once
+        scanned.parsed[name] = _parse_member_json(scanned, name, what)
+    return scanned.parsed[name]
 
 
 def _parse_member_json(scanned: ScannedArchive, name: str, what: str):
@@ -290,7 +337,7 @@ def _layer_from(rec: dict, path: str, diff_id: str, position: int, what: str) ->
         raise IntegrityError(f"{what}: layer {position} ({path}) has diffID {actual}, "
                              f"the config says {diff_id}")
     compression = rec.get("compression")
-    media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression, ""))
+    media = "application/vnd.oci.image.layer.v1.tar" + ({"gzip": "+gzip", "zstd": "+zstd"}.get(compression or "", ""))
     return Layer(diff_id=diff_id, path=path, member=rec["name"], media_type=media, size=rec["size"],
                  digest=rec.get("sha256"), xxh3=rec.get("xxh3"))
 
@@ -366,13 +413,13 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
         manifests = [(d, doc) for d, doc, _, is_index in reached if not is_index
                      and isinstance(doc.get("config"), dict)
                      and _annotations(d).get("vnd.docker.reference.type") != "attestation-manifest"]
-        for desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
+        for _desc, doc, _, is_index in reached:  # attestations: everything they reference is the image's
             if is_index or any(doc is m for _, m in manifests):
                 continue
             refs = [doc.get("config")] + list(doc.get("layers") or [])
             owned |= {blob_name(r["digest"]) for r in refs if isinstance(r, dict) and isinstance(r.get("digest"), str)}
         tag = _tag_from_annotations(top)
-        for desc, doc in manifests:
+        for _desc, doc in manifests:
             config_digest = doc["config"].get("digest")
             if by_config is not None:
                 image = by_config.get(config_digest)
@@ -446,5 +493,5 @@ def build_index(scanned: ScannedArchive) -> dict:
 
 
 def index_stream(source: Source, sink: Callable | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: ProgressCallback | None = None) -> dict:
     return build_index(scan(source, sink=sink, progress=progress))

@@ -1,8 +1,11 @@
-"""Bundles: a directory (the store) of parts plus isep-bundle.json, written atomically and safely.
+"""Bundles: a directory (the store) of parts plus isep-bundle.json, written atomically and safely,
+and opened again to choose an image and the part files it needs.
 
 Every file is created with O_EXCL|O_NOFOLLOW relative to the directory's descriptor under a
 temporary dot-name, then renamed; names come only from check_file_name, so nothing is written
-outside the directory whatever the input says.
+outside the directory whatever the input says. Reading: open_bundle (an isep store or an
+isula-build directory), select_image, and isep_part_inputs / isula_part_inputs, which check that
+the chosen parts carry every layer in an order the join can merge.
 """
 from __future__ import annotations
 
@@ -13,22 +16,31 @@ import os
 import secrets
 import stat
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator, Protocol, Sequence
 
 from . import __version__
-from .archive import load_json
-from .errors import BadInput, EnvironmentFailure, UsageError, signals_deferred
-from .names import check_file_name
+from .archive import JSON_CAP, load_json
+from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
+from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
+                    same_image_name)
+from .parts import Opener, PartInput, part_opener
+from .signals import signals_deferred
+from .signing import MAX_SIGNATURE, verify_manifest
 
 BUNDLE_SCHEMA = "isep-bundle/1"
-BUNDLE_MANIFEST = "isep-bundle.json"
-ISULA_MANIFEST = "manifest"
-LOCK_FILE = "isep-bundle.lock"
 TEMP_PREFIX = ".isep-tmp-"
 MANIFEST_CAP = 64 << 20
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
 
-def write_all(fh, data) -> None:
+class Writable(Protocol):
+    """An unbuffered binary file or pipe: write() may take fewer bytes than offered."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int | None: ...
+
+
+def write_all(fh: Writable, data: bytes | bytearray | memoryview) -> None:
     """Write every byte to an unbuffered file: its write() may write less (a disk filling up) and
     only the next call reports the error."""
     view = memoryview(data)
@@ -92,7 +104,7 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def create_temp(self, final_name: str, *, internal: bool = False):
+    def create_temp(self, final_name: str, *, internal: bool = False) -> tuple[str, BinaryIO]:
         """A new temporary file for final_name, opened for binary writing."""
         problem = None if internal else check_file_name(final_name, "output file")
         if problem:
@@ -119,11 +131,15 @@ class Store:
 
     def discard_temps(self) -> None:
         for name in list(self.temps):
-            try:
-                os.unlink(name, dir_fd=self.fd)
-            except OSError:
-                pass
-            self.temps.discard(name)
+            self.remove(name)
+
+    def remove(self, name: str) -> None:
+        """Remove a file this run made (a temporary one, or one it renamed a moment ago), if it can."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except OSError:
+            pass
+        self.temps.discard(name)
 
     def prepare_file(self, final_name: str, data: bytes) -> str:
         """A complete temporary copy of a file, to be committed (renamed) later."""
@@ -136,7 +152,7 @@ class Store:
             raise os_error(exc, f"cannot write {os.path.join(self.path, final_name)}") from None
         return temp
 
-    def open_read(self, name: str):
+    def open_read(self, name: str) -> BinaryIO:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except OSError as exc:
@@ -154,7 +170,7 @@ class Store:
             return fh.read(limit)
 
     @contextmanager
-    def locked(self):
+    def locked(self) -> Iterator[None]:
         """Serialises the read-merge-write of the bundle manifest between concurrent packs."""
         try:
             fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
@@ -242,3 +258,182 @@ def find_part(doc: dict, file_name: str) -> dict | None:
 def part_for_layers(doc: dict, role: str, diff_ids: list[str]) -> dict | None:
     """A part of the given role carrying exactly this stack (for reuse and for joins by diffID)."""
     return next((p for p in doc["parts"] if p["role"] == role and p.get("diff_ids") == diff_ids), None)
+
+
+def encode_isula_manifest(entries: dict) -> bytes:
+    """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
+    return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
+
+
+# --- opening a bundle to join or verify --------------------------------------------------------------
+
+@dataclass
+class Bundle:
+    """A bundle to join from: an isep store (with isep-bundle.json) or an isula-build directory."""
+
+    path: str
+    kind: str                       # "isep" | "isula"
+    doc: dict = field(default_factory=dict)    # isep-bundle.json (kind "isep")
+    isula: dict = field(default_factory=dict)  # isula-build's manifest (kind "isula")
+    files: dict[str, Opener] = field(default_factory=dict)  # received part files (a bundle stream)
+    manifest_bytes: bytes = b""     # isep-bundle.json as stored, for signature checks
+    signature: bytes | None = None  # isep-bundle.json.sig, when there is one
+
+    def check_signature(self, allowed_signers: str) -> str:
+        """The principal that signed this bundle's manifest; IntegrityError otherwise."""
+        if self.kind != "isep":
+            raise IntegrityError(f"{self.path}: an isula-build bundle carries no signature")
+        return verify_manifest(self.manifest_bytes, self.signature, allowed_signers)
+
+
+def open_bundle(path: str) -> Bundle:
+    """The bundle in a directory: an isep store, else an isula-build bundle."""
+    store = Store(path, create=False)
+    try:
+        raw = store.read_raw(BUNDLE_MANIFEST, MANIFEST_CAP + 1)
+        if raw is not None:
+            doc = parse_manifest(raw, os.path.join(path, BUNDLE_MANIFEST))
+            return Bundle(path, "isep", doc=doc, manifest_bytes=raw,
+                          signature=store.read_raw(SIGNATURE_FILE, MAX_SIGNATURE + 1))
+        if store.exists(ISULA_MANIFEST):
+            with store.open_read(ISULA_MANIFEST) as fh:
+                isula = load_json(fh.read(JSON_CAP + 1), os.path.join(path, ISULA_MANIFEST))
+            if not isinstance(isula, dict) or not isula:
+                raise BadInput(f"{os.path.join(path, ISULA_MANIFEST)}: not an isula-build manifest")
+            return Bundle(path, "isula", isula=isula)
+    finally:
+        store.close()
+    raise UsageError(f"{path} holds neither {BUNDLE_MANIFEST} nor isula-build's {ISULA_MANIFEST}")
+
+
+def select_image(images: list[dict], name: str | None, where: str) -> dict:
+    """The image to join: the only one, or the newest entry with that name or config digest."""
+    if name is None:
+        if len(images) == 1:
+            return images[0]
+        listing = ", ".join(n for im in images for n in (im.get("tags") or [])[:1]) or "untagged images"
+        raise UsageError(f"{where} holds {len(images)} images ({listing}); name one")
+    hits = [im for im in images if any(same_image_name(t, name) for t in (im.get("tags") or []))]
+    if not hits and name.startswith("sha256:"):
+        hits = [im for im in images if im.get("config", {}).get("digest", "").startswith(name)]
+    if not hits:
+        listing = ", ".join(n for im in images for n in (im.get("tags") or [])) or "untagged images"
+        raise UsageError(f"no image {name!r} in {where} (it holds: {listing})")
+    return hits[-1]  # the newest entry for that name
+
+
+def safe_join(directory: str, name: str) -> str:
+    """directory/name for a part name read from a manifest, refused unless it is a plain file name."""
+    problem = check_file_name(name, f"part name in {directory}")
+    if problem:
+        raise BadInput(problem)
+    return os.path.join(directory, name)
+
+
+def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
+                     extra: Sequence[Bundle] = ()) -> list[PartInput]:
+    """The parts an image needs: by file name, else (another release's store) by role and diffIDs."""
+    docs = [bundle] + list(extra)
+    out = []
+    entries = []
+    for order, file_name in enumerate(image["parts"]):
+        found: tuple[Bundle, dict] | None = None
+        for b in docs:
+            entry = find_part(b.doc, file_name)
+            if entry is not None:
+                found = (b, entry)
+                break
+        if found is None:
+            found = _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name)
+        b, entry = found
+        entries.append(entry)
+        role = entry["role"]
+        path = overrides.get(role)
+        if path:
+            opener = part_opener(path)
+        else:
+            opener = b.files.get(entry["file"]) or part_opener(safe_join(b.path, entry["file"]))
+        out.append(PartInput(label=path or entry["file"], opener=opener, entry=entry,
+                             expected_sha256=entry["sha256"], expected_size=entry["size"], order=order))
+    check_coverage(image, entries)
+    check_order(image, entries)
+    return out
+
+
+def _part_by_layers(docs: list[Bundle], image: dict, is_app: bool, file_name: str) -> tuple[Bundle, dict]:
+    ids = image["diff_ids"]
+    best = None
+    for b in docs:
+        for entry in b.doc["parts"]:
+            stack = entry.get("diff_ids") or []
+            if is_app or entry["role"] == "app" or stack != ids[:len(stack)]:
+                continue
+            if best is None or len(stack) > len(best[1].get("diff_ids") or []):
+                best = (b, entry)
+    if best is None:
+        raise UsageError(f"part {file_name} of {display_name(image)} is not in the "
+                         f"bundle, and no part there carries its layers")
+    return best
+
+
+def check_coverage(image: dict, entries: list[dict]) -> None:
+    """Every layer of the image is carried by one of its parts."""
+    have: set[str] = set()
+    for entry in entries:
+        have.update(entry.get("layers") or [])
+        have.update(m.get("diff_id") or m.get("sha256") for m in entry["members"] if m.get("type") == "file")
+    missing = [d for d in image["diff_ids"] if d not in have]
+    if missing:
+        raise IntegrityError(f"layer {missing[0]} of the image is in none of its parts")
+
+
+def check_order(image: dict, entries: list[dict]) -> None:
+    """Parts merge by stream position (seq): each lists its members in stream order, the parts of one
+    save never list a position twice, and a byte-exact image's parts hold positions 0..N-1 exactly.
+    A damaged seq would otherwise reorder the archive without any hash noticing."""
+    by_save: dict = {}
+    for entry in entries:
+        seqs = [m["seq"] for m in entry["members"]]
+        if any(b <= a for a, b in zip(seqs, seqs[1:])):
+            raise IntegrityError(f"part {entry.get('file')}: its members are not in stream order")
+        seen = by_save.setdefault(entry.get("save"), set())
+        if seen & set(seqs):
+            raise IntegrityError(f"part {entry.get('file')}: lists a stream position another part lists")
+        seen.update(seqs)
+    if image.get("byte_exact") and len(by_save) == 1:  # its own parts, not another release's base
+        everything = set().union(*by_save.values())
+        if everything != set(range(len(everything))):
+            raise IntegrityError("the parts of a byte-exact image do not hold one whole save")
+
+
+def isula_part_inputs(bundle: Bundle, name: str | None, overrides: dict[str, str]) -> list[PartInput]:
+    """isula-build's bundles: gzip legacy-layout tarballs checked against the manifest's sha256."""
+    keys = list(bundle.isula)
+    if name is None:
+        # the tags of one image are keys with the same app tarball
+        apps = {str(e.get("app")) if isinstance(e, dict) else k for k, e in bundle.isula.items()}
+        if len(apps) != 1:
+            raise UsageError(f"{bundle.path} holds {len(apps)} images ({', '.join(keys)}); name one")
+        key = keys[0]
+    else:
+        hits = [k for k in keys if same_image_name(k, name)]
+        if not hits:
+            raise UsageError(f"no image {name!r} in {bundle.path} (it holds: {', '.join(keys)})")
+        key = hits[0]
+    entry = bundle.isula[key]
+    if not isinstance(entry, dict):
+        raise BadInput(f"{bundle.path}/manifest: entry {key!r} is not an object")
+    out = []
+    for order, (role, file_key, hash_key) in enumerate(
+            (("base", "base", "baseHash"), ("lib", "lib", "libHash"), ("app", "app", "appHash"))):
+        file_name = entry.get(file_key) or ""
+        if not isinstance(file_name, str):
+            raise BadInput(f"{bundle.path}/manifest: {file_key} of {key!r} is not a string")
+        if not file_name and role != "lib":
+            raise BadInput(f"{bundle.path}/manifest: {key!r} has no {role} tarball")
+        if not file_name and role not in overrides:
+            continue  # saved without a lib (isula-build itself cannot load these)
+        path = overrides.get(role) or safe_join(bundle.path, file_name)
+        out.append(PartInput(label=path, opener=part_opener(path), entry=None,
+                             expected_sha256=entry.get(hash_key) or None, order=order))
+    return out

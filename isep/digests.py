@@ -3,20 +3,27 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import xxhash
 import zstandard
 from isal import isal_zlib
 
-
 from .errors import BadInput
+
+# isal's stub declares its error an instance; it is the exception class ISA-L's inflate raises
+ISAL_ERROR = cast("type[Exception]", isal_zlib.error)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_ZSTD_WINDOW = 1 << 27  # frames asking for a larger window are refused (zstd bombs)
 OUT_PIECE = 1 << 20         # gzip: decompressed bytes produced per step
 ZSTD_SLICE = 1024            # zstd: compressed bytes per step (at most 32 MiB out: 4-byte RLE blocks)
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of "sha256:<hex>" (a digest is always written with its algorithm)."""
+    return digest.partition(":")[2]
 
 
 def sniff_compression(head: bytes | memoryview) -> str | None:
@@ -37,6 +44,7 @@ class Decompressor:
         self._new()
 
     def _new(self) -> None:
+        self._obj: Any  # zlib's or zstandard's object: which one, self.kind says (feed, finish)
         if self.kind == "gzip":
             # ISA-L inflates gzip several times faster than zlib, with the same bounded-output API
             self._obj = isal_zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -67,7 +75,7 @@ class Decompressor:
                 data = self._obj.unconsumed_tail
                 if not data and len(out) < OUT_PIECE:
                     return
-        except (zlib.error, isal_zlib.error, zstandard.ZstdError) as exc:
+        except (zlib.error, ISAL_ERROR, zstandard.ZstdError) as exc:
             raise BadInput(f"{self.what}: corrupt {self.kind} data ({exc})") from None
 
     def finish(self) -> None:
@@ -91,7 +99,7 @@ class BlobHasher:
         self.want_diff_id = want_diff_id
         self.compression: str | None = None
         self._decomp: Decompressor | None = None
-        self._diff = None
+        self._diff = hashlib.sha256()  # of the decompressed bytes, fed only when there is a _decomp
         self._first = True
         self.uncompressed_size = 0
 
@@ -101,7 +109,6 @@ class BlobHasher:
             self.compression = sniff_compression(chunk)
             if self.compression and self.want_diff_id:
                 self._decomp = Decompressor(self.compression, self.what)
-                self._diff = hashlib.sha256()
         if self.sha is not None:
             self.sha.update(chunk)
         if self.xxh is not None:
@@ -112,7 +119,7 @@ class BlobHasher:
                 self._diff.update(out)
 
     def result(self) -> dict:
-        out = {"xxh3": self.xxh.hexdigest()} if self.xxh is not None else {}
+        out: dict = {"xxh3": self.xxh.hexdigest()} if self.xxh is not None else {}
         if self.sha is not None:
             out["sha256"] = "sha256:" + self.sha.hexdigest()
         if self._decomp is not None:

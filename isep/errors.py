@@ -1,21 +1,34 @@
 """One exception hierarchy; the CLI maps each class to one exit code (see ExitStatus)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+import signal
 from enum import IntEnum
 
 
 class ExitStatus(IntEnum):
-    OK = 0
-    INTERNAL = 1      # a bug in isep
-    USAGE = 2         # bad options or arguments
-    ENVIRONMENT = 3   # I/O, permissions, disk full, missing file, busy lock
-    BAD_INPUT = 4     # malformed or unsupported input (not a tar, truncated, bad JSON)
-    INTEGRITY = 5     # a digest, diffID, size or signature does not match
-    MISFIT = 6        # the images do not fit the base/lib (not an ordered diffID prefix)
-    INTERRUPTED = 130  # SIGINT
-    BROKEN_PIPE = 141  # stdout's reader went away (128 + SIGPIPE), reported without a message
-    TERMINATED = 143   # SIGTERM
+    """The exit status of every command. Each member's `meaning` is the one text that --help, the
+    man pages and the README's table show (isep.cli.common and isep.cli.manpage generate them)."""
+
+    meaning: str
+
+    def __new__(cls, code: int, meaning: str) -> ExitStatus:
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.meaning = meaning
+        return member
+
+    OK = 0, "success"
+    INTERNAL = 1, "internal error (a bug; --debug shows the traceback)"
+    USAGE = 2, ("usage error: bad options or arguments, an unknown REF, a name that is not in the input, "
+                "a bad rename target")
+    ENVIRONMENT = 3, ("environment: a file cannot be read or written, disk full, permissions, a busy lock, "
+                      "the output directory is a symlink")
+    BAD_INPUT = 4, "bad input: not a tar, truncated, malformed JSON, not an image archive, unsupported format"
+    INTEGRITY = 5, "integrity: a size, sha256, diffID or signature does not match; isep-verify found a failed check"
+    MISFIT = 6, "misfit: an image is not built on the base (or lib); the message names the layer position"
+    INTERRUPTED = 130, "interrupted by SIGINT (temporary files removed)"
+    BROKEN_PIPE = 141, "stdout was closed by its reader (as by head): no message (128 + SIGPIPE)"
+    TERMINATED = 143, "terminated by SIGTERM (temporary files removed)"
 
 
 class IsepError(Exception):
@@ -51,34 +64,5 @@ class Misfit(IsepError):
 class Interrupted(IsepError):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
-        self.status = ExitStatus.INTERRUPTED if signum == 2 else ExitStatus.TERMINATED
+        self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.TERMINATED
 
-
-_deferring = 0
-_pending: list[int] = []
-
-
-def raise_interrupted(signum, _frame) -> None:
-    """The SIGINT/SIGTERM handler the commands install: raises Interrupted, or holds the signal
-    while a signals_deferred block runs."""
-    if _deferring:
-        _pending.append(signum)
-        return
-    raise Interrupted(signum)
-
-
-@contextmanager
-def signals_deferred():
-    """Interrupted is raised only when the block is left: a temporary file or directory is created
-    and recorded for removal as one step. (Python runs signal handlers on the main thread, so this
-    holds whichever thread the kernel delivered the signal to.)"""
-    global _deferring
-    _deferring += 1
-    try:
-        yield
-    finally:
-        _deferring -= 1
-        if not _deferring and _pending:
-            signum = _pending[0]
-            _pending.clear()
-            raise Interrupted(signum)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from typing import Iterable
 
-from .archive import KEPT_JSON_TOTAL, ScannedArchive, build_index, member_record
-from .digests import BlobHasher, sniff_compression
+from .archive import Chunk, KeptJson, ScannedArchive, build_index, member_record, pass_member
+from .digests import BlobHasher, digest_hex, sniff_compression
 from .errors import BadInput, IntegrityError, Misfit
-from .join import DecompressingReader
 from .legacy import chain_ids, gojson, sorted_map
 from .names import split_tag
 from .pack import (DIGEST_NAME, PackOptions, PackResult, PackRun, _Spool, check_plan_member, copy_member)
 from .partition import make_plan, shared_part_names
-from .parts import PartWriter
+from .parts import DecompressingReader, PartWriter
 from .refs import Ref
 from .tarstream import Member, Source, TarReader, build_header, padded
 
@@ -90,7 +90,7 @@ def pack_isula(source: Source, plan: dict, target, options: PackOptions) -> Pack
     targets, configs = _layer_targets(plan, {p["id"]: p["file"] for p in plan["parts"]})
     for seq, member in enumerate(TarReader(source)):
         want = plan["members"][seq] if seq < len(plan["members"]) else None
-        check_plan_member(member, seq, want, source.name)
+        want = check_plan_member(member, seq, want, source.name)
         layer_targets = targets.get(member.name, [])
         config_targets = configs.get(member.name, [])
         if not layer_targets and not config_targets:
@@ -134,36 +134,33 @@ class _StreamRouter:
     layers, whose IDs need the image config, which may come last, and metadata) goes verbatim into
     the compressed app section, laid out once the save's end has shown the plan."""
 
-    def __init__(self, below, run: PackRun, files: dict[str, str], emitters, section: PartWriter, spool: _Spool):
+    def __init__(self, below, run: PackRun, files: dict[str, str], emitters, section: PartWriter, spool: _Spool,
+                 source_name: str):
         self.below, self.run, self.files, self.emitters = below, run, files, emitters
         self.section, self.spool = section, spool
-        self.blobs: dict[str, bytes] = {}
+        self.kept = KeptJson(source_name)
         self.placed: set[str] = set()
 
     def route(self, member: Member, rec: dict) -> None:
         match = DIGEST_NAME.match(member.name) if member.is_file else None
         named = "sha256:" + (match.group(1) or match.group(2)) if match else None
-        if named in self.below:
+        if named is not None and named in self.below:
             self._place(member, rec, named, None)
             return
         if not member.is_file or not (member.name.endswith("/layer.tar") or member.name.startswith("blobs/")):
-            copy_member(member, rec, [self.section], self.blobs)
+            copy_member(member, rec, [self.section], self.kept)
             return
-        chunks = member.iter_data()
-        first = next(chunks, b"")
-        chunks = itertools.chain([first], chunks)
+        data = member.iter_data()
+        first = next(data, b"")
+        chunks: Iterable[Chunk] = itertools.chain([first], data)
         if member.name.startswith("blobs/") and not sniff_compression(first):
-            copy_member(member, rec, [self.section], self.blobs, chunks)  # named by its digest: not below
+            copy_member(member, rec, [self.section], self.kept, chunks)  # named by its digest: not below
             return
         self._spool(member, rec, chunks)
 
     def _spool(self, member: Member, rec: dict, chunks) -> None:
         """A layer known only by its content: at most one, held until its digest is known."""
-        hasher = BlobHasher(f"member {member.name!r}")
-        for chunk in chunks:
-            hasher.update(chunk)
-            self.spool.write(chunk)
-        rec.update(hasher.result())
+        rec.update(pass_member(member, [self.spool.write], self.kept, chunks=chunks))
         diff_id = rec.get("diff_id") or rec["sha256"]
         if diff_id in self.below:
             self._place(member, rec, diff_id, self.spool.replay())
@@ -198,20 +195,16 @@ def pack_isula_stream(source: Source, base: Ref, lib: Ref | None, target, option
     section_out = target.open_section()
     section = PartWriter("app-section", section_out, "zstd", 1)  # read back once: speed over size
     router = _StreamRouter(legacy_layers_below(base, lib), run, files, emitters, section,
-                           _Spool(target.spool_dir))
+                           _Spool(target.spool_dir), source.name)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
-    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         scanned.members.append(rec)
         router.route(member, rec)
-        kept_total += len(router.blobs.get(member.name, b""))
-        if kept_total > KEPT_JSON_TOTAL:
-            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         if options.progress:
             options.progress(source.offset)
-    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, router.blobs
+    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, router.kept.blobs
     plan = make_plan(build_index(scanned), base, lib, compression=options.compression, renames=options.renames)
     _adopt_shared_parts(plan, files, router)
     for part in plan["parts"]:
@@ -259,7 +252,7 @@ def _lay_out_section(plan: dict, files: dict[str, str], section_out, target, run
             _copy(member, want_of.get(member.name), layer_targets, config_targets, run, emitters)
 
 
-def _copy(member, want: dict, layer_targets, config_targets, run: PackRun, emitters, chunks=None) -> dict:
+def _copy(member, want: dict | None, layer_targets, config_targets, run: PackRun, emitters, chunks=None) -> dict:
     """Write the member's data under each of its new names; its digests."""
     writers = []
     for part, lid, text in layer_targets:
@@ -272,7 +265,7 @@ def _copy(member, want: dict, layer_targets, config_targets, run: PackRun, emitt
             emit.member(writer, f"{lid}/json", len(body), 0o444, data=body, digests=_digests(body))
             writers.append((writer, emit, f"{lid}/layer.tar"))
     for part, image in config_targets:
-        writers.append((run.writers[part], emitters[part], image["config"]["digest"][7:] + ".json"))
+        writers.append((run.writers[part], emitters[part], digest_hex(image["config"]["digest"]) + ".json"))
     for writer, emit, name in writers:
         emit.member(writer, name, member.size, 0o444)
     hasher = BlobHasher(member.name)
@@ -294,7 +287,7 @@ def _copy(member, want: dict, layer_targets, config_targets, run: PackRun, emitt
 
 def _write_metadata(image: dict, writer, emit: _Emitter) -> None:
     layers = [f"{lid}/layer.tar" for lid, _ in image["legacy_layers"]]
-    manifest = gojson([{"Config": image["config"]["digest"][7:] + ".json", "RepoTags": image["tags"],
+    manifest = gojson([{"Config": digest_hex(image["config"]["digest"]) + ".json", "RepoTags": image["tags"],
                         "Layers": layers}])
     emit.member(writer, "manifest.json", len(manifest), 0o600, data=manifest, digests=_digests(manifest))
     repositories = b"{}"
@@ -306,5 +299,5 @@ def _write_metadata(image: dict, writer, emit: _Emitter) -> None:
 
 def _isula_image(image: dict) -> dict:
     return {**image, "layer_paths": [f"{lid}/layer.tar" for lid, _ in image["legacy_layers"]],
-            "config": {"member": image["config"]["digest"][7:] + ".json", "digest": image["config"]["digest"]}}
+            "config": {"member": digest_hex(image["config"]["digest"]) + ".json", "digest": image["config"]["digest"]}}
 

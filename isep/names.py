@@ -1,9 +1,13 @@
-"""Image names as Docker normalises them, and part file names."""
+"""Image names as Docker normalises them, part file names, and the bundle directory's own file names."""
 from __future__ import annotations
 
 import re
 
-RESERVED_FILE_NAMES = {"manifest", "isep-bundle.json", "isep-bundle.json.sig", "isep-bundle.lock"}
+BUNDLE_MANIFEST = "isep-bundle.json"
+SIGNATURE_FILE = "isep-bundle.json.sig"
+ISULA_MANIFEST = "manifest"         # isula-build's manifest, beside the parts
+LOCK_FILE = "isep-bundle.lock"
+RESERVED_FILE_NAMES = {ISULA_MANIFEST, BUNDLE_MANIFEST, SIGNATURE_FILE, LOCK_FILE}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -39,13 +43,19 @@ def same_image_name(a: str, b: str) -> bool:
     return normalize(strip(na)) == normalize(strip(nb))
 
 
+def display_name(image: dict) -> str:
+    """How messages name an image of an index, plan or bundle: its first tag, else its config digest."""
+    tags = image.get("tags") or []
+    return tags[0] if tags else str((image.get("config") or {}).get("digest", "an untagged image"))[:19]
+
+
 def part_stem(tag: str) -> str:
     """isula-build's '<last path component>_<tag>' of a reference."""
     repo, tagpart = split_tag(tag)
     return f"{repo.rsplit('/', 1)[-1]}_{tagpart}"
 
 
-def check_file_name(name: str, what: str) -> str | None:
+def check_file_name(name: object, what: str) -> str | None:
     """Why a name cannot be a part file name in a bundle directory, or None when it can."""
     if not isinstance(name, str) or not name:
         return f"{what}: empty file name"

@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
 
 import xxhash
 
-from .archive import JSON_CAP, KEPT_JSON_TOTAL, ScannedArchive, build_index, load_json, member_record
-from .bundle import part_for_layers
-from .digests import BlobHasher, sniff_compression
+from .archive import (JSON_CAP, Chunk, KeptJson, ProgressCallback, ScannedArchive, build_index, link_target, load_json,
+                      member_record, pass_member)
+from .bundle import encode_isula_manifest, part_for_layers
+from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
-from .join import DecompressingReader
 from .legacy import gojson
 from .partition import make_plan, shared_part_names
-from .parts import PartWriter
+from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
-from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+from .targets import OutputTarget
+from .tarstream import Member, Source, TarReader, build_header, padded
 
 DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
 V1_MEMBER = re.compile(r"^([0-9a-f]{64})/(?:|VERSION|json|layer\.tar)$")
@@ -45,7 +45,7 @@ class PackOptions:
     isula_manifest: bool = True
     layout: str = "isep"                  # "isula": isula-build's separated layout (not verbatim)
     renames: dict | None = None
-    progress: object | None = None        # callable(bytes_read)
+    progress: ProgressCallback | None = None
 
 
 @dataclass
@@ -67,29 +67,17 @@ def save_id(members: list[dict]) -> str:
 
 # --- copying members -------------------------------------------------------------------------------
 
-def copy_member(member: Member, rec: dict, writers: list[PartWriter], blobs: dict[str, bytes] | None,
-                chunks=None) -> None:
-    """Copy one member's raw bytes to the writers while hashing its data (and keep it in blobs, when
+def copy_member(member: Member, rec: dict, writers: list[PartWriter], kept: KeptJson | None,
+                chunks: Iterable[Chunk] | None = None) -> None:
+    """Copy one member's raw bytes to the writers while hashing its data (and keep it, when kept is
     given, if it is small JSON)."""
     for w in writers:
         w.write(member.header)
         w.members.append(rec)
-    hasher = BlobHasher(f"member {member.name!r}") if member.is_file else None
-    keep = bytearray() if blobs is not None and member.is_file and member.size <= JSON_CAP else None
-    for chunk in member.iter_data() if chunks is None else chunks:
-        if hasher is not None:
-            hasher.update(chunk)
-        if keep is not None:
-            keep += chunk
+    rec.update(pass_member(member, [w.write for w in writers], kept, chunks=chunks))
+    if member.padding:
         for w in writers:
-            w.write(chunk)
-    for w in writers:
-        if member.padding:
             w.write(member.padding)
-    if hasher is not None:
-        rec.update(hasher.result())
-    if keep is not None and keep[:1] in (b"{", b"["):
-        blobs[member.name] = bytes(keep)
 
 
 def _digests_of(data: bytes) -> dict:
@@ -121,11 +109,13 @@ def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter
                            "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
 
 
-def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> None:
+def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> dict:
+    """The plan's record of member seq, when it names this member; BadInput otherwise."""
     if want is None or want["name"] != member.name or want["size"] != member.size:
         got = f"{member.name!r} ({member.size} bytes)"
         exp = f"{want['name']!r} ({want['size']} bytes)" if want else "no member"
         raise BadInput(f"{source_name} does not match the plan: member {seq} is {got}, the plan has {exp}")
+    return want
 
 
 class PlanRouter:
@@ -145,8 +135,7 @@ class PlanRouter:
         self.image_of_app = {im["app_part"]: im for im in plan["images"]}
 
     def route(self, member: Member, seq: int, source_name: str) -> dict:
-        want = self.expected.get(seq)
-        check_plan_member(member, seq, want, source_name)
+        want = check_plan_member(member, seq, self.expected.get(seq), source_name)
         rec = member_record(member, seq)
         files = self.part_of_seq.get(seq, [])
         plain = [self.writers[f] for f in files if seq not in self.restrict[f]]
@@ -174,10 +163,12 @@ class PlanRouter:
 # --- the pack run ----------------------------------------------------------------------------------
 
 class PackRun:
-    def __init__(self, target, options: PackOptions):
+    """The writers of one pack, and the bundle manifest entries they become."""
+
+    def __init__(self, target: OutputTarget, options: PackOptions):
         self.target = target
         self.options = options
-        self.outs: dict[str, object] = {}
+        self.outs: dict[str, Sink] = {}
         self.writers: dict[str, PartWriter] = {}
         self.reused: list[str] = []
 
@@ -252,21 +243,21 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
         if not part:
             return None
         paths = dict(zip(image["diff_ids"], image["layer_paths"]))
-        return [paths[d].split("/")[0] if paths.get(d, "").endswith("/layer.tar") else d[7:]
+        return [paths[d].split("/")[0] if paths.get(d, "").endswith("/layer.tar") else digest_hex(d)
                 for d in part["layers"]]
 
-    out = {}
+    out: dict[str, dict] = {}
     for image in plan["images"]:
         if not image["tags"]:
             continue
         app = next(p for p in plan["parts"] if p["file"] == image["app_part"])
         lib, base = by_role.get("lib"), by_role["base"]
         entry = {
-            "app": app["file"], "appHash": infos[app["file"]]["sha256"][7:],
+            "app": app["file"], "appHash": digest_hex(infos[app["file"]]["sha256"]),
             "appLayers": layer_ids(app, image),
-            "lib": lib["file"] if lib else "", "libHash": infos[lib["file"]]["sha256"][7:] if lib else "",
+            "lib": lib["file"] if lib else "", "libHash": digest_hex(infos[lib["file"]]["sha256"]) if lib else "",
             "libImageName": (plan["lib"] or {}).get("name") or "", "libLayers": layer_ids(lib, image),
-            "base": base["file"], "baseHash": infos[base["file"]]["sha256"][7:],
+            "base": base["file"], "baseHash": digest_hex(infos[base["file"]]["sha256"]),
             "baseImageName": plan["base"]["name"], "baseLayer": layer_ids(base, image)[-1],
         }
         # isula-build keys an image by its first tag only, and `ctr-img load -i` looks its argument
@@ -274,11 +265,6 @@ def isula_manifest(plan: dict, infos: dict) -> bytes:
         for tag in image["tags"]:
             out.setdefault(tag, entry)
     return encode_isula_manifest(out)
-
-
-def encode_isula_manifest(entries: dict) -> bytes:
-    """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
-    return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
 
 
 def _fix_image_parts(plan: dict) -> None:
@@ -293,7 +279,7 @@ def _rename_in_images(plan: dict) -> None:
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
 
 
-def pack_with_plan(source: Source, plan: dict, target, options: PackOptions) -> PackResult:
+def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: PackOptions) -> PackResult:
     """Execute a plan: every member goes where the plan says."""
     run = PackRun(target, options)
     _fix_image_parts(plan)
@@ -309,7 +295,8 @@ def pack_with_plan(source: Source, plan: dict, target, options: PackOptions) -> 
         if options.progress:
             options.progress(source.offset)
     if count != len(plan["members"]) or len(reader.trailer) != plan.get("trailer_size", len(reader.trailer)):
-        raise BadInput(f"{source.name} does not match the plan: it has {count} members, the plan {len(plan['members'])}")
+        raise BadInput(f"{source.name} does not match the plan: it has {count} members, "
+                       f"the plan {len(plan['members'])}")
     return run.finish(plan, len(reader.trailer), 0, source.offset)
 
 
@@ -321,11 +308,11 @@ class _Spool:
     def __init__(self, directory: str | None):
         self.directory = directory
         self.mem = bytearray()
-        self.file = None
+        self.file: IO[bytes] | None = None
         self.size = 0
         self.peak = 0
 
-    def write(self, data) -> None:
+    def write(self, data: Chunk) -> None:
         self.size += len(data)
         self.peak = max(self.peak, self.size)
         if self.file is None and len(self.mem) + len(data) <= SPOOL_IN_MEMORY:
@@ -340,16 +327,11 @@ class _Spool:
         except OSError as exc:
             raise EnvironmentFailure(f"cannot spool a layer: {exc.strerror}") from None
 
-    def replay(self):
+    def replay(self) -> Iterator[bytes]:
         if self.file is None:
             yield bytes(self.mem)
         else:
-            self.file.seek(0)
-            while True:
-                data = self.file.read(CHUNK)
-                if not data:
-                    break
-                yield data
+            yield from rewound_chunks(self.file)
             self.file.close()
             self.file = None
         self.mem = bytearray()
@@ -359,7 +341,8 @@ class _Spool:
 class OneShot:
     """Routes members of an archive nobody has indexed, for pack --base/--lib on a pipe."""
 
-    def __init__(self, base: Ref, lib: Ref | None, writers: dict[str, PartWriter], spool_dir: str | None):
+    def __init__(self, base: Ref, lib: Ref | None, writers: dict[str, PartWriter], spool_dir: str | None,
+                 source_name: str):
         self.role_of_diff = {d: "base" for d in base.diff_ids}
         if lib is not None:
             for d in lib.diff_ids[len(base.diff_ids):]:
@@ -370,14 +353,14 @@ class OneShot:
         self.held: list[tuple[bytes, dict]] = []
         self.held_dir: str | None = None
         self.spool = _Spool(spool_dir)
-        self.blobs: dict[str, bytes] = {}
+        self.kept = KeptJson(source_name)
 
     def role_by_name(self, name: str) -> str | None:
         m = DIGEST_NAME.match(name)
         return self.role_of_diff.get("sha256:" + (m.group(1) or m.group(2))) if m else None
 
     def put(self, role: str, member: Member, rec: dict) -> None:
-        copy_member(member, rec, [self.writers[role]], self.blobs)
+        copy_member(member, rec, [self.writers[role]], self.kept)
         self.role_of_member[member.name] = role
 
     def flush_held(self, role: str) -> None:
@@ -402,7 +385,7 @@ class OneShot:
             return
         role = self.role_by_name(name)
         if member.kind == "symlink":
-            target = os.path.normpath(os.path.join(os.path.dirname(name), member.linkname))
+            target = link_target(name, member.linkname, "symlink")
             role = self.role_of_member.get(target) or self.role_by_name(target) or "app"
         if role is None and member.is_file and (folder is not None or name.startswith("blobs/")):
             chunks = member.iter_data()
@@ -410,7 +393,7 @@ class OneShot:
             chunks = itertools.chain([] if first is None else [first], chunks)
             if folder is None and DIGEST_NAME.match(name) and not sniff_compression(first or b""):
                 # uncompressed and named by its digest (its diffID if it is a layer): not base or lib
-                copy_member(member, rec, [self.writers["app"]], self.blobs, chunks)
+                copy_member(member, rec, [self.writers["app"]], self.kept, chunks)
                 self.role_of_member[name] = "app"
                 return
             role = self._resolve_by_content(member, rec, chunks)
@@ -434,20 +417,10 @@ class OneShot:
         if sum(len(raw) for raw, _ in self.held) > JSON_CAP:  # not a real v1 folder: bound memory
             self.flush_held("app")
 
-    def _resolve_by_content(self, member: Member, rec: dict, chunks) -> str:
-        spool = self.spool
-        spool.write(member.header)
-        hasher = BlobHasher(f"member {member.name!r}")
-        keep = bytearray() if member.size <= JSON_CAP else None
-        for chunk in chunks:
-            hasher.update(chunk)
-            spool.write(chunk)
-            if keep is not None:
-                keep += chunk
-        spool.write(member.padding)
-        rec.update(hasher.result())
-        if keep is not None and keep[:1] in (b"{", b"["):
-            self.blobs[member.name] = bytes(keep)
+    def _resolve_by_content(self, member: Member, rec: dict, chunks: Iterable[Chunk]) -> str:
+        self.spool.write(member.header)
+        rec.update(pass_member(member, [self.spool.write], self.kept, chunks=chunks))
+        self.spool.write(member.padding)
         role = self.role_of_diff.get(rec.get("diff_id") or rec["sha256"], "app")
         self.role_of_member[member.name] = role
         return role
@@ -459,11 +432,12 @@ class OneShot:
         writer.members.append(rec)
 
 
-def _carried(writer: PartWriter) -> set[str]:
+def _carried(writer: PartWriter) -> set[str | None]:
     return {m.get("diff_id") or m.get("sha256") for m in writer.members if m.get("type") == "file"}
 
 
-def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: PackOptions) -> PackResult:
+def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarget,
+                  options: PackOptions) -> PackResult:
     run = PackRun(target, options)
     # the plan is known only at the end, but base and lib are named after their refs
     names = shared_part_names(base, lib, options.compression, options.renames or {})
@@ -474,21 +448,17 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     section_out = target.open_section()
     section = PartWriter("app-section", section_out, options.compression, options.level)
     role_writers["app"] = section
-    shot = OneShot(base, lib, role_writers, target.spool_dir)
+    shot = OneShot(base, lib, role_writers, target.spool_dir, source.name)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
-    kept_total = 0
     for seq, member in enumerate(reader):
         rec = member_record(member, seq)
         scanned.members.append(rec)
         shot.route(member, rec)
-        kept_total += len(shot.blobs.get(member.name, b""))
-        if kept_total > KEPT_JSON_TOTAL:
-            raise BadInput(f"{source.name}: over {KEPT_JSON_TOTAL >> 20} MiB of JSON members")
         if options.progress:
             options.progress(source.offset)
     shot.flush_held("app")
-    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, shot.blobs
+    scanned.trailer, scanned.size, scanned.blobs = reader.trailer, source.offset, shot.kept.blobs
     plan = make_plan(build_index(scanned), base, lib, compression=options.compression,
                      renames=options.renames)
     _check_routing(plan, role_writers, base, lib)
@@ -498,8 +468,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target, options: P
     apps = [p for p in plan["parts"] if p["role"] == "app"]
     if len(apps) == 1 and not apps[0].get("rewrite"):
         apps[0]["members"] = [m["seq"] for m in section.members]
-        adopted = _Finished(section, apps[0]["file"])
-        adopted.wanted = "app" in options.parts
+        adopted = section.adopt_as(apps[0]["file"], wanted="app" in options.parts)
         run.writers[apps[0]["file"]] = adopted
         target.name(section_out, apps[0]["file"] if adopted.wanted else None)
     else:
@@ -516,18 +485,6 @@ def _check_routing(plan: dict, writers: dict[str, PartWriter], base: Ref, lib: R
     if missing:
         raise BadInput(f"could not place layer {missing[0]} while streaming: its member did not show "
                        f"which layer it carries; run isep-index | isep-partition and pack with --plan")
-
-
-class _Finished:
-    """A writer already finished (the app section adopted as the app part)."""
-
-    def __init__(self, writer: PartWriter, file_name: str):
-        self._info = {**writer.finish(), "file": file_name}
-        self.members = writer.members
-        self.wanted = writer.wanted
-
-    def finish(self) -> dict:
-        return self._info
 
 
 def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> None:
@@ -551,7 +508,7 @@ def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> 
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
 
 
-def _split_section(plan: dict, section: PartWriter, section_out, target, run: PackRun,
+def _split_section(plan: dict, section: PartWriter, section_out: Sink, target: OutputTarget, run: PackRun,
                    options: PackOptions) -> None:
     """Several app images: read the app section back and split it per image."""
     for part in plan["parts"]:

@@ -5,12 +5,13 @@ that pack can route each member from its header alone and join can merge parts b
 """
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 
+from .archive import link_target
+from .digests import digest_hex
 from .errors import Misfit, UsageError
 from .legacy import chain_ids
-from .names import check_file_name, part_stem
+from .names import check_file_name, display_name, part_stem
 from .refs import Ref
 
 PLAN_SCHEMA = "isep-plan/1"
@@ -61,7 +62,7 @@ def check_refs(base: Ref, lib: Ref | None) -> Split:
 def image_role(image: dict, base: Ref, lib: Ref | None, split: Split) -> str:
     """'base' or 'lib' when the image is that image itself, else 'app' (after checking it fits)."""
     ids = image["diff_ids"]
-    who = image["tags"][0] if image["tags"] else image["config"]["digest"][:19]
+    who = display_name(image)
     if ids == base.diff_ids:
         return "base"
     if lib is not None and ids == lib.diff_ids:
@@ -113,7 +114,7 @@ def shared_part_names(base: Ref, lib: Ref | None, compression: str, renames: dic
 def _ref_stem(ref: Ref, role: str) -> str:
     if ref.name:
         return part_stem(ref.name)
-    return f"{role}-{chain_id(ref.diff_ids)[7:19]}"
+    return f"{role}-{digest_hex(chain_id(ref.diff_ids))[:12]}"
 
 
 class _Assigner:
@@ -137,13 +138,9 @@ class _Assigner:
                 self.add(sibling, part)
 
     def link_target(self, rec: dict) -> dict | None:
-        if rec["type"] == "symlink":
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(rec["name"]), rec["link"]))
-        elif rec["type"] == "hardlink":
-            target = rec["link"]
-        else:
+        if rec["type"] not in ("symlink", "hardlink"):
             return None
-        return self.by_name.get(target)
+        return self.by_name.get(link_target(rec["name"], rec["link"], rec["type"]))
 
 
 def _assign(index: dict, roles: list[str], app_parts: dict[int, str], split: Split) -> _Assigner:
@@ -209,7 +206,7 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
     files = shared_part_names(base, lib, compression, renames)
     for k in apps:
         image = images[k]
-        stem = part_stem(image["tags"][0]) if image["tags"] else f"app-{image['config']['digest'][7:19]}"
+        stem = part_stem(image["tags"][0]) if image["tags"] else f"app-{digest_hex(image['config']['digest'])[:12]}"
         by_tag = next((renames[t] for t in image["tags"] if t in renames), None)
         files[app_parts[k]] = by_tag or _apply_rename(f"{stem}_app_image{ext}", renames, compression)
     _check_unique(files, images, app_parts)
@@ -222,7 +219,7 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
                 "raw_size": sum(by_seq[s]["raw_size"] for s in seqs)}
         if part_id == "base":
             part.update(role="base", image=base.name, diff_ids=split.base, layers=split.base)
-        elif part_id == "lib":
+        elif part_id == "lib" and lib is not None:
             part.update(role="lib", image=lib.name, diff_ids=base.diff_ids + split.lib, layers=split.lib)
         else:
             k = int(part_id.split(":")[1])
@@ -296,7 +293,7 @@ def _shared_app_layer_warnings(images: list[dict], apps: list[int], split: Split
     seen: dict[str, str] = {}
     warnings = []
     for k in apps:
-        tag = images[k]["tags"][0] if images[k]["tags"] else f"image {k}"
+        tag = display_name(images[k])
         for diff in dict.fromkeys(images[k]["diff_ids"][split.below_app:]):
             if diff in seen and seen[diff] != tag:
                 warnings.append(f"layer {diff} is in the app parts of both {seen[diff]} and {tag}; "
@@ -314,7 +311,7 @@ def summary_lines(plan: dict) -> list[str]:
     for image in plan["images"]:
         total = sum(sizes[f] for f in image["parts"])
         app = sizes[image["app_part"]]
-        name = image["tags"][0] if image["tags"] else image["config"]["digest"][:19]
+        name = display_name(image)
         lines.append(f"{name}: app part {app:,} of {total:,} bytes ({100 * app / max(total, 1):.1f}%)")
     lines += [f"note: {s['tags'][0] if s['tags'] else 'an image'} {s['reason']}; not packed as an app"
               for s in plan["skipped"]]

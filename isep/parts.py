@@ -1,10 +1,15 @@
-"""Part files: compressed tars of verbatim archive members, hashed while they are written.
+"""Part files: compressed tars of verbatim archive members, hashed while they are written, and read
+back hashed and decompressed.
 
-A part is compressed as a sequence of independent frames (zstd frames or gzip members) of 4 MiB of
-input each, on a pool of threads shared by all parts (hashlib, zstandard, ISA-L, zlib and file writes
-all release the GIL). The output is the same whatever the number of threads, memory stays bounded by the
-frames in flight, and every decoder reads such a stream as one (zstd frames and gzip members
-concatenate).
+Writing: PartWriter; a part is compressed as a sequence of independent frames (zstd frames or gzip
+members) of 4 MiB of input each, on a pool of threads shared by all parts (hashlib, zstandard, ISA-L,
+zlib and file writes all release the GIL). The output is the same whatever the number of threads,
+memory stays bounded by the frames in flight, and every decoder reads such a stream as one (zstd
+frames and gzip members concatenate).
+
+Reading: PartInput says where a part comes from and what its manifest promises; HashingFile reads
+the stored bytes ahead on a thread, counting and hashing them; DecompressingReader turns them back
+into the tar stream, refusing to expand beyond the declared size.
 """
 from __future__ import annotations
 
@@ -13,14 +18,31 @@ import os
 import queue
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, BinaryIO, Callable, Iterator, Protocol, cast
 
 import xxhash
 import zstandard
 from isal import isal_zlib
 
-from .errors import UsageError
-from .tarstream import END_OF_ARCHIVE
+from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
+from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
+from .tarstream import CHUNK, END_OF_ARCHIVE
+
+Opener = Callable[[], BinaryIO]   # opens a part file for binary reading, once per read
+
+
+class Sink(Protocol):
+    """Where a PartWriter's compressed bytes go: a file in a store, or chunks of a bundle stream."""
+
+    def write(self, data: bytes) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_LEVELS = {"zstd": 3, "gzip": 2, "none": 0}
@@ -30,31 +52,36 @@ ISAL_MAX_LEVEL = 3
 FRAME = 4 << 20
 
 _local = threading.local()
-_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-_slots: threading.BoundedSemaphore | None = None
-_write_queue: queue.Queue | None = None
-_writer_thread: threading.Thread | None = None
+
+
+class _Pool:
+    """Compression workers, a bound on frames in flight, and the one thread that hashes and writes
+    finished frames in the order they were submitted (so that workers never wait for each other)."""
+
+    def __init__(self, workers: int):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isep-compress")
+        self.slots = threading.BoundedSemaphore(2 * workers + 2)
+        self.jobs: queue.Queue = queue.Queue()
+        self.writer = threading.Thread(target=_write_loop, args=(self.jobs, self.slots), name="isep-write",
+                                       daemon=True)
+        self.writer.start()
+
+
+_pool: _Pool | None = None
 
 
 def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def pool() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore, queue.Queue]:
-    """Compression workers, a bound on frames in flight, and the one thread that hashes and writes
-    finished frames in the order they were submitted (so that workers never wait for each other)."""
-    global _pool, _slots, _write_queue, _writer_thread
+def pool() -> _Pool:
+    """The process's compression pool, started on first use."""
+    global _pool
     with _pool_lock:
         if _pool is None:
-            n = _workers()
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="isep-compress")
-            _slots = threading.BoundedSemaphore(2 * n + 2)
-            _write_queue = queue.Queue()
-            _writer_thread = threading.Thread(target=_write_loop, args=(_write_queue, _slots),
-                                              name="isep-write", daemon=True)
-            _writer_thread.start()
-    return _pool, _slots, _write_queue
+            _pool = _Pool(_workers())
+        return _pool
 
 
 def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
@@ -64,14 +91,7 @@ def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
             return
         part, future, done = job
         try:
-            blob = future.result()
-            if part._error is None:
-                part._sha.update(blob)
-                part._xxh.update(blob)
-                part.size += len(blob)
-                part._out.write(blob)
-        except BaseException as exc:  # surfaced in the writing thread by _raise_failure
-            part._error = exc
+            part.store_frame(future)
         finally:
             slots.release()
             done.set()
@@ -79,13 +99,13 @@ def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
 
 def drain() -> None:
     """Let frames in flight finish (before temporary files are removed after a failure)."""
-    global _pool, _writer_thread
+    global _pool
     with _pool_lock:
         if _pool is not None:
-            _pool.shutdown(wait=True)
-            _write_queue.put(None)
-            _writer_thread.join()
-            _pool = _writer_thread = None
+            _pool.executor.shutdown(wait=True)
+            _pool.jobs.put(None)
+            _pool.writer.join()
+            _pool = None
 
 
 def check_level(compression: str, level: int | None) -> int:
@@ -99,7 +119,7 @@ def check_level(compression: str, level: int | None) -> int:
     return level
 
 
-def compress_frame(compression: str, level: int, data: bytes) -> bytes:
+def compress_frame(compression: str, level: int, data: bytes | bytearray) -> bytes | bytearray:
     if compression == "zstd":
         key = ("zstd", level)
         comp = getattr(_local, "comp", {}).get(key)
@@ -117,7 +137,7 @@ def compress_frame(compression: str, level: int, data: bytes) -> bytes:
 class PartWriter:
     """Receives raw member bytes in order; writes the compressed part to `out` and hashes it."""
 
-    def __init__(self, file_name: str, out, compression: str, level: int | None):
+    def __init__(self, file_name: str, out: Sink | None, compression: str, level: int | None):
         self.file_name = file_name
         self.compression = compression
         self.level = check_level(compression, level)
@@ -147,19 +167,42 @@ class PartWriter:
                 self._submit(self._buf)
                 self._buf, self._fill = bytearray(FRAME), 0
 
-    def _submit(self, frame: bytes) -> None:
-        executor, slots, jobs = pool()
+    def _submit(self, frame: bytes | bytearray) -> threading.Event:
+        """Hand one frame to the pool; the event is set once it is written."""
+        workers = pool()
         self._raise_failure()
-        slots.acquire()
+        workers.slots.acquire()
         done = threading.Event()
         self._last_done = done
         try:
-            future = executor.submit(compress_frame, self.compression, self.level, frame)
+            future = workers.executor.submit(compress_frame, self.compression, self.level, frame)
         except BaseException:
-            slots.release()
+            workers.slots.release()
             done.set()
             raise
-        jobs.put((self, future, done))
+        workers.jobs.put((self, future, done))
+        return done
+
+    def store_frame(self, future: Future) -> None:
+        """On the writing thread: hash and write one compressed frame, in submission order; a
+        failure is kept and raised in the thread that writes the part (_raise_failure)."""
+        try:
+            blob = future.result()
+            if self._error is None and self._out is not None:
+                self._sha.update(blob)
+                self._xxh.update(blob)
+                self.size += len(blob)
+                self._out.write(blob)
+        except BaseException as exc:
+            self._error = exc
+
+    def adopt_as(self, file_name: str, *, wanted: bool) -> PartWriter:
+        """This writer, finished, as the part file_name (the app section of a one-shot pack becomes
+        the app part); wanted False: the part is not asked for, and is only counted."""
+        self._final = {**self.finish(), "file": file_name}
+        self.file_name = file_name
+        self.wanted = wanted
+        return self
 
     def _raise_failure(self) -> None:
         if self._error is not None:
@@ -170,12 +213,203 @@ class PartWriter:
             return self._final
         self.write(END_OF_ARCHIVE)
         if self.wanted:
-            if self._fill or self._last_done is None:
-                self._submit(bytes(self._buf[:self._fill]))
+            done = self._last_done
+            if self._fill or done is None:
+                done = self._submit(self._buf[:self._fill])
                 self._buf, self._fill = bytearray(), 0
-            self._last_done.wait()
+            done.wait()
             self._raise_failure()
         self._final = {"file": self.file_name, "compression": self.compression, "size": self.size,
                        "sha256": "sha256:" + self._sha.hexdigest(), "xxh3": self._xxh.hexdigest(),
                        "raw_size": self.raw_size}
         return self._final
+
+
+# --- reading parts back -----------------------------------------------------------------------------
+
+@dataclass
+class PartInput:
+    """One part to read: where from, and what its manifest entry promises (None for isula parts)."""
+
+    label: str                      # how messages name it
+    opener: Opener
+    entry: dict | None = None
+    expected_sha256: str | None = None
+    expected_size: int | None = None
+    order: int = 0
+
+
+def part_opener(path: str) -> Opener:
+    """Opens a part file without following a symlink in its last component; "-" is stdin."""
+    if path == "-":  # a part on stdin (isep-join STORE -a -)
+        return lambda: os.fdopen(os.dup(0), "rb", buffering=0)
+
+    def open_it() -> BinaryIO:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise EnvironmentFailure(f"cannot open part {path}: {exc.strerror}") from None
+        return os.fdopen(fd, "rb", buffering=0)
+    return open_it
+
+
+class HashingFile:
+    """A part file read through: a thread reads ahead and counts and hashes the stored (compressed)
+    bytes, so that hashing overlaps decompression and the work of the caller."""
+
+    def __init__(self, raw: Readable, what: str, *, sha256: bool = True, depth: int = 4):
+        self.raw = raw
+        self.what = what
+        # one digest, the one checked: sha256, or xxh3 for a fast verify
+        self._hash = hashlib.sha256() if sha256 else xxhash.xxh3_128()
+        self.algorithm = "sha256" if sha256 else "xxh3"
+        self.size = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._left = memoryview(b"")
+        self._eof = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def digest(self) -> str:
+        """The stored bytes' digest as manifests write it: "sha256:<hex>", or the bare xxh3 hex."""
+        hexdigest = self._hash.hexdigest()
+        return "sha256:" + hexdigest if self.algorithm == "sha256" else hexdigest
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                data = self.raw.read(CHUNK)
+                if not data:
+                    break
+                self.size += len(data)
+                self._hash.update(data)
+                self._queue.put(data)
+            self._queue.put(b"")
+        except BaseException as exc:
+            self._queue.put(exc)
+
+    def read(self, n: int = -1) -> bytes:
+        if not len(self._left):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise EnvironmentFailure(f"cannot read {self.what}: {item}")
+            if not item:
+                self._eof = True
+                return b""
+            if n is None or n < 0 or n >= len(item):
+                return item  # the common case: a whole chunk, handed on without a copy
+            self._left = memoryview(item)
+        if n is None or n < 0 or n >= len(self._left):
+            out, self._left = self._left, memoryview(b"")
+        else:
+            out, self._left = self._left[:n], self._left[n:]
+        return bytes(out)
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+        self._thread.join()
+
+    def close(self) -> None:
+        self._stop = True
+        while self._thread.is_alive():  # unblock a reader thread waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(0.01)
+
+
+class DecompressingReader:
+    """readinto() over a compressed file; refuses to expand beyond the declared size (bombs)."""
+
+    def __init__(self, src: Readable, compression: str | None, limit: int | None, what: str):
+        self.src = src
+        self.what = what
+        self.limit = limit
+        self.produced = 0
+        self.compression = compression
+        self._reader: zstandard.ZstdDecompressionReader | None = None
+        self._gzip: Decompressor | None = None
+        self._pending = memoryview(b"")
+        self._pieces: Iterator[bytes] = iter(())  # decompressed gzip output not yet handed out
+        self._started = False
+
+    def _start(self) -> None:
+        self._started = True
+        kind = self.compression
+        if kind in (None, "auto"):
+            head = self.src.read(CHUNK)
+            self._pending = memoryview(head)
+            kind = sniff_compression(head)
+        if kind == "zstd":
+            reader = _Prepend(bytes(self._pending), self.src) if len(self._pending) else self.src
+            self._pending = memoryview(b"")
+            # stream_reader calls only read(); its stubs ask for a whole IO[bytes]
+            self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
+                cast(IO[bytes], reader), read_size=CHUNK, read_across_frames=True)
+        elif kind == "gzip":
+            self._gzip = Decompressor("gzip", self.what)
+            if len(self._pending):
+                self._pieces = self._gzip.feed(bytes(self._pending))
+                self._pending = memoryview(b"")
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        if not self._started:
+            self._start()
+        try:
+            n = self._readinto(buf)
+        except zstandard.ZstdError as exc:
+            raise BadInput(f"{self.what}: corrupt zstd data ({exc})") from None
+        self.produced += n
+        if self.limit is not None and self.produced > self.limit:
+            raise IntegrityError(f"{self.what} expands beyond the {self.limit} bytes its manifest declares")
+        return n
+
+    def _readinto(self, buf: bytearray | memoryview) -> int:
+        if self._reader is not None:
+            return self._reader.readinto(buf)
+        while not len(self._pending):
+            piece = next(self._pieces, None)
+            if piece is not None:
+                self._pending = memoryview(piece)
+                continue
+            data = self.src.read(CHUNK)
+            if not data:
+                if self._gzip is not None:
+                    self._gzip.finish()
+                return 0
+            if self._gzip is not None:
+                self._pieces = self._gzip.feed(data)
+            else:
+                self._pending = memoryview(data)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def rewound_chunks(fh: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    """A spooled temporary file's bytes from its start, size bytes at a time."""
+    fh.seek(0)
+    while True:
+        data = fh.read(size)
+        if not data:
+            return
+        yield data
+
+
+class _Prepend:
+    """The bytes read to sniff the compression, handed out again before the rest of the file."""
+
+    def __init__(self, head: bytes, src: Readable):
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            return out
+        return self.src.read(n)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 from .archive import JSON_CAP, load_json
 from .errors import BadInput, EnvironmentFailure, UsageError
-from .names import same_image_name
-
-BUNDLE_MANIFEST = "isep-bundle.json"
+from .names import BUNDLE_MANIFEST, same_image_name
 
 
 @dataclass

@@ -36,8 +36,9 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, TypedDict
 
+from .archive import FORMATS as FORMAT_DESCRIPTIONS
 from .legacy import chain_ids, gojson, podman_v1_from_config
 from .legacy import sorted_map as _sorted_map
 
@@ -66,7 +67,7 @@ __all__ = [
     "EMPTY_LAYER_DIFFID",
 ]
 
-FORMATS = ("docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive")
+FORMATS = tuple(FORMAT_DESCRIPTIONS)  # the producer formats isep reads, each made faithfully here
 
 CHUNK = 1 << 20
 BLOCK = 512
@@ -118,7 +119,7 @@ def _split_ustar_path(name: bytes):
 
 
 def _pax_record(key: str, value: str) -> bytes:
-    body = f" {key}={value}\n".encode("utf-8")
+    body = f" {key}={value}\n".encode()
     n = len(body) + 1
     while len(str(n).encode()) + len(body) != n:
         n = len(str(n).encode()) + len(body)
@@ -264,7 +265,7 @@ def _chunk(seed: int, kind: str, file_no: int, chunk_no: int, n: int) -> bytes:
     rng = random.Random((seed << 48) ^ (file_no << 24) ^ chunk_no ^ (0x5EED if kind == "text" else 0))
     if kind == "random":
         pool = _random_pool(0)
-        table = list(range(256))
+        table: list[int] | bytearray = list(range(256))
         rng.shuffle(table)
     else:
         pool = _text_pool(0)
@@ -389,7 +390,7 @@ class Layer:
                 lazy_files.append((p, sz, kind, j))
         for d in dirs:
             ents.setdefault(d, (b"5", 0o755, 0, "", None))
-        out = []
+        out: list[tuple[str, bytes, int, int, str, object]] = []
         if self.prefix == "./" and ents:
             out.append(("./", b"5", 0o755, 0, "", None))
         for p in sorted(ents):
@@ -404,7 +405,7 @@ class Layer:
     def tar_size(self) -> int:
         if "size" not in self._cache:
             n = 0
-            for name, t, mode, size, link, src in self._entries():
+            for name, _type, _mode, size, link, _src in self._entries():
                 n += _header_len(name, size, link) + size + _pad(size)
             self._cache["size"] = n + 2 * BLOCK
         return self._cache["size"]
@@ -420,7 +421,7 @@ class Layer:
             if isinstance(src, (bytes, bytearray)):
                 buf += src
                 buf += bytes(_pad(size))
-            elif isinstance(src, tuple):
+            elif isinstance(src, tuple) and self.lazy is not None:
                 j, kind = src
                 for piece in self.lazy.iter_file(j, size, kind):
                     if buf:
@@ -481,7 +482,7 @@ class Layer:
         if "gz" not in self._cache:
             h = hashlib.sha256()
             n = 0
-            keep = [] if self.lazy is None else None
+            keep: list[bytes] | None = [] if self.lazy is None else None
             for piece in self._gzip_pieces():
                 h.update(piece)
                 n += len(piece)
@@ -716,10 +717,18 @@ class _Member:
     mode: int = 0o644
     mtime: int = 0
     size: int = 0
-    data: object = None  # bytes, or a callable returning an iterator of bytes
+    data: bytes | Callable[[], Iterable[bytes]] | None = None
     linkname: str = ""
     uname: str = ""
     gname: str = ""
+
+
+class _Owner(TypedDict):
+    uname: str
+    gname: str
+
+
+_ROOT: _Owner = {"uname": "root", "gname": "root"}
 
 
 def _write_members(out: BinaryIO, members: Iterable[_Member]) -> None:
@@ -759,7 +768,7 @@ def _members_docker_legacy(images: list[Image]) -> list[_Member]:
     extra: list[_Member] = []
     manifest = []
     repos: dict[str, dict[str, str]] = {}
-    R = dict(uname="root", gname="root")
+    R = _ROOT
     for im in images:
         ct = _created_secs(im.created)
         v1s = docker_v1_layers(im)
@@ -985,7 +994,7 @@ def _members_podman(images: list[Image]) -> list[_Member]:
 
 def _members_oci_archive(images: list[Image]) -> list[_Member]:
     now = _save_mtime(images)
-    R = dict(uname="root", gname="root")
+    R = _ROOT
     blobs: dict[str, _Member] = {}
     entries = []
 
@@ -1271,7 +1280,9 @@ def big_image_family(total_bytes: int, random_fraction: float = 0.5, layers: int
     nb = max(1, layers // 4) if layers >= 2 else 1
     nl = min(layers, nb + max(1, layers // 4)) if layers >= 3 else nb
     cfg = {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["/srv/run"]}
-    mk = lambda name, n: Image(name, lys[:n], "2024-01-01T00:%02d:00Z" % min(59, n - 1), dict(cfg))
+
+    def mk(name: str, n: int) -> Image:
+        return Image(name, lys[:n], "2024-01-01T00:%02d:00Z" % min(59, n - 1), dict(cfg))
     return {"base": mk("isep-bench/base:1", nb), "lib": mk("isep-bench/lib:1", nl),
             "app": mk("isep-bench/big:1", layers)}
 

@@ -16,9 +16,9 @@ import subprocess
 import tempfile
 
 from .errors import EnvironmentFailure, IntegrityError
+from .names import SIGNATURE_FILE
 
 NAMESPACE = "isep"
-SIGNATURE_FILE = "isep-bundle.json.sig"
 ARMOR = b"-----BEGIN SSH SIGNATURE-----"
 MAX_SIGNATURE = 64 << 10
 TIMEOUT = 60

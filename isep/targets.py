@@ -1,32 +1,58 @@
-"""Where pack writes a bundle: a store directory, or one tar stream on stdout."""
+"""Where pack writes a bundle (OutputTarget): a store directory (DirTarget, here) or one tar stream
+on stdout (isep.stream.StreamTarget)."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-import threading
+from typing import BinaryIO, Protocol, TypeVar
 
 from .archive import JSON_CAP
-from .bundle import BUNDLE_MANIFEST, ISULA_MANIFEST, Store, encode_manifest, merge_manifest, os_error, write_all
+from .bundle import Store, encode_isula_manifest, encode_manifest, merge_manifest, os_error, write_all
 from .errors import EnvironmentFailure
-from .parts import drain
-from .signing import SIGNATURE_FILE, sign_manifest
-from .tarstream import CHUNK, build_header, padded
+from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
+from .parts import Sink, drain
+from .signing import sign_manifest
+from .tarstream import CHUNK
 
-STREAM_SCHEMA = "isep-stream/1"
-STREAM_HEAD = "isep-stream.json"
-STREAM_CHUNK = 4 << 20
+
+SectionT = TypeVar("SectionT", bound=Sink)
+
+
+class OutputTarget(Protocol[SectionT]):
+    """What pack writes through. Parts are opened by file name and written as they stream; the app
+    section (one-shot packs) is opened before its name is known, read back, and named (or dropped)
+    at the end; finish() writes the bundle manifest last and abort() leaves nothing behind."""
+
+    @property
+    def existing(self) -> dict | None:
+        """The store's manifest, whose parts can be reused (None: nothing to reuse)."""
+
+    @property
+    def spool_dir(self) -> str | None:
+        """Where a one-shot pack may spool a layer (None: the system's temporary directory)."""
+
+    def open(self, file_name: str) -> Sink: ...
+
+    def open_section(self) -> SectionT: ...
+
+    def reopen(self, out: SectionT) -> BinaryIO: ...
+
+    def name(self, out: SectionT, file_name: str | None) -> None: ...
+
+    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict: ...
+
+    def abort(self) -> None: ...
 
 
 class _FileOut:
     """Gathers small compressor outputs into 1 MiB writes to a file."""
 
-    def __init__(self, raw, temp_name: str | None = None):
+    def __init__(self, raw: BinaryIO, temp_name: str):
         self.raw = raw
         self.temp_name = temp_name
         self.buf = bytearray()
 
-    def write(self, data) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.buf += data
         if len(self.buf) >= CHUNK:
             self.flush()
@@ -55,11 +81,8 @@ class DirTarget:
         self.store = store
         self.sign_key = sign_key
         self.existing = store.read_manifest()
+        self.spool_dir: str | None = store.path
         self._outs: list[tuple[_FileOut, str | None]] = []
-
-    @property
-    def spool_dir(self) -> str:
-        return self.store.path
 
     def open(self, file_name: str) -> _FileOut:
         temp, fh = self.store.create_temp(file_name)
@@ -70,7 +93,7 @@ class DirTarget:
     def open_section(self) -> _FileOut:
         return self.open("app-section")
 
-    def reopen(self, out: _FileOut):
+    def reopen(self, out: _FileOut) -> BinaryIO:
         return self.store.open_read(out.temp_name)
 
     def name(self, out: _FileOut, file_name: str | None) -> None:
@@ -78,7 +101,7 @@ class DirTarget:
         if file_name is None:  # read back already: remove it now, not at the end (it was left behind)
             if not out.raw.closed:
                 out.raw.close()
-            self._drop(out.temp_name)
+            self.store.remove(out.temp_name)
             self._outs = [(o, n) for o, n in self._outs if o is not out]
             return
         self._outs = [(o, file_name if o is out else n) for o, n in self._outs]
@@ -94,7 +117,7 @@ class DirTarget:
                 return self._commit(parts, images, isula, final, committed)
         except BaseException:
             for name in committed:  # ours, renamed a moment ago: a bundle is complete or absent
-                self._drop(name)
+                self.store.remove(name)
             raise
 
     def _commit(self, parts, images, isula, final, committed) -> dict:
@@ -105,11 +128,11 @@ class DirTarget:
             temp = final.pop(part["file"])
             old = known.get(part["file"])
             if old is not None and old.get("sha256") == part["sha256"]:
-                self._drop(temp)  # the store already holds this very part
+                self.store.remove(temp)  # the store already holds this very part
                 continue
             if old is not None and part["role"] != "app" and old.get("role") == part["role"] \
                     and old.get("diff_ids") == part["diff_ids"]:
-                self._drop(temp)  # a concurrent pack of another save stored these layers first:
+                self.store.remove(temp)  # a concurrent pack of another save stored these layers first:
                 adopted[part["file"]] = old  # reuse them, as a pack started a moment later would
                 continue
             if old is not None:
@@ -119,7 +142,7 @@ class DirTarget:
             self.store.commit(temp, part["file"])
             committed.append(part["file"])
         for temp in final.values():
-            self._drop(temp)
+            self.store.remove(temp)
         if adopted:
             parts = [adopted.get(p["file"], p) for p in parts]
             for image in images:
@@ -146,13 +169,6 @@ class DirTarget:
             pass
         return doc
 
-    def _drop(self, temp: str) -> None:
-        try:
-            os.unlink(temp, dir_fd=self.store.fd)
-        except OSError:
-            pass
-        self.store.temps.discard(temp)
-
     def abort(self) -> None:
         drain()
         for out, _ in self._outs:
@@ -172,7 +188,6 @@ def _rehash_isula(isula: bytes, adopted: dict[str, dict]) -> bytes:
             part = adopted.get(entry.get(role))
             if part is not None:
                 entry[role + "Hash"] = part["sha256"][len("sha256:"):]
-    from .pack import encode_isula_manifest
     return encode_isula_manifest(entries)
 
 
@@ -187,108 +202,4 @@ def _merge_isula(store: Store, new: bytes) -> bytes:
             except (ValueError, UnicodeDecodeError):
                 pass
     merged.update(json.loads(new))
-    from .pack import encode_isula_manifest
     return encode_isula_manifest(merged)
-
-
-class _StreamPart:
-    def __init__(self, target: "StreamTarget", file_name: str):
-        self.target = target
-        self.file_name = file_name
-        self.buf = bytearray()
-
-    def write(self, data) -> None:
-        self.buf += data
-        while len(self.buf) >= STREAM_CHUNK:
-            self.target.chunk(self.file_name, bytes(self.buf[:STREAM_CHUNK]))
-            del self.buf[:STREAM_CHUNK]
-
-    def close(self) -> None:
-        if self.buf:
-            self.target.chunk(self.file_name, bytes(self.buf))
-            self.buf.clear()
-
-
-class _TempOut:
-    def __init__(self, directory: str | None):
-        try:
-            self.raw = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-section-")
-        except OSError as exc:
-            raise os_error(exc, "cannot create a temporary file") from None
-
-    def write(self, data) -> None:
-        try:
-            self.raw.write(data)
-        except OSError as exc:
-            raise os_error(exc, "cannot write a temporary file") from None
-
-    def close(self) -> None:
-        pass
-
-
-class StreamTarget:
-    """A bundle as one tar stream: a head, then each part as numbered chunk members
-    (`parts/<file>/<n>`, at most 4 MiB each), then isula's manifest and isep-bundle.json last."""
-
-    spool_dir = None
-
-    def __init__(self, out, head: dict, sign_key: str | None = None):
-        self.out = out
-        self.sign_key = sign_key
-        self.existing = None
-        self._counters: dict[str, int] = {}
-        self._named: list[tuple[_TempOut, str]] = []
-        self._lock = threading.RLock()  # parts' frames are written from the compression threads
-        self._head = json.dumps({"schema": STREAM_SCHEMA, **head}).encode()
-        self._started = False  # nothing reaches stdout before the first part bytes: errors leave it empty
-
-    def _emit(self, name: str, data: bytes) -> None:
-        with self._lock:
-            if not self._started:
-                self._started = True
-                self._emit(STREAM_HEAD, self._head)
-            self.out.write(build_header(name, len(data), mode=0o644))
-            self.out.write(data)
-            self.out.write(bytes(padded(len(data)) - len(data)))
-
-    def chunk(self, file_name: str, data: bytes) -> None:
-        with self._lock:
-            n = self._counters.get(file_name, 0)
-            self._counters[file_name] = n + 1
-            self._emit(f"parts/{file_name}/{n:06d}", data)
-
-    def open(self, file_name: str) -> _StreamPart:
-        return _StreamPart(self, file_name)
-
-    def open_section(self) -> _TempOut:
-        return _TempOut(None)
-
-    def reopen(self, out: _TempOut):
-        out.raw.seek(0)
-        return out.raw
-
-    def name(self, out: _TempOut, file_name: str | None) -> None:
-        if file_name is not None:
-            self._named.append((out, file_name))
-
-    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
-        for out, file_name in self._named:
-            out.raw.seek(0)
-            while True:
-                data = out.raw.read(STREAM_CHUNK)
-                if not data:
-                    break
-                self.chunk(file_name, data)
-        doc = merge_manifest(None, parts, images)
-        if isula is not None:
-            self._emit(ISULA_MANIFEST, isula)
-        data = encode_manifest(doc)
-        self._emit(BUNDLE_MANIFEST, data)
-        if self.sign_key is not None:
-            self._emit(SIGNATURE_FILE, sign_manifest(data, self.sign_key))
-        self.out.write(bytes(1024))
-        self.out.flush()
-        return doc
-
-    def abort(self) -> None:
-        drain()

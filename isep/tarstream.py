@@ -7,13 +7,14 @@ every member, followed by the trailer, reproduces the input byte for byte.
 """
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import queue
 import stat
 import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Iterator, Protocol
 
 from .errors import BadInput, EnvironmentFailure, IsepError, Truncated
 
@@ -42,6 +43,13 @@ def enlarge_pipe(fd: int) -> None:
         pass
 
 
+class RawInput(Protocol):
+    """What a Source reads from: a file, a pipe, a decompressing reader. On a regular file (an
+    io object with a descriptor) skip() seeks instead of reading."""
+
+    def readinto(self, buf: memoryview, /) -> int | None: ...
+
+
 class Source:
     """A byte stream read front to back through page-aligned buffers.
 
@@ -50,7 +58,7 @@ class Source:
     caller asks this Source for more bytes.
     """
 
-    def __init__(self, raw: BinaryIO, *, slots: int = 4, prefetch: bool = True, name: str = "input"):
+    def __init__(self, raw: RawInput, *, slots: int = 4, prefetch: bool = True, name: str = "input"):
         self.name = name
         self.offset = 0
         self._raw = raw
@@ -58,8 +66,10 @@ class Source:
         self._cur_slot: mmap.mmap | None = None
         self._pos = 0
         self._eof = False
+        self._size: int | None = None  # of a regular file, -1 for anything else: known on first skip
         try:
-            enlarge_pipe(raw.fileno())
+            if isinstance(raw, io.IOBase):
+                enlarge_pipe(raw.fileno())
         except (AttributeError, OSError, ValueError):
             pass
         self._prefetch = prefetch
@@ -165,7 +175,8 @@ class Source:
     def skip(self, n: int, what: str) -> None:
         """Pass over n bytes; on a seekable file without prefetch, by seeking."""
         buffered = len(self._cur) - self._pos
-        if self._prefetch or n <= buffered or not self._seekable():
+        size = -1 if self._prefetch or n <= buffered else self._file_size()
+        if size < 0 or not isinstance(self._raw, io.IOBase):
             for _ in self.chunks(n, what):
                 pass
             return
@@ -173,19 +184,22 @@ class Source:
         self.offset += buffered
         rest = n - buffered
         end = self._raw.seek(0, os.SEEK_CUR) + rest
-        if end > self._size:
-            raise Truncated(f"{self.name}: truncated in {what} at byte {self.offset + self._size - end + rest}")
+        if end > size:
+            raise Truncated(f"{self.name}: truncated in {what} at byte {self.offset + size - end + rest}")
         self._raw.seek(rest, os.SEEK_CUR)
         self.offset += rest
 
-    def _seekable(self) -> bool:
-        if not hasattr(self, "_size"):
+    def _file_size(self) -> int:
+        """The size of a regular file read without prefetch, which skip() seeks in; -1 otherwise."""
+        if self._size is None:
             try:
+                if not isinstance(self._raw, io.IOBase):
+                    raise AttributeError("fileno")
                 st = os.fstat(self._raw.fileno())
                 self._size = st.st_size if stat.S_ISREG(st.st_mode) else -1
             except (AttributeError, OSError, ValueError):
                 self._size = -1
-        return self._size >= 0
+        return self._size
 
 
 def _octal(field_bytes: bytes, what: str, name: str) -> int:
@@ -274,7 +288,7 @@ class Member:
         if self._consumed:
             raise RuntimeError(f"data of {self.name!r} already consumed")
         self._consumed = True
-        src = self._source
+        src = self._src
         yield from src.chunks(self.size, f"data of {self.name!r}")
         self.padding = src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
 
@@ -286,8 +300,24 @@ class Member:
     def skip(self) -> None:
         if not self._consumed:
             self._consumed = True
-            self._source.skip(self.size, f"data of {self.name!r}")
-            self.padding = self._source.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+            self._src.skip(self.size, f"data of {self.name!r}")
+            self.padding = self._src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+
+    def head_then_skip(self, n: int) -> bytes:
+        """The first n bytes of the data; the rest is passed over (by seeking, on a file)."""
+        if self._consumed:
+            raise RuntimeError(f"data of {self.name!r} already consumed")
+        self._consumed = True
+        head = self._src.read_exact(min(self.size, n), f"data of {self.name!r}")
+        self._src.skip(self.size - len(head), f"data of {self.name!r}")
+        self.padding = self._src.read_exact(padded(self.size) - self.size, f"padding of {self.name!r}")
+        return head
+
+    @property
+    def _src(self) -> Source:
+        if self._source is None:
+            raise RuntimeError(f"member {self.name!r} was not read from a Source")
+        return self._source
 
     def raw_chunks(self) -> Iterator[bytes | memoryview]:
         """Header, data and padding exactly as read."""

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .archive import index_stream
-from .bundle import TEMP_PREFIX
+from .bundle import TEMP_PREFIX, Bundle, check_order, isula_part_inputs, safe_join
 from .digests import BlobHasher
 from .errors import IsepError
-from .join import (Bundle, DecompressingReader, HashingFile, JoinOptions, PartInput, isula_part_inputs,
-                   check_order, join_parts, _opener, _plan_copies, _safe_join)
-from .tarstream import Source, TarReader
+from .join import JoinOptions, join_parts, plan_copies
+from .names import display_name
+from .parts import DecompressingReader, HashingFile, part_opener
+from .tarstream import Member, Source, TarReader
 
 VERIFY_SCHEMA = "isep-verify/1"
 
@@ -25,11 +26,11 @@ class Report:
     mode: str
     checks: list[dict] = field(default_factory=list)
 
-    def add(self, check: str, ok: bool, detail: str, **extra) -> bool:
+    def add(self, check: str, ok: bool, detail: str, **extra: str) -> bool:
         self.checks.append({"check": check, "status": "ok" if ok else "fail", "detail": detail, **extra})
         return ok
 
-    def note(self, check: str, detail: str, **extra) -> None:
+    def note(self, check: str, detail: str, **extra: str) -> None:
         self.checks.append({"check": check, "status": "warn", "detail": detail, **extra})
 
     @property
@@ -43,10 +44,9 @@ class Report:
 
 
 class _NullOut:
-    def write(self, data) -> None:
-        pass
+    """An archive joined to nowhere: joining checks every hash and diffID."""
 
-    def flush(self) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         pass
 
 
@@ -60,7 +60,7 @@ def verify_archive(source: Source, report: Report) -> Report:
     report.add("archive", True, f"{index['format']} archive of {index['source']['size']:,} bytes, "
                f"{index['source']['members']} members, well-formed tar")
     for image in index["images"]:
-        name = image["tags"][0] if image["tags"] else image["config"]["digest"]
+        name = display_name(image)
         report.add("image", True, f"{name}: config {image['config']['digest'][:19]}…, "
                    f"{len(image['diff_ids'])} layers, every diffID matches the config", image=name)
     return report
@@ -92,7 +92,7 @@ def verify_bundle(bundle: Bundle, report: Report, mode: str) -> Report:
     partial = {p for im in doc["images"] for p in im["parts"]} - {p["file"] for p in doc["parts"]}
     for image in doc["images"]:
         if bundle.files and set(image["parts"]) & partial:  # a stream of some parts (--parts app)
-            report.note("image", f"{image['tags'][0] if image.get('tags') else 'image'}: parts "
+            report.note("image", f"{display_name(image)}: parts "
                         f"{', '.join(sorted(set(image['parts']) & partial))} are not in this stream "
                         f"(the receiver's store provides them)")
             continue
@@ -105,7 +105,7 @@ def _verify_part(bundle: Bundle, part: dict, report: Report, mode: str) -> tuple
     """Size and hash of the file; it decompresses to a well-formed tar holding exactly the listed
     members, each with the recorded digest (xxh3, or sha256 with --deep)."""
     name = part["file"]
-    opener = bundle.files.get(name) or _opener(_safe_join(bundle.path, name))
+    opener = bundle.files.get(name) or part_opener(safe_join(bundle.path, name))
     try:
         fh = opener()
     except IsepError as exc:
@@ -156,10 +156,8 @@ def _part_hash_verdict(part: dict, hashing: HashingFile, report: Report, mode: s
     if hashing.size != part["size"]:
         return report.add("part", False, f"{name}: {hashing.size} bytes, the manifest says {part['size']}",
                           part=name), None
-    if mode == "fast":
-        got, want, algo = hashing.xxh.hexdigest(), part.get("xxh3"), "xxh3"
-    else:
-        got, want, algo = "sha256:" + hashing.sha.hexdigest(), part["sha256"], "sha256"
+    algo = hashing.algorithm
+    got, want = hashing.digest(), part.get(algo)
     if got != want:
         return report.add("part", False, f"{name}: {algo} {got[:19]}… differs from the manifest's "
                           f"{str(want)[:19]}…", part=name), None
@@ -174,7 +172,7 @@ class _Mismatch(Exception):
     pass
 
 
-def _check_member_data(member, want: dict, mode: str) -> None:
+def _check_member_data(member: Member, want: dict, mode: str) -> None:
     if not member.is_file:
         member.skip()
         return
@@ -196,7 +194,7 @@ def _check_member_data(member, want: dict, mode: str) -> None:
 
 def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report) -> None:
     """All parts there and sound; every diffID carried; the config's digest and diff_ids agree."""
-    name = (image.get("tags") or [image.get("config", {}).get("digest", "?")])[0]
+    name = display_name(image)
     missing = [f for f in image["parts"] if f not in good_parts]
     if missing:
         report.add("image", False, f"{name}: needs {', '.join(missing)}, missing or failed", image=name)
@@ -213,9 +211,9 @@ def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report)
         return
     try:  # the layer paths join will look for (byte-exact bundles: each one under its own name)
         saves = {p["file"]: p.get("save") for p in bundle.doc["parts"]}
-        _plan_copies([PartInput(f, None, entry={"members": good_parts[f], "save": saves.get(f)})
-                      for f in image["parts"]], image)
-        check_order(image, [{"file": f, "members": good_parts[f], "save": saves.get(f)} for f in image["parts"]])
+        entries = [{"file": f, "members": good_parts[f], "save": saves.get(f)} for f in image["parts"]]
+        plan_copies(entries, image)
+        check_order(image, entries)
     except IsepError as exc:
         report.add("image", False, f"{name}: {exc}", image=name)
         return

@@ -1,70 +1,42 @@
-"""Shared helpers: run isep commands through real pipes, locate fixtures."""
+"""The session fixtures of every tier but the engine tier: sample archives made once per run, bundles
+packed from them, and a sandbox per test. The harness itself (running commands, the invariants,
+paths of the committed fixtures) is tests/harness.py."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
-REAL = DATA / "real"
-ISULA = DATA / "isula"
-REAL_FORMATS = {  # fixture folder -> isep format name
-    "docker-legacy": "docker-legacy", "docker-oci": "docker-oci", "docker-cstore": "docker-cstore",
-    "podman-docker-archive": "podman", "skopeo-docker-archive": "podman",
-    "umoci-docker-archive": "podman", "podman-oci-archive": "oci-archive",
-    "skopeo-oci-archive": "oci-archive",
-}
-WITH_INSPECT = ("docker-legacy", "docker-oci", "docker-cstore", "podman-docker-archive")
-
-
-@dataclass
-class Result:
-    rc: int
-    stdout: bytes
-    stderr: str
-
-    @property
-    def json(self):
-        return json.loads(self.stdout)
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if ": error: " in line]
-
-
-def isep(cmd: str, *args, stdin: bytes | None = None, stdin_file=None, cwd=None, check=None,
-         env=None) -> Result:
-    """Run bin/isep-<cmd> as a separate process with real pipes."""
-    argv = [sys.executable, str(ROOT / "bin" / f"isep-{cmd}"), *map(str, args)]
-    proc = subprocess.run(argv, input=stdin, stdin=stdin_file if stdin is None else None,
-                          capture_output=True, cwd=cwd, env=env, timeout=600)
-    result = Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
-    assert "Traceback" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.rc == check, f"isep-{cmd} {args}: rc {result.rc}\n{result.stderr}"
-    return result
-
-
-def pipeline(shell: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{ROOT / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run(["bash", "-o", "pipefail", "-c", shell], cwd=cwd, env=env,
-                          capture_output=True, timeout=600)
-
-
-def inspect_layers(folder: str, image: str) -> list[str]:
-    doc = json.loads((REAL / folder / f"inspect-{image}.json").read_text())
-    return doc[0]["RootFS"]["Layers"]
+from isep.samples import write_sample_set
+from tests.harness import FORMATS, SAMPLE_LAYER_KIB, Sandbox, pack_args, run
 
 
 @pytest.fixture(scope="session")
-def sample_sets(tmp_path_factory):
-    """Sample archives (isep.samples) for every producer format, made once per session."""
-    from isep.samples import FORMATS, write_sample_set
+def samples(tmp_path_factory):
+    """isep.samples sets (base, lib, app1, app2, app1-2, app1+app2, inspect-*.json) per format."""
     root = tmp_path_factory.mktemp("samples")
-    return {fmt: write_sample_set(root / fmt, fmt) for fmt in FORMATS}
+    return {fmt: write_sample_set(root / fmt, fmt, layer_kib=SAMPLE_LAYER_KIB) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="session")
+def samples_seed1(tmp_path_factory):
+    """The same images with other content (seed 1): parts of the same names from another pack."""
+    root = tmp_path_factory.mktemp("samples-seed1")
+    return {"docker-oci": write_sample_set(root / "docker-oci", "docker-oci", seed=1, layer_kib=SAMPLE_LAYER_KIB)}
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory, samples, samples_seed1):
+    """Pristine bundles of app1 (copy them before damaging): per format, plus 'gzip' (docker-oci with
+    --compress gzip) and 'seed1' (docker-oci images of other content, same part names)."""
+    root = tmp_path_factory.mktemp("stores")
+    made = {}
+    for key, s, extra in [(f, samples[f], []) for f in FORMATS] + [
+            ("gzip", samples["docker-oci"], ["--compress", "gzip"]),
+            ("seed1", samples_seed1["docker-oci"], [])]:
+        run("pack", *pack_args(s), "-o", root / key, *extra)
+        made[key] = root / key
+    return made
+
+
+@pytest.fixture
+def sb(tmp_path) -> Sandbox:
+    return Sandbox(tmp_path / "sb")

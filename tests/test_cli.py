@@ -1,13 +1,22 @@
 """The command-line contract: data on stdout only, one-line errors, exit codes, man pages."""
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REAL, ROOT, isep, pipeline
-from isep.cli.manpage import PAGES, render
+from isep.cli.manpage import (
+    PAGES,
+    exit_status_lines,
+    readme_exit_table,
+    render,
+    render_umbrella,
+)
+from isep.errors import ExitStatus
+from tests.harness import REAL, ROOT, isep, pipeline
 
 COMMANDS = ["index", "partition", "pack", "verify", "join", "demo"]
 
@@ -15,14 +24,58 @@ COMMANDS = ["index", "partition", "pack", "verify", "join", "demo"]
 @pytest.mark.parametrize("name", PAGES)
 def test_man_pages_are_generated_from_the_command_definitions(name):
     committed = (ROOT / "man" / f"isep-{name}.1").read_text()
-    assert committed == render(name), "man page out of date: run python -m isep.cli.manpage man"
+    assert committed == render(name), "man page out of date: run python -m isep.cli.manpage man README.md"
 
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_help_and_version(name):
-    result = isep(name, "--help", check=0)
-    assert b"Usage: isep-" in result.stdout and b"Exit status" in result.stdout or name == "demo"
+    text = isep(name, "--help", check=0).stdout.decode()
+    assert text.startswith(f"Usage: isep-{name} ")
+    first_paragraph = text.split("\n\n")[1]
+    assert first_paragraph.strip().endswith(".") and first_paragraph.count(". ") == 0, first_paragraph
+    assert "Exit status: 0 success;" in text and "Examples:" in text
     assert isep(name, "--version", check=0).stdout.startswith(b"isep ")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_exit_codes_agree_in_enum_help_man_pages_and_readme():
+    """One source, ExitStatus: every code and its meaning, in --help, each man page and the README."""
+    statuses = list(ExitStatus)
+    assert [s.value for s in statuses] == [0, 1, 2, 3, 4, 5, 6, 130, 141, 143]
+    help_text = _words(isep("pack", "--help", check=0).stdout.decode())
+    readme = (ROOT / "README.md").read_text()
+    assert readme_exit_table() in readme, "README exit codes out of date: run python -m isep.cli.manpage man README.md"
+    for status in statuses:
+        assert f" {status.value} {status.meaning}" in help_text
+        assert f"| {status.value} | {status.meaning} |" in readme
+    pages = [(ROOT / "man" / f"isep-{name}.1").read_text() for name in PAGES] + [(ROOT / "man" / "isep.1").read_text()]
+    for page in pages:
+        section = page.split(".SH EXIT STATUS\n", 1)[1].split("\n.SH ", 1)[0]
+        codes = [int(line[3:]) for line in section.splitlines() if line.startswith(".B ")]
+        assert codes == [s.value for s in statuses]
+        assert "\n".join(exit_status_lines()) in section
+
+
+def test_a_bad_option_is_one_line_and_exit_2():
+    for args in (["--bogus"], ["--compress", "lz4"], ["--format", "tar"]):
+        result = isep("pack", *args)
+        assert result.rc == 2 and result.stdout == b""
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("isep-pack: error: ")
+    result = isep("demo", "--format", "rpm")
+    assert result.rc == 2 and result.stderr.startswith("isep-demo: error: ") and "docker-oci" in result.stderr
+
+
+def test_man_pages_do_not_use_clicks_metavar_spelling():
+    """typer 0.23 and 0.28 spell a choice's or a type's metavar differently; the pages spell their own."""
+    page = (ROOT / "man" / "isep-pack.1").read_text()
+    assert ".B \\-c, \\-\\-compress zstd|gzip|none\n" in page
+    assert ".B \\-\\-format isep|isula\n" in page
+    for spelling in ("TEXT", "INTEGER", "[zstd|gzip|none]", "<zstd|gzip|none>", "[default:"):
+        assert spelling not in page
+    assert ".SH EXAMPLES\n" in page
 
 
 def test_umbrella_command_runs_the_same_commands():
@@ -68,8 +121,6 @@ def test_a_closed_stdout_ends_quietly():
 
 
 def test_binary_output_is_refused_on_a_terminal():
-    import pty
-    import os
     folder = REAL / "docker-oci"
     pid, fd = pty.fork()
     if pid == 0:
@@ -95,3 +146,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout.decode()[-3000:]
     out = proc.stdout.decode()
     assert "demo OK" in out and "byte-identical" in out and "FAILED" not in out.replace("FAILED: `isep-join damaged", "")
+
+
+def test_umbrella_man_page_is_generated():
+    assert (ROOT / "man" / "isep.1").read_text() == render_umbrella()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REAL, REAL_FORMATS, WITH_INSPECT, inspect_layers, isep
+from tests.harness import REAL, REAL_FORMATS, WITH_INSPECT, inspect_layers, isep
 
 REAL_ARCHIVES = sorted((p.parent.name, p.name) for p in REAL.glob("*/*.tar"))
 
@@ -37,8 +37,8 @@ def test_index_from_a_pipe_equals_index_of_the_file():
     assert from_file == from_pipe
 
 
-def test_sample_formats_index(sample_sets):
-    for fmt, paths in sample_sets.items():
+def test_sample_formats_index(samples):
+    for fmt, paths in samples.items():
         doc = isep("index", paths["app1+app2"], check=0).json
         assert doc["format"] == fmt
         assert len(doc["images"]) == 2

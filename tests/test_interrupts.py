@@ -9,7 +9,8 @@ import pytest
 import typer
 
 from isep.cli.common import run_command, scratch_dir, scratch_file
-from isep.errors import ExitStatus, Interrupted, raise_interrupted, signals_deferred
+from isep.errors import ExitStatus, Interrupted
+from isep.signals import raise_interrupted, signals_deferred
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from conftest import ISULA, REAL, isep
+from tests.harness import ISULA, REAL, Sandbox, run
 from isep.digests import OUT_PIECE, Decompressor
 from isep.errors import BadInput
 from isep.parts import compress_frame
@@ -46,20 +46,20 @@ def gz_parts(store) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("folder", ["docker-legacy", "docker-oci", "docker-cstore", "podman-docker-archive"])
-def test_pipe_and_file_give_the_same_isula_bundle(tmp_path, folder):
+def test_pipe_and_file_give_the_same_isula_bundle(sb: Sandbox, folder):
     d = REAL / folder
     refs = ("--base", d / "inspect-base.json", "--lib", d / "inspect-lib.json")
-    isep("pack", d / "app1+app2.tar", *refs, *ISULA_FORMAT, "-o", tmp_path / "file", check=0)
-    isep("pack", *refs, *ISULA_FORMAT, "-o", tmp_path / "pipe", stdin=(d / "app1+app2.tar").read_bytes(), check=0)
-    from_file, from_pipe = gz_parts(tmp_path / "file"), gz_parts(tmp_path / "pipe")
-    assert len(from_pipe) == 4 and from_pipe == from_file
-    assert (tmp_path / "pipe" / "manifest").read_bytes() == (tmp_path / "file" / "manifest").read_bytes()
-    assert not any(p.name.startswith(".isep-tmp") for p in (tmp_path / "pipe").iterdir())
-    assert isep("verify", tmp_path / "pipe", check=0).json["ok"]
+    from_file, from_pipe = sb.root / "file", sb.out
+    run("pack", d / "app1+app2.tar", *refs, *ISULA_FORMAT, "-o", from_file, sandbox=sb, out=from_file)
+    # the sandbox checks that the pipe's pack leaves no temporary file (the app section) anywhere
+    run("pack", *refs, *ISULA_FORMAT, "-o", from_pipe, stdin=(d / "app1+app2.tar").read_bytes(), sandbox=sb)
+    assert len(gz_parts(from_pipe)) == 4 and gz_parts(from_pipe) == gz_parts(from_file)
+    assert (from_pipe / "manifest").read_bytes() == (from_file / "manifest").read_bytes()
+    assert run("verify", from_pipe).json["ok"]
     for app in ("app1", "app2"):
         image = json.loads((d / f"inspect-{app}.json").read_text())[0]
-        joined = isep("join", tmp_path / "pipe", image["RepoTags"][0], check=0).stdout
-        assert isep("index", stdin=joined, check=0).json["images"][0]["diff_ids"] == image["RootFS"]["Layers"]
+        joined = run("join", from_pipe, image["RepoTags"][0]).stdout
+        assert run("index", stdin=joined).json["images"][0]["diff_ids"] == image["RootFS"]["Layers"]
 
 
 def test_pipe_pack_lays_out_what_isula_build_itself_wrote(tmp_path):
@@ -68,8 +68,8 @@ def test_pipe_pack_lays_out_what_isula_build_itself_wrote(tmp_path):
     base = inspect_json(tmp_path, "base", REAL_ISULA_LAYERS[:1])
     lib = inspect_json(tmp_path, "lib", REAL_ISULA_LAYERS)
     store = tmp_path / "s"
-    isep("pack", "--base", base, "--lib", lib, *ISULA_FORMAT, "-o", store,
-         stdin=(ISULA / "app1-normal.tar").read_bytes(), check=0)
+    run("pack", "--base", base, "--lib", lib, *ISULA_FORMAT, "-o", store,
+         stdin=(ISULA / "app1-normal.tar").read_bytes())
     ours = json.loads((store / "manifest").read_text())["app1:latest"]
     theirs = json.loads((ISULA / "sep-with-lib" / "manifest").read_text())["app1:latest"]
     for key in ("appLayers", "libLayers", "baseLayer"):
@@ -97,23 +97,23 @@ def test_every_tag_of_an_image_names_it_in_the_isula_manifest(tmp_path):
     base = inspect_json(tmp_path, "base", REAL_ISULA_LAYERS[:1])
     lib = inspect_json(tmp_path, "lib", REAL_ISULA_LAYERS)
     store = tmp_path / "s"
-    isep("pack", archive, "--base", base, "--lib", lib, *ISULA_FORMAT, "-o", store, check=0)
+    run("pack", archive, "--base", base, "--lib", lib, *ISULA_FORMAT, "-o", store)
     manifest = json.loads((store / "manifest").read_text())
     assert sorted(manifest) == ["app1:latest", "example.org/app1:v2"]
     assert manifest["app1:latest"] == manifest["example.org/app1:v2"]
     # isula-build loads by `-i <tag>`, an exact key; isep joins by either tag, or with none
     for name in ("example.org/app1:v2", "app1:latest", None):
-        joined = isep("join", store, *([name] if name else []), check=0).stdout
-        assert isep("index", stdin=joined, check=0).json["images"][0]["tags"] == ["app1:latest", "example.org/app1:v2"]
-    assert isep("verify", store, check=0).json["ok"]
+        joined = run("join", store, *([name] if name else [])).stdout
+        assert run("index", stdin=joined).json["images"][0]["tags"] == ["app1:latest", "example.org/app1:v2"]
+    assert run("verify", store).json["ok"]
     # the same bundle as isula-build's own (no isep-bundle.json): each tag checked, the tarballs once
     (store / "isep-bundle.json").unlink()
-    report = isep("verify", store, check=0).json
+    report = run("verify", store).json
     images = [c for c in report["checks"] if c["check"] == "image"]
     assert report["ok"] and len(images) == 2 and all(c["status"] == "ok" for c in images)
     assert sum("another tag" in c["detail"] for c in images) == 1
-    joined = isep("join", store, "example.org/app1:v2", check=0).stdout
-    assert len(isep("index", stdin=joined, check=0).json["images"][0]["diff_ids"]) == 5
+    joined = run("join", store, "example.org/app1:v2").stdout
+    assert len(run("index", stdin=joined).json["images"][0]["diff_ids"]) == 5
 
 
 def test_a_manifest_naming_one_image_twice_is_read_as_one(tmp_path):
@@ -126,8 +126,8 @@ def test_a_manifest_naming_one_image_twice_is_read_as_one(tmp_path):
     manifest = json.loads((bundle / "manifest").read_text())
     manifest["app1:other"] = manifest["app1:latest"]
     (bundle / "manifest").write_text(json.dumps(manifest))
-    joined = isep("join", bundle, check=0).stdout
-    assert len(isep("index", stdin=joined, check=0).json["images"][0]["diff_ids"]) == 5
+    joined = run("join", bundle).stdout
+    assert len(run("index", stdin=joined).json["images"][0]["diff_ids"]) == 5
 
 
 # --- gzip ------------------------------------------------------------------------------------------
@@ -146,10 +146,10 @@ def test_gzip_levels_give_the_same_part_content(tmp_path):
     contents = set()
     for level in (1, 2, 6):
         store = tmp_path / f"l{level}"
-        isep("pack", d / "app1.tar", "--base", d / "inspect-base.json", "--compress", "gzip",
-             "--level", str(level), "-o", store, check=0)
+        run("pack", d / "app1.tar", "--base", d / "inspect-base.json", "--compress", "gzip",
+             "--level", str(level), "-o", store)
         contents.add(tuple(gzip.decompress(p.read_bytes()) for p in sorted(store.glob("*.tar.gz"))))
-        assert isep("join", store, "isep-test/app1:1", check=0).stdout == (d / "app1.tar").read_bytes()
+        assert run("join", store, "isep-test/app1:1").stdout == (d / "app1.tar").read_bytes()
     assert len(contents) == 1
 
 
@@ -175,11 +175,9 @@ def test_corrupt_and_truncated_gzip_are_bad_input():
         dec.finish()
 
 
-def test_a_truncated_pipe_leaves_nothing_behind(tmp_path):
+def test_a_truncated_pipe_leaves_nothing_behind(sb: Sandbox):
     d = REAL / "docker-oci"
     data = (d / "app1.tar").read_bytes()
-    store = tmp_path / "s"
-    result = isep("pack", "--base", d / "inspect-base.json", "--lib", d / "inspect-lib.json", *ISULA_FORMAT,
-                  "-o", store, stdin=data[:len(data) * 3 // 4])
-    assert result.rc == 4 and len(result.error_lines) == 1
-    assert not store.exists() or not any(store.iterdir())
+    run("pack", "--base", d / "inspect-base.json", "--lib", d / "inspect-lib.json", *ISULA_FORMAT,
+        "-o", sb.out, stdin=data[:len(data) * 3 // 4], sandbox=sb, expect=4)
+    assert not sb.out.exists() or not any(sb.out.iterdir())

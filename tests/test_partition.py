@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REAL, WITH_INSPECT, inspect_layers, isep
+from tests.harness import REAL, WITH_INSPECT, inspect_layers, isep
 from isep.errors import ExitStatus, Misfit, UsageError
 from isep.partition import load_renames, make_plan
 from isep.refs import Ref

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from conftest import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep
+from tests.harness import ISULA, REAL, ROOT, WITH_INSPECT, inspect_layers, isep
 
 NO_INSPECT = ("podman-oci-archive", "skopeo-docker-archive", "skopeo-oci-archive", "umoci-docker-archive")
 
@@ -78,8 +78,8 @@ def test_real_multi_image_save_joins_each_image(tmp_path, folder):
 
 
 @pytest.mark.parametrize("fmt", ["docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive"])
-def test_generated_formats_round_trip(tmp_path, sample_sets, fmt):
-    paths = sample_sets[fmt]
+def test_generated_formats_round_trip(tmp_path, samples, fmt):
+    paths = samples[fmt]
     for app in ("app1", "app2"):
         store = tmp_path / f"store-{app}"
         for via_pipe in (False, True):
@@ -93,8 +93,8 @@ def test_generated_formats_round_trip(tmp_path, sample_sets, fmt):
             assert isep("join", store, check=0).stdout == paths[app].read_bytes()
 
 
-def test_same_input_gives_identical_parts(tmp_path, sample_sets):
-    paths = sample_sets["docker-legacy"]
+def test_same_input_gives_identical_parts(tmp_path, samples):
+    paths = samples["docker-legacy"]
     for n in (1, 2):
         isep("pack", paths["app1"], "--base", paths["inspect-base"], "--lib", paths["inspect-lib"],
              "-o", tmp_path / f"s{n}", check=0)
@@ -132,8 +132,8 @@ def test_second_app_into_a_store_writes_only_its_app_part(tmp_path):
     assert [im["byte_exact"] for im in doc["images"]] == [True, False]
 
 
-def test_two_concurrent_packs_into_one_store(tmp_path, sample_sets):
-    paths = sample_sets["docker-oci"]
+def test_two_concurrent_packs_into_one_store(tmp_path, samples):
+    paths = samples["docker-oci"]
     store = tmp_path / "store"
     store.mkdir()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "bin" / "isep-pack"), str(paths[app]), "--base",
@@ -146,8 +146,8 @@ def test_two_concurrent_packs_into_one_store(tmp_path, sample_sets):
     assert isep("verify", store, check=0).json["ok"]
 
 
-def test_release_update_joins_base_from_release_1_with_app_from_release_2(tmp_path, sample_sets):
-    paths = sample_sets["docker-legacy"]
+def test_release_update_joins_base_from_release_1_with_app_from_release_2(tmp_path, samples):
+    paths = samples["docker-legacy"]
     store = tmp_path / "store"
     isep("pack", paths["app1"], "--base", paths["inspect-base"], "--lib", paths["inspect-lib"], "-o", store, check=0)
     isep("pack", paths["app1-2"], "--base", store, "--lib", store, "-o", store, check=0)
@@ -159,8 +159,8 @@ def test_release_update_joins_base_from_release_1_with_app_from_release_2(tmp_pa
 
 
 @pytest.mark.parametrize("fmt", ["docker-legacy", "docker-oci", "docker-cstore", "podman"])
-def test_bundle_stream_of_the_app_part_joins_with_a_store(tmp_path, sample_sets, fmt):
-    paths = sample_sets[fmt]
+def test_bundle_stream_of_the_app_part_joins_with_a_store(tmp_path, samples, fmt):
+    paths = samples[fmt]
     device = tmp_path / "device"
     isep("pack", paths["app1"], "--base", paths["inspect-base"], "--lib", paths["inspect-lib"], "-o", device,
          "--parts", "base,lib", check=0)

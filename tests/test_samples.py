@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from isep import samples
 from isep.samples import FORMATS, Image, Layer
+from tests.harness import SAMPLE_LAYER_KIB
 
 REAL = Path(__file__).parent / "data" / "real"
 REAL_DIR = {
@@ -113,9 +114,8 @@ def check_layers_match_configs(path: Path) -> int:
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def sample_sets(tmp_path_factory):
-    base = tmp_path_factory.mktemp("samples")
-    return {fmt: samples.write_sample_set(base / fmt, fmt, seed=0, layer_kib=16) for fmt in FORMATS}
+def sample_sets(samples):  # noqa: F811 - the session's sets (tests/conftest.py), not isep.samples
+    return samples
 
 
 # ----------------------------------------------------------------------------- tests
@@ -159,7 +159,7 @@ def test_readable_and_diffids(sample_sets, fmt):
     out = sample_sets[fmt]
     assert set(out) == {"base", "lib", "app1", "app2", "app1-2", "app1+app2",
                         "inspect-base", "inspect-lib", "inspect-app1", "inspect-app2", "inspect-app1-2"}
-    im = samples.sample_images(seed=0, layer_kib=16)
+    im = samples.sample_images(seed=0, layer_kib=SAMPLE_LAYER_KIB)
     for key in ("base", "lib", "app1", "app2", "app1-2", "app1+app2"):
         with tarfile.open(out[key]) as t:
             assert t.getmembers()
@@ -207,7 +207,7 @@ def test_shape_matches_real_producer(sample_sets, fmt):
             return seen
         assert first_seen(rh) == first_seen(oh)
         assert names[-2:] == ["manifest.json", "repositories"]
-        n_layers = len(samples.sample_images(layer_kib=16)["app1"].layers)
+        n_layers = len(samples.sample_images(layer_kib=SAMPLE_LAYER_KIB)["app1"].layers)
         assert all(n.endswith(".tar") for n in names[:n_layers - 1])  # distinct diffIDs first
     else:
         assert names == sorted(names, key=lambda n: n.rstrip("/").split("/"))
@@ -287,7 +287,7 @@ def test_shared_layers_stored_once(sample_sets):
         assert len(layer_files) == len(set(layer_files))
     with tarfile.open(sample_sets["docker-legacy"]["app1+app2"]) as t:
         regular = [m for m in t.getmembers() if m.isfile() and m.name.endswith("/layer.tar")]
-    im = samples.sample_images(layer_kib=16)
+    im = samples.sample_images(layer_kib=SAMPLE_LAYER_KIB)
     assert len(regular) == len(set(samples.diff_ids(im["app1"])) | set(samples.diff_ids(im["app2"])))
 
 

@@ -1,31 +1,34 @@
-"""What every isep command shares: options, input/output, progress, and the one place where
-exceptions become a one-line message and an exit code."""
+"""What every isep command shares: the command decorator with the common options, input/output,
+progress, and the one place where exceptions become a one-line message and an exit code."""
 from __future__ import annotations
 
 import enum
+import inspect
+import json
 import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
 import traceback
+import typing
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 
 from .. import __version__
-from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError, raise_interrupted, signals_deferred
+from ..bundle import write_all
+from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
+from ..partition import load_renames
+from ..refs import Ref, read_json_file, resolve_ref, validate_ref
+from ..signals import raise_interrupted, signals_deferred
 from ..tarstream import Source
 
-EXIT_CODES_HELP = (
-    "Exit status: 0 success; 1 internal error; 2 usage error; 3 environment (I/O, permissions, disk "
-    "full, lock); 4 bad input (not a tar, truncated, malformed JSON, unsupported format); 5 integrity "
-    "failure (digest, diffID, size or signature mismatch); 6 the image does not fit the base/lib; "
-    "130 interrupted (SIGINT); 141 stdout closed by its reader (no message); 143 terminated (SIGTERM)."
-)
+EXIT_CODES_HELP = "Exit status: " + "; ".join(f"{s.value} {s.meaning}" for s in ExitStatus) + "."
 
 
 class Progress(str, enum.Enum):
@@ -34,9 +37,25 @@ class Progress(str, enum.Enum):
     always = "always"
 
 
-def new_app(help_text: str) -> typer.Typer:
+class Compression(str, enum.Enum):
+    zstd = "zstd"
+    gzip = "gzip"
+    none = "none"
+
+
+def new_app(summary: str, *details: str) -> typer.Typer:
+    """A Typer app whose help is a one-sentence summary, paragraphs of details, then the exit codes."""
+    help_text = "\n\n".join((summary, *details, EXIT_CODES_HELP))
     return typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=help_text,
                        context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
+
+
+def examples_epilog(examples: Sequence[tuple[str, str]]) -> str:
+    """--help's EXAMPLES block; \\b keeps click from rewrapping the commands."""
+    lines = ["\b", "Examples:"]
+    for comment, shell in examples:
+        lines += [f"  # {comment}", f"  {shell}"]
+    return "\n".join(lines)
 
 
 def version_callback(value: bool) -> None:
@@ -51,6 +70,77 @@ ProgressOption = typer.Option(Progress.auto, "--progress",
 DebugOption = typer.Option(False, "--debug", help="Show a traceback on errors.")
 VersionOption = typer.Option(False, "--version", "-V", callback=version_callback, is_eager=True,
                              help="Print the version and exit.")
+BaseOption = typer.Option(..., "--base", "-b", metavar="REF", help="The base image (see REF above).")
+LibOption = typer.Option(None, "--lib", "-l", metavar="REF", help="The lib image, built on the base (optional).")
+RenameOption = typer.Option(None, "--rename", "-r", metavar="FILE",
+                            help="isula-build rename file: [{\"name\": default, \"rename\": new}].")
+CompressOption = typer.Option(Compression.zstd, "--compress", "-c",
+                              help="Compression of the parts (zstd level 3 multi-threaded by default).")
+
+
+def input_argument(metavar: str, what: str):
+    """The positional input of a filter: a file, or stdin when omitted or '-'."""
+    return typer.Argument(None, metavar=metavar, help=f"{what}; stdin when omitted or '-'.")
+
+
+ArchiveArgument = input_argument("ARCHIVE|-", "Image archive")
+
+
+def command(app: typer.Typer, prog: str, examples: Sequence[tuple[str, str]], *, quiet: bool = True,
+            progress: bool = False) -> Callable:
+    """Register the decorated function as APP's command, with the options every command shares
+    (-q/--quiet when QUIET, --progress when PROGRESS, --debug, -V/--version) and run_command around it.
+    The function declares only its own options, and a parameter `ui` to receive the Ui; it returns
+    an ExitStatus, or None for success."""
+    def register(func: Callable[..., Optional[int]]) -> Callable[..., None]:
+        signature = inspect.signature(func)
+        takes_ui = "ui" in signature.parameters
+        hints = typing.get_type_hints(func)  # typer needs the types themselves, not postponed strings
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in signature.parameters.values() if p.name != "ui"]
+        params = own + _shared_parameters(quiet, progress)
+
+        def run(**values) -> None:
+            debug = values.pop("debug")
+            values.pop("version")
+            ui = Ui(prog, values.pop("quiet", False), values.pop("progress", Progress.auto))
+            if takes_ui:
+                values["ui"] = ui
+            run_command(prog, debug, lambda: func(**values))
+
+        run.__name__, run.__qualname__, run.__doc__ = func.__name__, func.__qualname__, func.__doc__
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        app.command(help=app.info.help, epilog=examples_epilog(examples))(run)
+        return run
+    return register
+
+
+def _shared_parameters(quiet: bool, progress: bool) -> list[inspect.Parameter]:
+    def option(name: str, annotation: type, info) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+    shared = [option("quiet", bool, QuietOption)] if quiet else []
+    shared += [option("progress", Progress, ProgressOption)] if progress else []
+    return shared + [option("debug", bool, DebugOption), option("version", bool, VersionOption)]
+
+
+# click's exceptions, whichever click typer uses (its own copy from typer 0.26 on, the click package before)
+_CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def launch(app: typer.Typer, prog: str) -> None:
+    """The console-script entry point: run APP; a bad option or argument is one line and exit 2,
+    like every other error."""
+    try:
+        status = app(prog_name=prog, standalone_mode=False)
+    except _CLICK_ERROR as exc:
+        ctx = getattr(exc, "ctx", None)
+        print(f"{ctx.command_path if ctx else prog}: error: {one_line(exc.format_message())}",
+              file=sys.stderr, flush=True)
+        status = exc.exit_code
+    except typer.Abort:  # ^C while click parsed the options (click < 8.2)
+        status = ExitStatus.INTERRUPTED
+    sys.exit(int(status or 0))
 
 
 class Ui:
@@ -71,7 +161,7 @@ class Ui:
         print(f"{self.prog}: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     @contextmanager
-    def bar(self, total: int | None, what: str):
+    def bar(self, total: Optional[int], what: str):
         """A callable(bytes_done) that drives a tqdm bar, or a no-op."""
         if not self.show_progress:
             yield None
@@ -129,7 +219,7 @@ def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> No
     """Run a command body; map every failure to one line on stderr and an exit code."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
-    status = ExitStatus.OK
+    status: int = ExitStatus.OK
     try:
         result = body()
         if result is not None:
@@ -217,8 +307,7 @@ def input_size(path: str | None) -> int | None:
 
 
 def _is_pipe(st) -> bool:
-    import stat as stat_mod
-    return stat_mod.S_ISFIFO(st.st_mode)
+    return stat.S_ISFIFO(st.st_mode)
 
 
 def stdout_binary():
@@ -228,10 +317,23 @@ def stdout_binary():
 
 
 def write_json(doc, *, compact: bool = False) -> None:
-    import json
-    from ..bundle import write_all
     text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
     sys.stdout.flush()
     # every byte, or BrokenPipeError: a write cut short by a reader going away returns a short count
     write_all(sys.stdout.buffer, (text + "\n").encode())
     sys.stdout.buffer.flush()
+
+
+def resolve_refs(base: str, lib: Optional[str], archive_images=None) -> tuple[Ref, Optional[Ref]]:
+    """--base and --lib as Refs; image names are looked up in the archive's images when given."""
+    cands = None if archive_images is None else [(im.get("tags") or [], im.get("diff_ids") or [])
+                                                  for im in archive_images]
+    base_ref = validate_ref(resolve_ref(base, "--base", cands), "--base")
+    lib_ref = None if lib is None else validate_ref(resolve_ref(lib, "--lib", cands), "--lib")
+    return base_ref, lib_ref
+
+
+def read_renames(path: Optional[str], compression: str) -> dict[str, str]:
+    if path is None:
+        return {}
+    return load_renames(read_json_file(path, "--rename"), compression)

@@ -1,6 +1,7 @@
 """isep-demo: the whole job, end to end, on built-in sample images (no Docker needed)."""
 from __future__ import annotations
 
+import enum
 import filecmp
 import json
 import os
@@ -15,18 +16,31 @@ from typing import Optional
 import typer
 
 from ..errors import ExitStatus
-from .common import DebugOption, VersionOption, new_app, run_command
+from ..samples import write_sample_set
+from .common import command, launch, new_app
 
 PROG = "isep-demo"
 app = new_app(
-    "Generate sample base, lib and app archives faithful to a real producer's `docker save` output "
-    "(isep.samples), then run the pipeline on them through real pipes, as a user would: index, "
-    "partition, pack, verify, join (checked byte for byte against the original save), a release "
-    "update that ships only the new app part, and a device that receives that part as a bundle "
-    "stream and joins it with the base and lib it already holds. Every command is printed before it "
-    "runs. Exit 0 when every step gave the expected result.")
+    "Run the whole isep pipeline, through real pipes, on built-in sample images (no Docker needed).",
+    "Sample base, lib and app archives faithful to a real producer's `docker save` output "
+    "(isep.samples) go through the commands as a user would run them: index, partition, pack, "
+    "verify, join (checked byte for byte against the original save), a release update that ships "
+    "only the new app part, and a device that receives that part as a bundle stream and joins it "
+    "with the base and lib it already holds. Every command is printed before it runs.",
+    "Exit 0 when every step gave the expected result.")
+EXAMPLES = (
+    ("the demo in a temporary directory, removed afterwards", "isep-demo"),
+    ("keep the files, with archives as podman saves them", "isep-demo --dir /tmp/isep-demo --format podman"),
+)
 
-FORMAT_CHOICES = ("docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive")
+
+class Producer(str, enum.Enum):
+    """The producers whose archives isep.samples imitates."""
+    docker_legacy = "docker-legacy"
+    docker_oci = "docker-oci"
+    docker_cstore = "docker-cstore"
+    podman = "podman"
+    oci_archive = "oci-archive"
 
 
 class _Step:
@@ -41,12 +55,12 @@ class _Step:
         env = dict(os.environ)
         bindir = self.workdir / ".bin"
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-        out = open(self.workdir / stdout_file, "wb") if stdout_file else subprocess.PIPE
+        out = open(self.workdir / stdout_file, "wb") if stdout_file else None
         try:
             proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], cwd=self.workdir, env=env,
-                                  stdout=out, stderr=subprocess.PIPE)
+                                  stdout=out or subprocess.PIPE, stderr=subprocess.PIPE)
         finally:
-            if stdout_file:
+            if out is not None:
                 out.close()
         if proc.stdout:
             sys.stdout.write("".join(f"  {line}\n" for line in proc.stdout.decode(errors="replace").splitlines()))
@@ -81,29 +95,20 @@ def _diff_ids(workdir: Path, index_file: str) -> list[list[str]]:
     return [im["diff_ids"] for im in doc["images"]]
 
 
-@app.command(help=app.info.help)
+@command(app, PROG, EXAMPLES, quiet=False)
 def demo(
-    directory: Optional[Path] = typer.Option(None, "--dir", "-d", help="Work here (kept) instead of a temporary directory."),
-    fmt: str = typer.Option("docker-oci", "--format", "-f", help="Producer to imitate: " + ", ".join(FORMAT_CHOICES) + "."),
-    debug: bool = DebugOption,
-    version: bool = VersionOption,
-) -> None:
-    def body():
-        if fmt not in FORMAT_CHOICES:
-            from ..errors import UsageError
-            raise UsageError(f"--format must be one of {', '.join(FORMAT_CHOICES)}")
-        workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="isep-demo-"))
-        try:
-            return _demo(workdir, fmt)
-        finally:
-            if directory is None:
-                shutil.rmtree(workdir, ignore_errors=True)
-
-    run_command(PROG, debug, body)
+    directory: Optional[Path] = typer.Option(None, "--dir", "-d", metavar="DIR", help="Work here (kept) instead of a temporary directory."),
+    producer: Producer = typer.Option(Producer.docker_oci, "--format", "-f", help="Producer to imitate."),
+) -> int:
+    workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="isep-demo-"))
+    try:
+        return _demo(workdir, producer.value)
+    finally:
+        if directory is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _demo(workdir: Path, fmt: str) -> int:
-    from ..samples import write_sample_set
     workdir.mkdir(parents=True, exist_ok=True)
     _install_shims(workdir / ".bin")
     print(f"isep demo in {workdir}: sample images saved as {fmt} archives")
@@ -169,7 +174,7 @@ def _demo(workdir: Path, fmt: str) -> int:
 
 
 def main() -> None:
-    app(prog_name=PROG)
+    launch(app, PROG)
 
 
 if __name__ == "__main__":

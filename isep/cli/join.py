@@ -2,33 +2,50 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, cast
 
 import typer
 
 from ..errors import UsageError
-from ..join import (JoinOptions, isep_part_inputs, isula_part_inputs, join_parts, open_bundle,
-                    receive_stream, select_image)
-from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
-                     input_source, new_app, run_command, scratch_dir, scratch_file, stdout_binary)
+from ..bundle import isep_part_inputs, isula_part_inputs, open_bundle, select_image
+from ..join import JoinOptions, join_parts
+from ..stream import receive_stream
+from .common import (
+    Ui,
+    command,
+    input_source,
+    launch,
+    new_app,
+    scratch_dir,
+    scratch_file,
+    stdout_binary,
+)
 
 PROG = "isep-join"
 app = new_app(
     "Write an image archive that docker load, podman load and ctr images import accept, from the "
-    "parts of a bundle: BUNDLE is a store directory (isep-bundle.json, or isula-build's `manifest`), or "
-    "- for a bundle stream on stdin (from isep-pack -o -). `isep-join STORE -` reads a bundle stream on "
-    "stdin and takes the parts it lacks (base, lib) from STORE, matched by file name or by diffIDs. "
-    "IMAGE may be omitted when the bundle holds one image; names match as Docker normalises them. "
-    "-b/-l/-a name the part files explicitly (as isula-build's load -b/-l). A bundle from a single-image "
-    "save joins into the original save byte for byte. Every part's size and sha256 and every layer's "
-    "diffID are checked while streaming; the archive's final metadata and end-of-archive marker are "
-    "written only after all checks passed, so a failed join leaves an incomplete archive no loader "
-    "accepts. A bundle stream is received into a temporary directory (in STORE when writable, else "
-    "TMPDIR), removed afterwards. " + EXIT_CODES_HELP)
+    "parts of a bundle.",
+    "BUNDLE is a store directory (isep-bundle.json, or isula-build's `manifest`), or - for a bundle "
+    "stream on stdin (from isep-pack -o -). `isep-join STORE -` reads a bundle stream on stdin and "
+    "takes the parts it lacks (base, lib) from STORE, matched by file name or by diffIDs. IMAGE may be "
+    "omitted when the bundle holds one image; names match as Docker normalises them. -b/-l/-a name "
+    "the part files explicitly (as isula-build's load -b/-l).",
+    "A bundle from a single-image save joins into the original save byte for byte. Every part's size "
+    "and sha256 and every layer's diffID are checked while streaming; the archive's final metadata "
+    "and end-of-archive marker are written only after all checks passed, so a failed join leaves an "
+    "incomplete archive no loader accepts. A bundle stream is received into a temporary directory (in "
+    "STORE when writable, else TMPDIR), removed afterwards.")
+EXAMPLES = (
+    ("load an image from a store", "isep-join store/ apps/web:2 | docker load"),
+    ("on a device: a received app part joined with the base and lib it holds",
+     "isep-join /srv/isep - < update.stream | podman load"),
+    ("write the archive to a file (atomically) instead of stdout", "isep-join store/ apps/web:2 -o web.tar"),
+)
 
 
-@app.command(help=app.info.help)
+@command(app, PROG, EXAMPLES, progress=True)
 def join(
+    ui: Ui,
     bundle: str = typer.Argument(..., metavar="BUNDLE|-", help="Store directory, or - for a bundle stream on stdin."),
     image: Optional[str] = typer.Argument(None, metavar="IMAGE|-", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store)."),
     base_part: Optional[str] = typer.Option(None, "--base-part", "-b", metavar="PART", help="Base part file to use."),
@@ -39,49 +56,51 @@ def join(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
-    quiet: bool = QuietOption,
-    progress: Progress = ProgressOption,
-    debug: bool = DebugOption,
-    version: bool = VersionOption,
 ) -> None:
-    ui = Ui(PROG, quiet, progress)
+    name = image_opt if image == "-" else image
+    if image == "-" and app_part == "-":
+        raise UsageError("stdin can carry the bundle stream or the app part, not both")
+    overrides = {r: p for r, p in (("base", base_part), ("lib", lib_part), ("app", app_part)) if p}
+    if trust is not None and no_verify:
+        raise UsageError("--trust relies on the part hashes: leave out --no-verify")
+    if no_verify:
+        ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
+    if bundle == "-" or image == "-":
+        chosen, parts = _stream_parts(None if bundle == "-" else bundle, name, overrides, trust)
+    else:
+        if app_part == "-":
+            overrides["app"] = "-"
+        chosen, parts = _store_parts(bundle, name, overrides, trust)
+    options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
+    trailer = (chosen or {}).get("trailer_size", 1024)
+    _write(output, parts, chosen, options, trailer, ui)
 
-    def body():
-        stream_in = bundle == "-" or image == "-"
-        name = image_opt if image == "-" else image
-        if image == "-" and app_part == "-":
-            raise UsageError("stdin can carry the bundle stream or the app part, not both")
-        overrides = {r: p for r, p in (("base", base_part), ("lib", lib_part), ("app", app_part)) if p}
-        if trust is not None and no_verify:
-            raise UsageError("--trust relies on the part hashes: leave out --no-verify")
-        if no_verify:
-            ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
-        if stream_in:
-            store_dir = None if bundle == "-" else bundle
-            received = receive_stream(input_source("-", "bundle stream"), _receive_dir(store_dir))
-            extra = [open_bundle(store_dir)] if store_dir else []
-            extra = [b for b in extra if b.kind == "isep"]
-            for b in ([received] + extra) if trust is not None else []:
-                b.check_signature(trust)
-            chosen = select_image(received.doc["images"], name, "the bundle stream")
-            parts = isep_part_inputs(received, chosen, overrides, extra)
-        else:
-            opened = open_bundle(bundle)
-            if trust is not None:
-                opened.check_signature(trust)
-            if app_part == "-":
-                overrides["app"] = "-"
-            if opened.kind == "isula":
-                chosen = None
-                parts = isula_part_inputs(opened, name, overrides)
-            else:
-                chosen = select_image(opened.doc["images"], name, bundle)
-                parts = isep_part_inputs(opened, chosen, overrides)
-        options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
-        trailer = (chosen or {}).get("trailer_size", 1024)
-        _write(output, parts, chosen, options, trailer, ui)
 
-    run_command(PROG, debug, body)
+def _stream_parts(store_dir: Optional[str], name: Optional[str], overrides: dict, trust: Optional[str]):
+    """(image, part inputs) of a bundle stream on stdin, with the parts it lacks from STORE."""
+    received = receive_stream(input_source("-", "bundle stream"), _receive_dir(store_dir))
+    extra = [open_bundle(store_dir)] if store_dir else []
+    extra = [b for b in extra if b.kind == "isep"]
+    if trust is not None:
+        for b in [received, *extra]:
+            b.check_signature(trust)
+    chosen = select_image(_images(received), name, "the bundle stream")
+    return chosen, isep_part_inputs(received, chosen, overrides, extra)
+
+
+def _store_parts(bundle: str, name: Optional[str], overrides: dict, trust: Optional[str]):
+    """(image, part inputs) of a store directory; the image is None for an isula-build bundle."""
+    opened = open_bundle(bundle)
+    if trust is not None:
+        opened.check_signature(trust)
+    if opened.kind == "isula":
+        return None, isula_part_inputs(opened, name, overrides)
+    chosen = select_image(_images(opened), name, bundle)
+    return chosen, isep_part_inputs(opened, chosen, overrides)
+
+
+def _images(bundle) -> list:
+    return cast(dict, bundle.doc)["images"]  # an isep bundle's manifest was parsed when it was opened
 
 
 def _receive_dir(store_dir: Optional[str]) -> str:
@@ -109,7 +128,7 @@ def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:
 
 
 def main() -> None:
-    app(prog_name=PROG)
+    launch(app, PROG)
 
 
 if __name__ == "__main__":

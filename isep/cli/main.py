@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 from . import demo, index, join, pack, partition, verify
-from .common import new_app
+from .common import launch, new_app
 
 COMMANDS = {"index": index, "partition": partition, "pack": pack, "verify": verify, "join": join,
             "demo": demo}
 
-app = new_app("Split container image archives into base, lib and app parts, and join them back. "
+app = new_app("Split container image archives into base, lib and app parts, and join them back.",
               "Each subcommand is also installed as isep-<subcommand>; see isep <subcommand> --help.")
 for name, module in COMMANDS.items():
     command = module.app.registered_commands[0]
-    app.command(name, help=module.app.info.help)(command.callback)
+    summary = (module.__doc__ or ":").split(":", 1)[1].strip()  # the module docstring's "isep-NAME: summary"
+    app.command(name, help=command.help, epilog=command.epilog,
+                short_help=summary[0].upper() + summary[1:])(command.callback)
 
 
 def main() -> None:
-    app(prog_name="isep")
+    launch(app, "isep")
 
 
 if __name__ == "__main__":

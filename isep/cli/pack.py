@@ -1,6 +1,7 @@
 """isep-pack: split an image archive into base, lib and app parts in one pass."""
 from __future__ import annotations
 
+import enum
 import os
 import stat
 from typing import Optional
@@ -15,25 +16,52 @@ from ..isula import pack_isula, pack_isula_stream
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..partition import make_plan
 from ..refs import read_json_file
-from ..targets import DirTarget, StreamTarget
+from ..stream import StreamTarget
+from ..targets import DirTarget
 from ..tarstream import Source
-from .common import (EXIT_CODES_HELP, Progress, DebugOption, ProgressOption, QuietOption, Ui, VersionOption,
-                     input_size, new_app, open_input, run_command, stdout_binary)
-from .shared import CompressOption, RenameOption, read_renames, resolve_refs
+from .common import (
+    ArchiveArgument,
+    Compression,
+    CompressOption,
+    RenameOption,
+    Ui,
+    command,
+    input_size,
+    launch,
+    new_app,
+    open_input,
+    read_renames,
+    resolve_refs,
+    stdout_binary,
+)
 
 PROG = "isep-pack"
 app = new_app(
-    "Read an image archive from ARCHIVE or stdin once and write its members, byte for byte, into a "
-    "base part, a lib part and one app part per image (compressed tars), plus the bundle manifest "
-    "isep-bundle.json and isula-build's `manifest`, into the store DIR; or, with -o -, as one bundle "
-    "stream on stdout. With --plan (from isep-partition) nothing is decided again and no temporary "
-    "disk is used. With --base/--lib, an ARCHIVE file is read twice (its headers, then everything) "
-    "and uses no temporary disk; a pipe is read once, and a member whose layer only its content reveals (a legacy "
+    "Split an image archive into a base part, a lib part and one app part per image, written into a "
+    "store directory or as one bundle stream on stdout.",
+    "The archive is read from ARCHIVE or stdin once. The parts are compressed tars holding its "
+    "members byte for byte; the store DIR also gets the bundle manifest isep-bundle.json and "
+    "isula-build's `manifest`; with -o - everything goes out as one bundle stream on stdout.",
+    "With --plan (from isep-partition) nothing is decided again and no temporary disk is used. With "
+    "--base/--lib, an ARCHIVE file is read twice (its headers, then everything) and uses no temporary "
+    "disk; a pipe is read once, and a member whose layer only its content reveals (a legacy "
     "<v1id>/layer.tar, a compressed blob) is held in a spool of at most one layer in DIR (TMPDIR with "
-    "-o -); with -o - the app part is held, compressed, in TMPDIR until the save's metadata arrives. "
+    "-o -); with -o - the app part is held, compressed, in TMPDIR until the save's metadata arrives.",
     "Parts already in DIR with the same layers are reused, not written again. Output is atomic: "
     "temporary dot-files renamed when complete, the bundle manifest last; on any failure they are "
-    "removed and nothing that was there before changes. " + EXIT_CODES_HELP)
+    "removed and nothing that was there before changes.")
+EXAMPLES = (
+    ("pack a save into a store; only parts it lacks are written",
+     "docker save apps/web:2 | isep-pack --base base.json --lib lib.json -o store/"),
+    ("execute a plan made by isep-partition", "isep-pack web.tar --plan plan.json -o store/"),
+    ("a release update: only the app part, as a stream to a device that holds base and lib",
+     "isep-pack web.tar --base store/ --lib store/ --parts app -o - | ssh device 'isep-join /srv/isep - | docker load'"),
+)
+
+
+class Layout(str, enum.Enum):
+    isep = "isep"
+    isula = "isula"
 
 
 def _parse_parts(text: str) -> tuple[str, ...]:
@@ -51,59 +79,49 @@ def _seekable_file(fh) -> bool:
         return False
 
 
-@app.command(help=app.info.help)
+@command(app, PROG, EXAMPLES, progress=True)
 def pack(
-    archive: Optional[str] = typer.Argument(None, metavar="ARCHIVE|-", help="Image archive; stdin when omitted or '-'."),
+    ui: Ui,
+    archive: Optional[str] = ArchiveArgument,
     output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), or - for a bundle stream on stdout."),
     plan_file: Optional[str] = typer.Option(None, "--plan", "-p", metavar="PLAN", help="A plan from isep-partition."),
     base: Optional[str] = typer.Option(None, "--base", "-b", metavar="REF", help="The base image (as for isep-partition)."),
     lib: Optional[str] = typer.Option(None, "--lib", "-l", metavar="REF", help="The lib image, built on the base."),
     parts: str = typer.Option("base,lib,app", "--parts", metavar="LIST", help="Which parts to write: a subset of base,lib,app (e.g. app for an update)."),
-    compress: str = CompressOption,
-    level: Optional[int] = typer.Option(None, "--level", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 2: 1-3 ISA-L, 4-9 zlib)."),
+    compress: Compression = CompressOption,
+    level: Optional[int] = typer.Option(None, "--level", metavar="LEVEL", help="Compression level (zstd 1-19, default 3; gzip 1-9, default 2: 1-3 ISA-L, 4-9 zlib)."),
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
     sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
-    layout: str = typer.Option("isep", "--format", metavar="isep|isula", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
-    quiet: bool = QuietOption,
-    progress: Progress = ProgressOption,
-    debug: bool = DebugOption,
-    version: bool = VersionOption,
+    layout: Layout = typer.Option(Layout.isep, "--format", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
 ) -> None:
-    ui = Ui(PROG, quiet, progress)
-
-    def body():
-        if (plan_file is None) == (base is None):
-            raise UsageError("give either --plan PLAN or --base REF (with an optional --lib REF)")
-        if plan_file is not None and (lib is not None or rename is not None):
-            raise UsageError("--lib and --rename belong to the plan; give them to isep-partition")
-        roles = _parse_parts(parts)
-        if layout not in ("isep", "isula"):
-            raise UsageError("--format takes isep or isula")
-        fh, name = open_input(archive, "archive")
-        options = PackOptions(compression=compress, level=level, parts=roles,
-                              isula_manifest=not no_isula_manifest,
-                              renames=read_renames(rename, compress), layout=layout)
-        plan = None
-        if plan_file is not None:
-            plan = read_json_file(plan_file, "--plan")
-            if not isinstance(plan, dict) or plan.get("schema") != "isep-plan/1":
-                raise BadInput(f"{plan_file} is not an isep plan (make one with isep-partition)")
-            if plan.get("compression", compress) != compress:
-                raise UsageError(f"the plan names parts for --compress {plan['compression']}")
-        if sign is not None and not os.path.isfile(sign):
-            raise EnvironmentFailure(f"cannot read signing key {sign}: no such file")
-        target = _open_target(output, sign)
-        try:
-            with ui.bar(input_size(archive), "pack") as tick:
-                options.progress = tick
-                result = _run(fh, name, plan, base, lib, target, options)
-        except BaseException:
-            target.abort()
-            raise
-        _summary(ui, result)
-
-    run_command(PROG, debug, body)
+    if (plan_file is None) == (base is None):
+        raise UsageError("give either --plan PLAN or --base REF (with an optional --lib REF)")
+    if plan_file is not None and (lib is not None or rename is not None):
+        raise UsageError("--lib and --rename belong to the plan; give them to isep-partition")
+    roles = _parse_parts(parts)
+    fh, name = open_input(archive, "archive")
+    options = PackOptions(compression=compress.value, level=level, parts=roles,
+                          isula_manifest=not no_isula_manifest,
+                          renames=read_renames(rename, compress.value), layout=layout.value)
+    plan = None
+    if plan_file is not None:
+        plan = read_json_file(plan_file, "--plan")
+        if not isinstance(plan, dict) or plan.get("schema") != "isep-plan/1":
+            raise BadInput(f"{plan_file} is not an isep plan (make one with isep-partition)")
+        if plan.get("compression", compress.value) != compress.value:
+            raise UsageError(f"the plan names parts for --compress {plan['compression']}")
+    if sign is not None and not os.path.isfile(sign):
+        raise EnvironmentFailure(f"cannot read signing key {sign}: no such file")
+    target = _open_target(output, sign)
+    try:
+        with ui.bar(input_size(archive), "pack") as tick:
+            options.progress = tick
+            result = _run(fh, name, plan, base, lib, target, options)
+    except BaseException:
+        target.abort()
+        raise
+    _summary(ui, result)
 
 
 def _open_target(output: str, sign: Optional[str]):
@@ -140,7 +158,7 @@ def _summary(ui: Ui, result) -> None:
 
 
 def main() -> None:
-    app(prog_name=PROG)
+    launch(app, PROG)
 
 
 if __name__ == "__main__":

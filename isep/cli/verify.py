@@ -8,77 +8,84 @@ from typing import Optional
 import typer
 
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
-from ..join import open_bundle, receive_stream
+from ..bundle import open_bundle
+from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
-from .common import (EXIT_CODES_HELP, DebugOption, QuietOption, Ui, VersionOption, new_app, open_input,
-                     run_command, scratch_dir, write_json)
+from .common import Ui, command, launch, new_app, open_input, scratch_dir, write_json
 
 PROG = "isep-verify"
 app = new_app(
-    "Check a bundle directory (isep's or isula-build's), a bundle stream, or an image archive, and "
-    "write a JSON report on stdout with one entry per check; a short summary goes to stderr. For a "
-    "bundle: the manifest parses and its schema is known; every part is present with the recorded "
-    "size and sha256; each part decompresses to a well-formed tar holding exactly the listed members, "
-    "each matching its recorded xxh3 (sha256 and recomputed diffIDs with --deep); every image's "
-    "layers are present with their diffIDs and its config matches its digest. --fast uses xxh3 for the "
-    "parts too. For an image archive (docker save ... | isep-verify -): it is a complete archive and "
-    "every layer's diffID matches its config. Exit 0 only when every check passed, 5 otherwise. "
-    + EXIT_CODES_HELP)
+    "Check a bundle directory (isep's or isula-build's), a bundle stream or an image archive, and "
+    "write a JSON report with one entry per check on stdout.",
+    "A short summary goes to stderr. For a bundle: the manifest parses and its schema is known; every "
+    "part is present with the recorded size and sha256; each part decompresses to a well-formed tar "
+    "holding exactly the listed members, each matching its recorded xxh3 (sha256 and recomputed "
+    "diffIDs with --deep); every image's layers are present with their diffIDs and its config matches "
+    "its digest. --fast uses xxh3 for the parts too. For an image archive (docker save ... | "
+    "isep-verify -): it is a complete archive and every layer's diffID matches its config.",
+    "Exit 0 only when every check passed, 5 otherwise.")
+EXAMPLES = (
+    ("check a store before shipping it", "isep-verify store/ > report.json"),
+    ("check a save before packing it", "docker save apps/web:2 | isep-verify -"),
+    ("accept only a bundle signed by a known key",
+     "isep-verify --trust ~/.config/isep/allowed_signers /srv/isep"),
+)
 
 
-@app.command(help=app.info.help)
+@command(app, PROG, EXAMPLES)
 def verify(
+    ui: Ui,
     target: Optional[str] = typer.Argument(None, metavar="BUNDLE|ARCHIVE|-", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
     fast: bool = typer.Option(False, "--fast", help="xxh3-128 instead of sha256 for part files."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every member with sha256 and recompute diffIDs."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Require isep-bundle.json to be signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file; parts are then checked with sha256, never --fast."),
-    quiet: bool = QuietOption,
-    debug: bool = DebugOption,
-    version: bool = VersionOption,
-) -> None:
-    ui = Ui(PROG, quiet)
+) -> ExitStatus:
+    mode = "fast" if fast else "deep" if deep else "standard"
+    if trust is not None and fast:
+        raise UsageError("--trust needs sha256 part checks: leave out --fast")
+    path = target or "-"
+    if path != "-" and os.path.isdir(path):
+        report = _check_directory(path, trust, mode)
+    else:
+        report = _check_input(path, trust, mode)
+    doc = report.to_json()
+    write_json(doc)
+    failed = [c for c in report.checks if c["status"] == "fail"]
+    if failed:
+        for check in failed[:5]:
+            ui.warn(f"FAILED {check['check']}: {check['detail']}")
+        print(f"{PROG}: {len(failed)} of {len(report.checks)} checks failed", file=sys.stderr)
+        return ExitStatus.INTEGRITY
+    ui.info(f"all {len(report.checks)} checks passed ({report.kind}, {mode})")
+    return ExitStatus.OK
 
-    def body():
-        mode = "fast" if fast else "deep" if deep else "standard"
-        if trust is not None and fast:
-            raise UsageError("--trust needs sha256 part checks: leave out --fast")
-        path = target or "-"
-        if path != "-" and os.path.isdir(path):
-            report = Report(path, "bundle", mode)
-            try:
-                bundle = open_bundle(path)
-            except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
-                report.add("manifest", False, str(exc))
-            else:
-                _check_signature(bundle, trust, report)
-                report = verify_bundle(bundle, report, mode)
-        else:
-            fh, name = open_input(path, "bundle or archive")
-            source = Source(fh, name=name)
-            head = source.read(512)
-            source = _Rewound(head, source)
-            if head[:16].startswith(b"isep-stream.json"):
-                bundle = receive_stream(Source(source, name=name), scratch_dir("isep-verify-"))
-                report = Report(name, "bundle stream", mode)
-                _check_signature(bundle, trust, report)
-                report = verify_bundle(bundle, report, mode)
-            elif trust is not None:
-                raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
-            else:
-                report = verify_archive(Source(source, name=name), Report(name, "archive", mode))
-        doc = report.to_json()
-        write_json(doc)
-        failed = [c for c in report.checks if c["status"] == "fail"]
-        if failed:
-            for check in failed[:5]:
-                ui.warn(f"FAILED {check['check']}: {check['detail']}")
-            print(f"{PROG}: {len(failed)} of {len(report.checks)} checks failed", file=sys.stderr)
-            return ExitStatus.INTEGRITY
-        ui.info(f"all {len(report.checks)} checks passed ({report.kind}, {mode})")
-        return ExitStatus.OK
 
-    run_command(PROG, debug, body)
+def _check_directory(path: str, trust: Optional[str], mode: str) -> Report:
+    report = Report(path, "bundle", mode)
+    try:
+        bundle = open_bundle(path)
+    except BadInput as exc:  # a damaged manifest is a failed check, like a damaged part
+        report.add("manifest", False, str(exc))
+        return report
+    _check_signature(bundle, trust, report)
+    return verify_bundle(bundle, report, mode)
+
+
+def _check_input(path: str, trust: Optional[str], mode: str) -> Report:
+    """A bundle stream or an image archive, told apart by the stream's first member name."""
+    fh, name = open_input(path, "bundle or archive")
+    first = Source(fh, name=name)
+    head = first.read(512)
+    source = Source(_Rewound(head, first), name=name)
+    if head[:16].startswith(b"isep-stream.json"):
+        bundle = receive_stream(source, scratch_dir("isep-verify-"))
+        report = Report(name, "bundle stream", mode)
+        _check_signature(bundle, trust, report)
+        return verify_bundle(bundle, report, mode)
+    if trust is not None:
+        raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
+    return verify_archive(source, Report(name, "archive", mode))
 
 
 def _check_signature(bundle, trust: Optional[str], report: Report) -> None:
@@ -111,7 +118,7 @@ class _Rewound:
 
 
 def main() -> None:
-    app(prog_name=PROG)
+    launch(app, PROG)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@
 #            tests import into their own namespace (isep-test), not "moby".
 #
 # Env: ISEP_ENGINES_WORK (default /tmp/isep-engines)
+#      ISEP_DEBIAN_MIRROR  the Debian archive the trixie/sid debs come from (default: the first
+#                          Debian archive in this machine's own apt sources, so that a local
+#                          mirror or an apt proxy setup is followed; else http://deb.debian.org/debian)
 set -euo pipefail
 
 WORK=${ISEP_ENGINES_WORK:-/tmp/isep-engines}
@@ -95,11 +98,57 @@ alt_apt_version() { # pkg suite -> candidate version in that suite
 ALT_SETS="docker-trixie:docker.io/trixie docker-sid:docker.io/sid docker-sid:docker-cli/sid
 containerd-trixie:containerd/trixie buildx-trixie:docker-buildx/trixie"
 
+# The URI of the first enabled `deb` source that is not a security archive, in apt's order: classic
+# one-line entries (sources.list, sources.list.d/*.list) and deb822 stanzas (sources.list.d/*.sources).
+apt_mirror() { # [APT_DIR (default /etc/apt)] -> URI on stdout; nothing when there is none
+  local dir=${1:-/etc/apt} f files=()
+  [ -f "$dir/sources.list" ] && files+=("$dir/sources.list")
+  for f in "$dir"/sources.list.d/*; do
+    case $f in *.list|*.sources) [ -f "$f" ] && files+=("$f") ;; esac
+  done
+  [ ${#files[@]} -gt 0 ] || return 0
+  awk '
+    function security(suites,   n, i, w) {  # every suite is a -security one
+      n = split(suites, w, " ")
+      for (i = 1; i <= n; i++) if (w[i] !~ /-security$/) return 0
+      return n > 0
+    }
+    function found(u) { sub(/\/+$/, "", u); print u; done = 1; exit }
+    function stanza_end() {
+      if (types ~ /(^| )deb( |$)/ && enabled != "no" && uri != "" && !security(suites)) found(uri)
+      types = ""; uri = ""; suites = ""; enabled = ""
+    }
+    FNR == 1 { if (deb822) stanza_end(); deb822 = FILENAME ~ /\.sources$/ }
+    { sub(/#.*/, "") }
+    !deb822 && $1 == "deb" {
+      line = $0; sub(/\[[^]]*\]/, "", line); split(line, w, " ")
+      if (!security(w[3])) found(w[2])
+    }
+    deb822 && /^[ \t]*$/ { stanza_end(); next }
+    deb822 && /^[A-Za-z-]+:/ {
+      key = tolower($1); $1 = ""; value = $0; sub(/^ +/, "", value)
+      if (key == "types:") types = value
+      else if (key == "uris:") { split(value, u, " "); uri = u[1] }
+      else if (key == "suites:") suites = value
+      else if (key == "enabled:") enabled = tolower(value)
+    }
+    END { if (deb822 && !done) stanza_end() }
+  ' "${files[@]}"
+}
+
+debian_mirror() { # ISEP_DEBIAN_MIRROR, else the machine's own mirror, else deb.debian.org
+  if [ -n "${ISEP_DEBIAN_MIRROR:-}" ]; then echo "${ISEP_DEBIAN_MIRROR%/}"; return; fi
+  local uri; uri=$(apt_mirror /etc/apt)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
 install_alt() {
   mkdir -p "$ALT/state/lists/partial" "$ALT/cache/archives/partial" "$ALT/parts" "$OPT/debs"
-  cat > "$ALT/sources.list" <<'EOF'
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
+  local mirror; mirror=$(debian_mirror)
+  log "alt apt: trixie and sid from $mirror"
+  cat > "$ALT/sources.list" <<EOF
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main
 EOF
   cat > "$ALT/apt.conf" <<EOF
 Dir::Etc::SourceList "$ALT/sources.list";
@@ -537,4 +586,5 @@ main() {
     esac
   done
 }
-main "$@"
+# when sourced (`. engines.sh`, as tests/test_engines_sh.py does) only define the functions
+[ "${BASH_SOURCE[0]}" != "$0" ] || main "$@"

@@ -15,8 +15,10 @@ DIR`` (rebuilt if DIR lacks ``.complete``); default: a fresh temp dir.
 ``ISEP_ENGINES_WORK`` is passed through to engines.sh (default
 /tmp/isep-engines).
 
-At the end of a session that ran engine tests, tests/engines/MATRIX.md is
-(re)written from the recorded results (producer x loader -> OK/FAIL).
+At the end of a session that ran engine tests, the result matrix (producer x
+loader -> OK/FAIL) is written to ``ISEP_ENGINES_MATRIX`` (default
+build/engines/MATRIX.md, untracked); copying it over the committed
+tests/engines/MATRIX.md is a deliberate step, never a side effect of a run.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 ENGINES_SH = HERE / "engines.sh"
 WORK = Path(os.environ.get("ISEP_ENGINES_WORK", "/tmp/isep-engines"))
-MATRIX_MD = HERE / "MATRIX.md"
+MATRIX_MD = Path(os.environ.get("ISEP_ENGINES_MATRIX", REPO / "build" / "engines" / "MATRIX.md"))
 
 # (section, row, column) -> (status, reason)
 RESULTS: dict[tuple[str, str, str], tuple[str, str]] = {}
@@ -272,9 +274,13 @@ def pytest_sessionfinish(session, exitstatus):
         vt = (OUTDIR[-1] / "VERSIONS.txt").read_text().replace(str(WORK), "$ISEP_ENGINES_WORK")
         lines += ["## Versions (engines.sh build)", "", "```", vt.strip(), "```", ""]
     try:
+        MATRIX_MD.parent.mkdir(parents=True, exist_ok=True)
         MATRIX_MD.write_text("\n".join(lines))
-    except OSError:
-        pass
+    except OSError as exc:
+        print(f"engine tier: cannot write {MATRIX_MD}: {exc}", file=sys.stderr)
+    else:
+        print(f"engine tier: result matrix in {MATRIX_MD} (commit it as tests/engines/MATRIX.md deliberately)",
+              file=sys.stderr)
 
 
 _PROD_ORDER = ["docker-legacy", "docker-oci", "docker-cstore", "podman-docker-archive",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from . import craft
-from .conftest import copy_store, is_complete_archive, part_files, run
+from tests.harness import copy_store, is_complete_archive, part_files, run
 
 RSS_LIMIT_KB = 320 * 1024   # Python + isep (~60 MiB) + the largest zstd window isep accepts (128 MiB)
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from . import craft
-from .conftest import bundle_doc, copy_store, is_complete_archive, part_files, run
+from tests.harness import bundle_doc, copy_store, is_complete_archive, part_files, run
 
 
 def flip(path, where: float = 0.5, bit: int = 0x10) -> None:

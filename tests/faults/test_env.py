@@ -6,14 +6,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import Sandbox, bundle_doc, check_sandbox, copy_store, is_complete_archive, pack_args, run, start
-
+from tests.harness import (
+    Sandbox,
+    bundle_doc,
+    check_sandbox,
+    copy_store,
+    is_complete_archive,
+    pack_args,
+    run,
+    start,
+)
 
 # --- a small tmpfs -----------------------------------------------------------------------------------
 
@@ -82,31 +91,42 @@ def test_disk_full_during_join(tmpfs, stores, sb):
 
 # --- signals -----------------------------------------------------------------------------------------
 
-SLOW_WRITER = """
-import sys, time
-data = open(sys.argv[1], 'rb').read()
-step = int(sys.argv[2])
-out = sys.stdout.buffer
-try:
-    for i in range(0, len(data), step):
-        out.write(data[i:i + step]); out.flush(); time.sleep(0.05)
-except BrokenPipeError:
-    pass
-"""
+@contextmanager
+def _all_but_the_end(path: Path, keep: int = 1024):
+    """A pipe for a command's stdin that carries every byte of PATH but the last KEEP (the tar
+    trailer) and stays open until the block ends: the command is still waiting for its input
+    whenever the test signals it, however fast or slow the machine."""
+    data = path.read_bytes()
+    read_fd, write_fd = os.pipe()
+    done = threading.Event()
 
+    def feed() -> None:
+        with open(write_fd, "wb", buffering=0) as pipe:
+            try:
+                pipe.write(data[:-keep])
+            except BrokenPipeError:  # the command is gone already
+                pass
+            done.wait()
 
-def _slow_source(path: Path, step: int = 32 << 10) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path), str(step)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    stdin = open(read_fd, "rb", buffering=0)
+    try:
+        yield stdin
+    finally:
+        stdin.close()  # then a writer still blocked on a command that is gone gets EPIPE
+        done.set()
+        writer.join(30)
 
 
 def _wait_for_temps(directory: Path, timeout: float = 20) -> None:
+    """Until the command has a temporary file in DIRECTORY (polled: nothing else announces it)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if directory.is_dir() and any(p.name.startswith(".isep-tmp-") for p in directory.iterdir()):
             return
         time.sleep(0.02)
-    raise AssertionError(f"pack never started writing into {directory}")
+    raise AssertionError(f"the command never started writing into {directory}")
 
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -115,15 +135,11 @@ def test_signal_mid_pack(signum, status, existing, samples, stores, sb):
     s = samples["docker-legacy"]
     if existing:
         copy_store(stores["docker-legacy"], sb.out)
-    src = _slow_source(s["app1-2" if existing else "app1"])
-    proc = start("pack", *pack_args(s)[1:], "-o", sb.out, stdin=src.stdout, sandbox=sb)
-    src.stdout.close()
-    _wait_for_temps(sb.out)
-    time.sleep(0.2)
-    proc.signal(signum)
-    res = proc.finish(status)
-    src.kill()
-    src.wait()
+    with _all_but_the_end(s["app1-2" if existing else "app1"]) as stdin:
+        proc = start("pack", *pack_args(s)[1:], "-o", sb.out, stdin=stdin, sandbox=sb)
+        _wait_for_temps(sb.out)
+        proc.signal(signum)
+        res = proc.finish(status)
     assert res.error.endswith(f"interrupted by signal {int(signum)}")
     if existing:
         run("verify", sb.out, sandbox=sb)
@@ -135,14 +151,11 @@ def test_sigkill_mid_pack_leaves_only_temporary_dot_files(samples, stores, sb):
     s = samples["docker-legacy"]
     copy_store(stores["docker-legacy"], sb.out)
     before = bundle_doc(sb.out)
-    src = _slow_source(s["app1-2"])
-    proc = start("pack", *pack_args(s)[1:], "-o", sb.out, stdin=src.stdout, sandbox=sb)
-    src.stdout.close()
-    _wait_for_temps(sb.out)
-    proc.signal(signal.SIGKILL)
-    proc.finish(-9, killed=True)
-    src.kill()
-    src.wait()
+    with _all_but_the_end(s["app1-2"]) as stdin:
+        proc = start("pack", *pack_args(s)[1:], "-o", sb.out, stdin=stdin, sandbox=sb)
+        _wait_for_temps(sb.out)
+        proc.signal(signal.SIGKILL)
+        proc.finish(-9, killed=True)
     leftovers = [p.name for p in sb.out.iterdir() if p.name.startswith(".isep-tmp-")]
     assert leftovers and bundle_doc(sb.out) == before
     res = run("verify", sb.out, sandbox=sb)  # still sound; the leftovers are reported, not failed
@@ -156,14 +169,11 @@ def test_sigint_while_receiving_a_bundle_stream(samples, stores, sb):
     s = samples["docker-oci"]
     copy_store(stores["docker-oci"], sb.out)
     stream = sb.put("stream", run("pack", *pack_args(s, "app1-2"), "-o", "-", "--parts", "app").stdout)
-    src = _slow_source(stream, 4 << 10)
-    proc = start("join", sb.out, "-", "-o", sb.work.parent / "joined.tar", stdin=src.stdout, sandbox=sb)
-    src.stdout.close()
-    _wait_for_temps(sb.out)
-    proc.signal(signal.SIGINT)
-    proc.finish(130)
-    src.kill()
-    src.wait()
+    with _all_but_the_end(stream) as stdin:
+        proc = start("join", sb.out, "-", "-o", sb.work.parent / "joined.tar", stdin=stdin, sandbox=sb)
+        _wait_for_temps(sb.out)
+        proc.signal(signal.SIGINT)
+        proc.finish(130)
     assert not (sb.work.parent / "joined.tar").exists()
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from tests.harness import ROOT
 
 atheris = pytest.importorskip("atheris")
 FUZZ = ROOT / "fuzz"

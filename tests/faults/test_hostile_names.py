@@ -8,7 +8,7 @@ import json
 import pytest
 
 from . import craft
-from .conftest import is_complete_archive, run
+from tests.harness import copy_store, is_complete_archive, run
 
 BLOB = "blobs/sha256/"
 
@@ -103,7 +103,6 @@ def test_bundle_stream_with_hostile_chunk_names(chunk_name, stores, sb):
     path = sb.put("stream", stream)
     run("join", "-", stdin=path, expect=4, sandbox=sb)
     store = sb.out
-    from .conftest import copy_store
     copy_store(stores["docker-oci"], store)
     run("join", store, "-", stdin=path, expect=4, sandbox=sb)
     run("verify", "-", stdin=path, expect=(4, 5), report=True, sandbox=sb)

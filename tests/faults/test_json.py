@@ -9,7 +9,7 @@ import json
 import pytest
 
 from . import craft
-from .conftest import run
+from tests.harness import run
 
 ZERO = "0" * 64
 

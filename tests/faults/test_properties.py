@@ -22,13 +22,15 @@ from isep import samples as S
 from isep.archive import build_index, scan
 from isep.bundle import Store
 from isep.errors import IsepError
-from isep.join import JoinOptions, isep_part_inputs, join_parts, open_bundle, select_image
+from isep.bundle import isep_part_inputs, open_bundle, select_image
+from isep.join import JoinOptions, join_parts
 from isep.pack import PackOptions, pack_one_shot, pack_with_plan
 from isep.partition import make_plan
 from isep.refs import Ref
 from isep.targets import DirTarget
 from isep.tarstream import Source
 from isep.verify import Report, verify_bundle
+from tests.harness import part_files
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -135,7 +137,6 @@ def _corrupt(src: Path, tmp: str, name: str, position: float, xor: int) -> Path:
 @given(role=st.sampled_from(["base", "lib", "app"]), position=st.floats(0, 1), xor=st.integers(1, 255),
        mode=st.sampled_from(["fast", "standard", "deep"]))
 def test_any_byte_of_a_part_changed_is_caught(role, position, xor, mode, pristine):
-    from .conftest import part_files
     name = part_files(pristine)[role]
     with tempfile.TemporaryDirectory() as tmp:
         store = _corrupt(pristine, tmp, name, position, xor)

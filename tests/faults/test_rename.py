@@ -8,7 +8,7 @@ import json
 import pytest
 
 from . import craft
-from .conftest import copy_store, run
+from tests.harness import copy_store, run
 
 DEFAULT = "app1_1_app_image.tar.zst"
 BASE = "base_1_base_image.tar.zst"

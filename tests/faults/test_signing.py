@@ -12,7 +12,7 @@ from isep.errors import EnvironmentFailure, IntegrityError
 from isep.signing import NAMESPACE, SIGNATURE_FILE, sign_manifest, verify_manifest
 
 from . import craft
-from .conftest import bundle_doc, is_complete_archive, pack_args, part_files, run
+from tests.harness import bundle_doc, is_complete_archive, pack_args, part_files, run
 
 # Skipped on a machine without OpenSSH; in CI (CI set) the tests run and fail instead.
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None and not os.environ.get("CI"),

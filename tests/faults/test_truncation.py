@@ -7,7 +7,7 @@ import random
 import pytest
 
 from . import craft
-from .conftest import copy_store, run
+from tests.harness import copy_store, run
 
 
 def _cuts(samples) -> dict[str, bytes]:

@@ -13,6 +13,7 @@ as a real process and asserts the invariants every case shares:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,12 +26,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import pytest
+from isep.errors import IsepError
+from isep.samples import FORMATS  # noqa: F401 - the producers the sample sets imitate, for tests
+from isep.tarstream import Source, TarReader
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin"
-sys.path.insert(0, str(ROOT))
+DATA = ROOT / "tests" / "data"
+REAL = DATA / "real"
+ISULA = DATA / "isula"
+REAL_FORMATS = {  # fixture folder -> isep format name
+    "docker-legacy": "docker-legacy", "docker-oci": "docker-oci", "docker-cstore": "docker-cstore",
+    "podman-docker-archive": "podman", "skopeo-docker-archive": "podman",
+    "umoci-docker-archive": "podman", "podman-oci-archive": "oci-archive",
+    "skopeo-oci-archive": "oci-archive",
+}
+WITH_INSPECT = ("docker-legacy", "docker-oci", "docker-cstore", "podman-docker-archive")
+SAMPLE_LAYER_KIB = 32  # layer size of the session's sample sets (tests/conftest.py)
 
 TEMP_PREFIX = ".isep-tmp-"
 LOCK = "isep-bundle.lock"
@@ -47,16 +61,20 @@ class Result:
     rc: int
     stdout: bytes
     stderr: str
-    maxrss_kb: int | None  # peak RSS of the command, with run(..., rss=True)
-    seconds: float
+    maxrss_kb: Optional[int] = None  # peak RSS of the command, with run(..., rss=True)
+    seconds: float = 0.0
 
     @property
     def lines(self) -> list[str]:
         return self.stderr.splitlines()
 
     @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.lines if ": error: " in line]
+
+    @property
     def error(self) -> str:
-        errors = [line for line in self.lines if ": error: " in line]
+        errors = self.error_lines
         return errors[0] if errors else ""
 
     @property
@@ -68,6 +86,37 @@ class Result:
 
     def __str__(self) -> str:
         return f"$ {' '.join(map(str, self.argv))}\nrc={self.rc}\n{self.stderr}"
+
+
+def command_argv(cmd: str, args) -> list[str]:
+    return [sys.executable, str(BIN / f"isep-{cmd}"), *map(str, args)]
+
+
+def isep(cmd: str, *args, stdin: Optional[bytes] = None, stdin_file=None, cwd=None, check=None,
+         env=None) -> Result:
+    """Run bin/isep-<cmd> as a separate process with real pipes; no traceback, and exit CHECK if given."""
+    argv = command_argv(cmd, args)
+    started = time.monotonic()
+    proc = subprocess.run(argv, input=stdin, stdin=stdin_file if stdin is None else None,
+                          capture_output=True, cwd=cwd, env=env, timeout=600)
+    result = Result(cmd, argv[1:], proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"),
+                    seconds=time.monotonic() - started)
+    assert "Traceback" not in result.stderr, result.stderr
+    if check is not None:
+        assert result.rc == check, f"isep-{cmd} {args}: rc {result.rc}\n{result.stderr}"
+    return result
+
+
+def pipeline(shell: str, cwd=None) -> subprocess.CompletedProcess:
+    """A bash pipeline (pipefail) with bin/ first in PATH."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(["bash", "-o", "pipefail", "-c", shell], cwd=cwd, env=env,
+                          capture_output=True, timeout=600)
+
+
+def inspect_layers(folder: str, image: str) -> list[str]:
+    doc = json.loads((REAL / folder / f"inspect-{image}.json").read_text())
+    return doc[0]["RootFS"]["Layers"]
 
 
 # --- sandbox -------------------------------------------------------------------------------------
@@ -197,7 +246,7 @@ class Proc:
     def __init__(self, cmd: str, args, *, stdin=None, sandbox: Sandbox | None = None, out: Path | None = None,
                  env: dict | None = None, cwd=None, stdout=None, timeout: float = 120, rss: bool = False):
         self.cmd = cmd
-        self.argv = [sys.executable, str(BIN / f"isep-{cmd}"), *map(str, args)]
+        self.argv = command_argv(cmd, args)
         self.rss_file = None
         popen_argv = self.argv
         if rss:  # measured by a small parent: a child forked from pytest inherits pytest's peak RSS
@@ -333,48 +382,10 @@ def run(cmd: str, *args, expect=0, report: bool = False, killed: bool = False, *
     return Proc(cmd, args, **kw).finish(expect, report=report, killed=killed)
 
 
-# --- archives and bundles made once per session ---------------------------------------------------------
-
-FORMATS = ("docker-legacy", "docker-oci", "docker-cstore", "podman", "oci-archive")
-
-
-@pytest.fixture(scope="session")
-def samples(tmp_path_factory):
-    """isep.samples sets (base, lib, app1, app2, app1-2, app1+app2, inspect-*.json) per format."""
-    from isep.samples import write_sample_set
-    root = tmp_path_factory.mktemp("fault-samples")
-    return {fmt: write_sample_set(root / fmt, fmt, layer_kib=32) for fmt in FORMATS}
-
-
-@pytest.fixture(scope="session")
-def samples_seed1(tmp_path_factory):
-    """The same images with other content (seed 1): parts of the same names from another pack."""
-    from isep.samples import write_sample_set
-    root = tmp_path_factory.mktemp("fault-samples-seed1")
-    return {"docker-oci": write_sample_set(root / "docker-oci", "docker-oci", seed=1, layer_kib=32)}
-
+# --- stores and archives -----------------------------------------------------------------------------
 
 def pack_args(s: dict, archive: str = "app1") -> list[str]:
     return [str(s[archive]), "--base", str(s["inspect-base"]), "--lib", str(s["inspect-lib"])]
-
-
-@pytest.fixture(scope="session")
-def stores(tmp_path_factory, samples, samples_seed1):
-    """Pristine bundles of app1 (copy them before damaging): per format, plus 'gzip' (docker-oci with
-    --compress gzip) and 'seed1' (docker-oci images of other content, same part names)."""
-    root = tmp_path_factory.mktemp("fault-stores")
-    made = {}
-    for key, s, extra in [(f, samples[f], []) for f in FORMATS] + [
-            ("gzip", samples["docker-oci"], ["--compress", "gzip"]),
-            ("seed1", samples_seed1["docker-oci"], [])]:
-        run("pack", *pack_args(s), "-o", root / key, *extra)
-        made[key] = root / key
-    return made
-
-
-@pytest.fixture
-def sb(tmp_path) -> Sandbox:
-    return Sandbox(tmp_path / "sb")
 
 
 def copy_store(src: Path, dst: Path) -> Path:
@@ -394,9 +405,6 @@ def part_files(store: Path) -> dict[str, str]:
 def is_complete_archive(data: bytes) -> bool:
     """True when data is a whole tar (end-of-archive marker) holding an image's metadata: what a
     loader would accept. A failed join must never produce one."""
-    import io
-    from isep.errors import IsepError
-    from isep.tarstream import Source, TarReader
     names = set()
     try:
         for member in TarReader(Source(io.BytesIO(data), prefetch=False)):

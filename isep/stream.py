@@ -1,0 +1,183 @@
+"""The bundle stream (`isep-pack -o -`, `isep-join STORE -`): a whole bundle as one tar stream.
+
+It starts with isep-stream.json, then carries each part as numbered chunk members
+(`parts/<file>/<n>`, at most 4 MiB each), then isula-build's manifest and isep-bundle.json (and its
+signature) last. StreamTarget writes one; receive_stream reads one into part files and checks them
+against the manifest that ends it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from typing import BinaryIO
+
+from .archive import JSON_CAP, load_json
+from .bundle import MANIFEST_CAP, Bundle, encode_manifest, merge_manifest, os_error, parse_manifest
+from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
+from .parts import drain, part_opener, rewound_chunks
+from .signing import MAX_SIGNATURE, sign_manifest
+from .errors import BadInput
+from .tarstream import Source, TarReader, build_header, padded
+
+STREAM_SCHEMA = "isep-stream/1"
+STREAM_HEAD = "isep-stream.json"
+STREAM_CHUNK = 4 << 20
+
+
+class _StreamPart:
+    """One part's compressed bytes, cut into chunk members of STREAM_CHUNK bytes."""
+
+    def __init__(self, target: StreamTarget, file_name: str):
+        self.target = target
+        self.file_name = file_name
+        self.buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.buf += data
+        while len(self.buf) >= STREAM_CHUNK:
+            self.target.chunk(self.file_name, bytes(self.buf[:STREAM_CHUNK]))
+            del self.buf[:STREAM_CHUNK]
+
+    def close(self) -> None:
+        if self.buf:
+            self.target.chunk(self.file_name, bytes(self.buf))
+            self.buf.clear()
+
+
+class _TempOut:
+    """The app section of a one-shot pack, spooled until the stream's parts are known."""
+
+    def __init__(self, directory: str | None):
+        try:
+            self.raw = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-section-")
+        except OSError as exc:
+            raise os_error(exc, "cannot create a temporary file") from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            raise os_error(exc, "cannot write a temporary file") from None
+
+    def close(self) -> None:
+        pass
+
+
+class StreamTarget:
+    """A bundle as one tar stream: a head, then each part as numbered chunk members
+    (`parts/<file>/<n>`, at most 4 MiB each), then isula's manifest and isep-bundle.json last."""
+
+    spool_dir = None
+
+    def __init__(self, out: BinaryIO, head: dict, sign_key: str | None = None):
+        self.out = out
+        self.sign_key = sign_key
+        self.existing: dict | None = None   # a stream starts no store: nothing to reuse
+        self._counters: dict[str, int] = {}
+        self._named: list[tuple[_TempOut, str]] = []
+        self._lock = threading.RLock()  # parts' frames are written from the compression threads
+        self._head = json.dumps({"schema": STREAM_SCHEMA, **head}).encode()
+        self._started = False  # nothing reaches stdout before the first part bytes: errors leave it empty
+
+    def _emit(self, name: str, data: bytes) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._emit(STREAM_HEAD, self._head)
+            self.out.write(build_header(name, len(data), mode=0o644))
+            self.out.write(data)
+            self.out.write(bytes(padded(len(data)) - len(data)))
+
+    def chunk(self, file_name: str, data: bytes) -> None:
+        with self._lock:
+            n = self._counters.get(file_name, 0)
+            self._counters[file_name] = n + 1
+            self._emit(f"parts/{file_name}/{n:06d}", data)
+
+    def open(self, file_name: str) -> _StreamPart:
+        return _StreamPart(self, file_name)
+
+    def open_section(self) -> _TempOut:
+        return _TempOut(None)
+
+    def reopen(self, out: _TempOut) -> BinaryIO:
+        out.raw.seek(0)
+        return out.raw
+
+    def name(self, out: _TempOut, file_name: str | None) -> None:
+        if file_name is not None:
+            self._named.append((out, file_name))
+
+    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
+        for out, file_name in self._named:
+            for data in rewound_chunks(out.raw, STREAM_CHUNK):
+                self.chunk(file_name, data)
+        doc = merge_manifest(None, parts, images)
+        if isula is not None:
+            self._emit(ISULA_MANIFEST, isula)
+        data = encode_manifest(doc)
+        self._emit(BUNDLE_MANIFEST, data)
+        if self.sign_key is not None:
+            self._emit(SIGNATURE_FILE, sign_manifest(data, self.sign_key))
+        self.out.write(bytes(1024))
+        self.out.flush()
+        return doc
+
+    def abort(self) -> None:
+        drain()
+
+
+# --- reading a bundle stream ---------------------------------------------------------------------------
+
+def receive_stream(source: Source, temp_dir: str) -> Bundle:
+    """Read a bundle stream (isep-pack -o -) into part files under temp_dir; its manifest comes last
+    and is checked against what arrived before anything is joined."""
+    manifest_bytes, signature = b"", None
+    files: dict[str, tuple[BinaryIO | None, int]] = {}
+    doc = head = None
+    for member in TarReader(source):
+        name = member.name
+        if name == STREAM_HEAD:
+            head = load_json(member.read_all(JSON_CAP), "bundle stream head")
+            if not isinstance(head, dict) or head.get("schema") != STREAM_SCHEMA:
+                raise BadInput("not an isep bundle stream (unknown head)")
+        elif head is None:
+            raise BadInput("not an isep bundle stream (it does not start with isep-stream.json)")
+        elif name.startswith("parts/") and member.is_file:
+            _, file_name, number = (name.split("/") + ["", ""])[:3]
+            problem = check_file_name(file_name, "bundle stream part")
+            if problem or not number.isdigit():
+                raise BadInput(problem or f"bundle stream: bad chunk name {name!r}")
+            fh, count = files.get(file_name, (None, 0))
+            if int(number) != count:
+                raise BadInput(f"bundle stream: chunk {name!r} out of order")
+            if fh is None:
+                fh = open(os.path.join(temp_dir, file_name), "xb")
+            for chunk in member.iter_data():
+                fh.write(chunk)
+            files[file_name] = (fh, count + 1)
+        elif name == BUNDLE_MANIFEST:
+            manifest_bytes = member.read_all(MANIFEST_CAP)
+            doc = parse_manifest(manifest_bytes, "bundle stream manifest")
+        elif name == SIGNATURE_FILE:
+            signature = member.read_all(MAX_SIGNATURE)
+        elif name == ISULA_MANIFEST:
+            member.skip()
+        else:
+            raise BadInput(f"bundle stream: unexpected member {name!r}")
+    if doc is None:
+        raise BadInput("bundle stream ended before its manifest: incomplete (interrupted sender?)")
+    for fh, _ in files.values():
+        if fh is not None:
+            fh.close()
+    listed = {p["file"] for p in doc["parts"]}
+    stray = set(files) - listed
+    if stray:
+        raise BadInput(f"bundle stream carries {sorted(stray)[0]!r}, which its manifest does not list")
+    missing = listed - set(files)
+    if missing:
+        raise BadInput(f"bundle stream lacks part {sorted(missing)[0]!r} that its manifest lists")
+    return Bundle(temp_dir, "isep", doc=doc, manifest_bytes=manifest_bytes, signature=signature,
+                  files={f: part_opener(os.path.join(temp_dir, f)) for f in files})

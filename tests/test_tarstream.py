@@ -26,7 +26,7 @@ def read_back(data: bytes, prefetch: bool = True) -> tuple[bytes, list]:
 
 
 names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="/\\"),
-                min_size=1, max_size=40)
+                min_size=1, max_size=40).filter(lambda n: n not in (".", ".."))  # names loaders clean
 paths = st.lists(names, min_size=1, max_size=6).map("/".join)
 entries = st.lists(st.tuples(paths, st.sampled_from(["file", "dir", "symlink", "hardlink"]),
                              st.binary(max_size=3000)), min_size=0, max_size=8)
@@ -35,6 +35,8 @@ entries = st.lists(st.tuples(paths, st.sampled_from(["file", "dir", "symlink", "
 def make_tar(items, fmt) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        if any(kind == "hardlink" for _, kind, _ in items):  # a hard link names an earlier member
+            items = [("target", "file", b"t")] + list(items)
         for i, (name, kind, data) in enumerate(items):
             name = f"{i}/{name}"
             info = tarfile.TarInfo(name)
@@ -44,7 +46,7 @@ def make_tar(items, fmt) -> bytes:
                 tar.addfile(info, io.BytesIO(data))
             else:
                 info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
-                info.linkname = "target/" + name if kind != "dir" else ""
+                info.linkname = {"dir": "", "symlink": "target/" + name, "hardlink": "0/target"}[kind]
                 tar.addfile(info)
     return buf.getvalue()
 

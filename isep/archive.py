@@ -400,8 +400,11 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
         tag = _tag_from_annotations(top)
         for desc, doc in manifests:
             config_digest = doc["config"].get("digest")
-            if by_config is not None:
+            if by_config is not None:  # a hybrid archive: containerd loads index.json, Docker manifest.json
                 image = by_config.get(config_digest)
+                if image is None:
+                    raise BadInput(f"{what}: names an image (config {config_digest}) that manifest.json "
+                                   f"lacks, so containerd and Docker would load different images")
                 if image is not None:
                     image.owned |= owned
                     if not any(top is d for d in image.index_descriptors):
@@ -450,6 +453,10 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
             index = _member_json(scanned, "index.json", scanned.name)
             if isinstance(index, dict):
                 _oci_images(scanned, table, index, {im.config_digest: im for im in images})
+            lacking = [im.tags or im.config_digest for im in images if not im.index_descriptors]
+            if lacking and "oci-layout" in table:
+                raise BadInput(f"{scanned.name}: index.json lacks images manifest.json names ({lacking}), "
+                               f"so containerd and Docker would load different images")
     if not images:
         raise BadInput(f"{scanned.name}: the archive holds no image")
     for rec in table.values():  # content-addressed blobs: the name is the digest of the bytes

@@ -197,7 +197,7 @@ PAX_TIME = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?\Z")
 INT64_MAX = (1 << 63) - 1
 
 
-def _octal(field_bytes: bytes, what: str, name: str) -> int:
+def _octal(field_bytes: bytes, what: str, where: str) -> int:
     """A numeric header field, read only where every tar reader reads the same number.
 
     Go's archive/tar trims leading NULs before parsing while Python's tarfile and GNU tar stop at
@@ -207,14 +207,14 @@ def _octal(field_bytes: bytes, what: str, name: str) -> int:
     if field_bytes and field_bytes[0] & 0x80:
         value = int.from_bytes(field_bytes[1:], "big")
         if field_bytes[0] != 0x80 or value > INT64_MAX:
-            raise BadInput(f"{what} field {field_bytes!r} in tar header of {name!r}: base-256 value "
+            raise BadInput(f"{where}: {what} field {field_bytes!r} is a base-256 value "
                            f"that tar readers read differently (negative or over 2**63)")
         return value
     text = field_bytes.rstrip(b" \0").lstrip(b" ")
     if not text:
         return 0
     if not OCTAL_DIGITS.issuperset(text):
-        raise BadInput(f"bad {what} field {field_bytes!r} in tar header of {name!r}")
+        raise BadInput(f"{where}: bad {what} field {field_bytes!r} (tar readers read it differently)")
     return int(text, 8)
 
 
@@ -280,21 +280,21 @@ MEMBER_TYPES = (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6")
 HEADER_ONLY_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
 
 
-def _format_name(block: bytes, name: str) -> str:
+def _format_name(block: bytes, name: str, where: str) -> str:
     """The header's name with its ustar prefix; the numeric fields each format adds are checked
     as Go checks them (Go falls back to a prefix when a GNU header's times do not parse)."""
     if block[257:263] == b"ustar\0":
         if block[508:512] == b"tar\0":
-            raise BadInput(f"star-format tar header of {name!r}: its prefix field is shorter")
+            raise BadInput(f"{where}: a star-format header, whose name prefix is shorter")
         for lo, hi, what in ((329, 337, "devmajor"), (337, 345, "devminor")):
-            _octal(block[lo:hi], what, name)
+            _octal(block[lo:hi], what, where)
         prefix = _cstr(block[345:500])
         return prefix + "/" + name if prefix else name
     if block[257:265] == b"ustar  \0":
         for lo, hi, what in ((329, 337, "devmajor"), (337, 345, "devminor"), (345, 357, "atime"),
                              (357, 369, "ctime")):
             if what in ("devmajor", "devminor") or block[lo]:
-                _octal(block[lo:hi], what, name)
+                _octal(block[lo:hi], what, where)
     return name
 
 
@@ -355,6 +355,9 @@ class Member:
             yield self.padding
 
 
+METADATA_NAMES = ("manifest.json", "repositories", "index.json", "oci-layout")
+
+
 class NameTable:
     """Member names as loaders see them. Docker extracts the archive (paths cleaned, a later member
     replacing an earlier one, a file replacing a whole directory) while isep reads names verbatim
@@ -384,6 +387,8 @@ class NameTable:
             raise BadInput(f"{where}: a second member of that name (a {have} before it); loaders keep "
                            f"the last copy")
         self.kinds[path] = kind
+        if path in METADATA_NAMES and kind != "file":
+            raise BadInput(f"{where}: a {kind}, not a file (containerd reads only regular files)")
         if kind == "hardlink" and self.kinds.get(member.linkname) not in ("file", "hardlink", "symlink"):
             raise BadInput(f"{where}: hard link to {member.linkname!r}, which is not an earlier member")
         if kind == "symlink" and not member.linkname.startswith("/"):
@@ -449,7 +454,7 @@ class TarReader:
         if typeflag in extended or (typeflag == b"g" and extended):
             raise BadInput(f"{where}: a second extended header (type {typeflag.decode()!r}) for one "
                            f"member, which tar readers resolve differently")
-        size = _octal(block[124:136], "size", _cstr(block[0:100]))
+        size = _octal(block[124:136], "size", where)
         if size > MAX_EXTENDED_HEADER:
             raise BadInput(f"{where}: extended header of {size} bytes")
         body = src.read_exact(padded(size), "an extended header")
@@ -464,31 +469,32 @@ class TarReader:
 
     def _member(self, block: bytes, header: bytes, extended: dict, start: int) -> Member:
         src = self.source
-        where = f"{src.name}: member at byte {start}"
         name = _cstr(block[0:100])
-        name = _format_name(block, name)
+        where = f"{src.name}: member {name!r} at byte {start}"
+        name = _format_name(block, name, where)
         pax = extended.get(b"x", {})
         long_name, long_link = extended.get(b"L"), extended.get(b"K")
         if (long_name is not None and "path" in pax) or (long_link is not None and "linkpath" in pax):
-            raise BadInput(f"{where}: both a GNU long name and a PAX path ({name!r}): Go takes the "
+            raise BadInput(f"{where}: both a GNU long name and a PAX path: Go takes the "
                            f"GNU one, other readers the PAX one")
         name = pax.get("path") or long_name or name
+        where = f"{src.name}: member {name!r} at byte {start}"
         linkname = pax.get("linkpath") or long_link or _cstr(block[157:257])
         typeflag = block[156:157]
-        size = _octal(block[124:136], "size", name)
+        size = _octal(block[124:136], "size", where)
         size = int(pax["size"]) if "size" in pax else size
         for lo, hi, what in ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (136, 148, "mtime")):
-            _octal(block[lo:hi], what, name)
+            _octal(block[lo:hi], what, where)
         if typeflag not in MEMBER_TYPES:
-            raise BadInput(f"{where}: {name!r} has tar type {typeflag!r} (sparse, volume, contiguous "
+            raise BadInput(f"{where}: tar type {typeflag!r} (sparse, volume, contiguous "
                            f"or unknown), which loaders read differently or refuse")
         if typeflag in HEADER_ONLY_TYPES and size:
-            raise BadInput(f"{where}: {TYPE_NAMES[typeflag]} {name!r} declares {size} data bytes, "
+            raise BadInput(f"{where}: a {TYPE_NAMES[typeflag]} that declares {size} data bytes, "
                            f"which Go skips and other readers read")
         if typeflag == b"\0" and name.endswith("/"):
-            raise BadInput(f"{where}: old-style file {name!r} ends in '/', which Go reads as a directory")
+            raise BadInput(f"{where}: an old-style file whose name ends in '/', which Go reads as a directory")
         return Member(name=name, typeflag=typeflag, size=size, linkname=linkname,
-                      mode=_octal(block[100:108], "mode", name), mtime=_octal(block[136:148], "mtime", name),
+                      mode=_octal(block[100:108], "mode", where), mtime=_octal(block[136:148], "mtime", where),
                       header=header, offset=start, pax=pax, _source=src)
 
     def _read_trailer(self, first: bytes) -> None:

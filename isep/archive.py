@@ -9,6 +9,7 @@ from typing import Callable
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
+from .jsonkeys import unique_keys
 from .legacy import podman_v1_from_config
 from .tarstream import Member, Source, TarReader, padded
 
@@ -28,8 +29,10 @@ INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def load_json(data: bytes, what: str):
-    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting."""
+def load_json(data: bytes, what: str, *, loader_fields: bool = False):
+    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting, keys
+    distinct as Go compares them; with loader_fields (an archive's metadata, which loaders decode
+    into Go structs), the fields loaders read spelled exactly."""
     if len(data) > JSON_CAP:
         raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {JSON_CAP}-byte limit")
     try:
@@ -56,35 +59,9 @@ def load_json(data: bytes, what: str):
         elif ch in "]}":
             depth -= 1
     try:
-        return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, what))
+        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInput(f"{what}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
-
-
-# Field names of the documents loaders decode into Go structs. encoding/json matches keys without
-# regard to case (last one wins), so only these exact spellings may stand for them.
-LOADER_FIELDS = ("Config", "RepoTags", "Layers", "Parent", "LayerSources", "config", "layers",
-                 "manifests", "mediaType", "digest", "size", "annotations", "rootfs", "diff_ids", "os",
-                 "architecture", "variant", "schemaVersion", "platform", "imageLayoutVersion", "urls")
-FOLDED_FIELDS: dict[str, set] = {}
-for _field in LOADER_FIELDS:
-    FOLDED_FIELDS.setdefault(_field.casefold(), set()).add(_field)
-
-
-def _unique_keys(pairs: list, what: str) -> dict:
-    """An object whose keys are distinct as Go compares them (case folded), and that spells every
-    field a loader reads exactly: otherwise isep and the loader could read different values."""
-    seen: dict[str, str] = {}
-    for key, _ in pairs:
-        folded = key.casefold()
-        if folded in seen:
-            raise BadInput(f"{what}: JSON key {key!r} repeats {seen[folded]!r} (Go's decoder takes the "
-                           f"last, matching keys without regard to case)")
-        if folded in FOLDED_FIELDS and key not in FOLDED_FIELDS[folded]:
-            raise BadInput(f"{what}: JSON key {key!r} is spelled unlike the field {sorted(FOLDED_FIELDS[folded])[0]!r} "
-                           f"that Go's decoder reads it as")
-        seen[folded] = key
-    return dict(pairs)
 
 
 @dataclass
@@ -268,7 +245,7 @@ def _parse_member_json(scanned: ScannedArchive, name: str, what: str):
         data = scanned.blobs.get(rec["name"])
         if data is None:
             raise BadInput(f"{what}: {name!r} is not a JSON document of at most {JSON_CAP} bytes")
-    return load_json(data, f"{what} {name}")
+    return load_json(data, f"{what} {name}", loader_fields=True)
 
 
 def detect_format(scanned: ScannedArchive) -> str:
@@ -402,7 +379,8 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
             config_digest = doc["config"].get("digest")
             if by_config is not None:  # a hybrid archive: containerd loads index.json, Docker manifest.json
                 image = by_config.get(config_digest)
-                if image is None:
+                declared = table.get(blob_name(config_digest) if isinstance(config_digest, str) else "", {})
+                if image is None and declared.get("sha256") == config_digest:  # else: an integrity error
                     raise BadInput(f"{what}: names an image (config {config_digest}) that manifest.json "
                                    f"lacks, so containerd and Docker would load different images")
                 if image is not None:
@@ -453,16 +431,16 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
             index = _member_json(scanned, "index.json", scanned.name)
             if isinstance(index, dict):
                 _oci_images(scanned, table, index, {im.config_digest: im for im in images})
-            lacking = [im.tags or im.config_digest for im in images if not im.index_descriptors]
-            if lacking and "oci-layout" in table:
-                raise BadInput(f"{scanned.name}: index.json lacks images manifest.json names ({lacking}), "
-                               f"so containerd and Docker would load different images")
     if not images:
         raise BadInput(f"{scanned.name}: the archive holds no image")
     for rec in table.values():  # content-addressed blobs: the name is the digest of the bytes
         if rec["name"].startswith("blobs/sha256/") and rec.get("sha256") \
                 and rec["sha256"] != "sha256:" + rec["name"][len("blobs/sha256/"):]:
             raise IntegrityError(f"{scanned.name}: {rec['name']!r} holds bytes of digest {rec['sha256']}")
+    lacking = [im.tags or im.config_digest for im in images if not im.index_descriptors]
+    if lacking and fmt != "oci-archive" and "index.json" in table and "oci-layout" in table:
+        raise BadInput(f"{scanned.name}: index.json lacks images manifest.json names ({lacking}), "
+                       f"so containerd and Docker would load different images")
     return fmt, images
 
 

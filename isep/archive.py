@@ -419,6 +419,12 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
     """The producer format and the images of a scanned archive, every layer's diffID checked."""
     fmt = detect_format(scanned)
     table = scanned.by_name()
+    if "oci-layout" in table:  # containerd reads the archive as OCI only with this exact version
+        layout = _member_json(scanned, "oci-layout", scanned.name)
+        if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
+            raise BadInput(f"{scanned.name}: oci-layout does not say imageLayoutVersion 1.0.0")
+        if "index.json" not in table:
+            raise BadInput(f"{scanned.name}: oci-layout without index.json, which containerd refuses")
     if fmt == "oci-archive":
         index = _member_json(scanned, "index.json", scanned.name)
         images = _oci_images(scanned, table, index, None)

@@ -333,8 +333,11 @@ def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: st
         return
     seen.add(digest)
     name = blob_name(digest)
-    if name not in table:
-        return  # OCI allows missing blobs (other platforms, attestations)
+    if name not in table:  # OCI allows missing blobs (other platforms, attestations), but
+        if any(rec.get("sha256") == digest for rec in table.values()):  # containerd finds by digest
+            raise BadInput(f"{what}: {name} is missing, yet another member holds its bytes (containerd "
+                           f"would load it)")
+        return
     doc = _member_json(scanned, name, what)
     if not isinstance(doc, dict):
         raise BadInput(f"{what}: {name} is not a JSON object")

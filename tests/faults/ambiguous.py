@@ -219,6 +219,7 @@ CASE_NAMES = (
     "no-end-of-archive",
     "index-names-an-image-manifest-json-lacks",
     "manifest-json-names-an-image-index-lacks",
+    "oci-manifest-blob-under-another-name",
     "ok-global-header-comment",
     "ok-gnu-longlink",
     "ok-pax-linkpath",
@@ -234,6 +235,8 @@ def corpus(samples) -> dict[str, bytes]:
     legacy = samples["docker-legacy"]["app1"].read_bytes()
     pod = samples["podman"]["app1"].read_bytes()
     two = samples["docker-oci"]["app1+app2"].read_bytes()
+    oci_two = samples["oci-archive"]["app1+app2"].read_bytes()
+    first_manifest = "blobs/sha256/" + json.loads(craft.get(oci_two, "index.json"))["manifests"][0]["digest"][7:]
     manifest = json.loads(craft.get(oci, "manifest.json"))
     entry = manifest[0]
     evil = json.dumps([dict(entry, RepoTags=["evil/app:1"])]).encode()
@@ -352,6 +355,9 @@ def corpus(samples) -> dict[str, bytes]:
         "manifest-json-names-an-image-index-lacks": craft.replace(two, "index.json", json.dumps(
             dict(json.loads(craft.get(two, "index.json")),
                  manifests=json.loads(craft.get(two, "index.json"))["manifests"][:1])).encode()),
+        "oci-manifest-blob-under-another-name": _edit(oci_two, lambda ms: [
+            craft.Raw("moved/" + m.name, "", 0, craft.member("moved/" + m.name, m.data).header, m.data, m.padding)
+            if m.name == first_manifest else m for m in ms]),
         # well-formed neighbours both sides read alike (isep must accept them and agree)
         "ok-global-header-comment": start(oci, craft.Raw("", "", 0, extended(b"g", pax(comment="abc")), b"", b"")),
         "ok-gnu-longlink": _edit(pod, lambda ms: _swap(ms, pod_link.name, prefixed(

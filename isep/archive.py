@@ -9,7 +9,7 @@ from typing import Callable
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
-from .jsonkeys import unique_keys
+from .jsonkeys import check_text, refuse_constant, unique_keys
 from .legacy import podman_v1_from_config
 from .tarstream import Member, Source, TarReader, padded
 
@@ -58,8 +58,10 @@ def load_json(data: bytes, what: str, *, loader_fields: bool = False):
                 raise BadInput(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         elif ch in "]}":
             depth -= 1
+    check_text(text, what)
     try:
-        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields))
+        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields),
+                          parse_constant=refuse_constant(what))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInput(f"{what}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
 

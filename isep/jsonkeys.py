@@ -1,9 +1,31 @@
-"""JSON object keys as Go's encoding/json reads them: it matches an object's keys to a struct's
-fields without regard to case and keeps the last match, so two keys that differ only in case, or
-a field spelled otherwise, make Docker or containerd read another value than Python's json does."""
+"""JSON as Go's encoding/json reads it. It matches an object's keys to a struct's fields without
+regard to case and keeps the last match, so two keys that differ only in case, or a field spelled
+otherwise, make Docker or containerd read another value than Python's json does; it also reads a
+lone UTF-16 surrogate escape as U+FFFD and refuses NaN and Infinity, which Python accepts."""
 from __future__ import annotations
 
+import re
+
 from .errors import BadInput
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                            r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse escapes Go decodes to other characters than Python does."""
+    if "\\u" in text:
+        found = LONE_SURROGATE.search(text)
+        if found:
+            raise BadInput(f"{what}: JSON escape {found.group()!r} is a lone surrogate, which Go reads "
+                           f"as U+FFFD")
+
+
+def refuse_constant(what: str):
+    def hook(name: str):
+        raise BadInput(f"{what}: JSON constant {name}, which Go refuses")
+    return hook
+
 
 # Field names of the documents loaders decode into Go structs. encoding/json matches keys without
 # regard to case (last one wins), so only these exact spellings may stand for them.

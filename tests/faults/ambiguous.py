@@ -184,6 +184,8 @@ CASE_NAMES = (
     "mediaType-spelled-otherwise",
     "config-rootfs-key-twice",
     "config-deep-key-twice",
+    "tag-lone-surrogate",
+    "config-nan",
     "size-leading-nul",
     "size-underscore",
     "size-garbage-after-nul",
@@ -294,6 +296,10 @@ def corpus(samples) -> dict[str, bytes]:
             b'"rootfs":{', b'"rootfs":{"Diff_ids":[],')),
         "config-deep-key-twice": craft.replace(legacy, legacy_entry["Config"], legacy_config.replace(
             b'"rootfs":{', b'"rootfs":{"TYPE":"x",')),
+        "tag-lone-surrogate": craft.replace(oci, "manifest.json", json.dumps(
+            [dict(entry, RepoTags=["evil/app\ud800:1"])]).encode()),
+        "config-nan": craft.replace(legacy, legacy_entry["Config"], legacy_config.replace(
+            b'"rootfs":{', b'"x":NaN,"rootfs":{')),
         # tar headers
         "size-leading-nul": _edit(oci, lambda ms: _swap(ms, "oci-layout", with_size_field(
             layout, b"\0" + b"%010o" % len(layout.data) + b"\0"))),

@@ -344,6 +344,9 @@ def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: st
     if not isinstance(doc, dict):
         raise BadInput(f"{what}: {name} is not a JSON object")
     media = doc.get("mediaType") or desc.get("mediaType")
+    if doc.get("mediaType") and desc.get("mediaType") and doc["mediaType"] != desc["mediaType"]:
+        raise BadInput(f"{what}: {name} is a {doc['mediaType']!r}, its descriptor says {desc['mediaType']!r} "
+                       f"(containerd refuses it)")
     if media in INDEX_MEDIA_TYPES or "manifests" in doc:
         out.append((desc, doc, name, True))
         for child in _check_list(doc.get("manifests") or [], f"{what} {name} manifests"):

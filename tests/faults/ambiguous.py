@@ -222,6 +222,7 @@ CASE_NAMES = (
     "index-names-an-image-manifest-json-lacks",
     "manifest-json-names-an-image-index-lacks",
     "oci-manifest-blob-under-another-name",
+    "descriptor-media-type-mismatch",
     "ok-global-header-comment",
     "ok-gnu-longlink",
     "ok-pax-linkpath",
@@ -364,6 +365,8 @@ def corpus(samples) -> dict[str, bytes]:
         "oci-manifest-blob-under-another-name": _edit(oci_two, lambda ms: [
             craft.Raw("moved/" + m.name, "", 0, craft.member("moved/" + m.name, m.data).header, m.data, m.padding)
             if m.name == first_manifest else m for m in ms]),
+        "descriptor-media-type-mismatch": craft.replace(oci_two, "index.json", craft.get(oci_two, "index.json").replace(
+            b'"application/vnd.oci.image.manifest.v1+json"', b'"application/vnd.oci.image.index.v1+json"', 1)),
         # well-formed neighbours both sides read alike (isep must accept them and agree)
         "ok-global-header-comment": start(oci, craft.Raw("", "", 0, extended(b"g", pax(comment="abc")), b"", b"")),
         "ok-gnu-longlink": _edit(pod, lambda ms: _swap(ms, pod_link.name, prefixed(

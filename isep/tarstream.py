@@ -355,6 +355,11 @@ class Member:
             yield self.padding
 
 
+def _check_numbers(block: bytes, where: str) -> None:
+    for lo, hi, what in ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (136, 148, "mtime")):
+        _octal(block[lo:hi], what, where)
+
+
 METADATA_NAMES = ("manifest.json", "repositories", "index.json", "oci-layout")
 
 
@@ -455,6 +460,8 @@ class TarReader:
             raise BadInput(f"{where}: a second extended header (type {typeflag.decode()!r}) for one "
                            f"member, which tar readers resolve differently")
         size = _octal(block[124:136], "size", where)
+        _check_numbers(block, where)
+        _format_name(block, "", where)  # Go parses an extended header's fields as any other's
         if size > MAX_EXTENDED_HEADER:
             raise BadInput(f"{where}: extended header of {size} bytes")
         body = src.read_exact(padded(size), "an extended header")
@@ -483,8 +490,7 @@ class TarReader:
         typeflag = block[156:157]
         size = _octal(block[124:136], "size", where)
         size = int(pax["size"]) if "size" in pax else size
-        for lo, hi, what in ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (136, 148, "mtime")):
-            _octal(block[lo:hi], what, where)
+        _check_numbers(block, where)
         if typeflag not in MEMBER_TYPES:
             raise BadInput(f"{where}: tar type {typeflag!r} (sparse, volume, contiguous "
                            f"or unknown), which loaders read differently or refuse")

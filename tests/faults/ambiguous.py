@@ -125,6 +125,13 @@ def _pax_record(key: str, value) -> bytes:
     return str(n).encode() + payload
 
 
+def with_block_field(headers: bytes, offset: int, value: bytes) -> bytes:
+    """Extended-header bytes with a field of their first block changed (checksum fixed)."""
+    block = bytearray(headers[:512])
+    block[offset:offset + len(value)] = value
+    return craft.raw_member(bytes(block)).header + headers[512:]
+
+
 def prefixed(prefix: bytes, member: craft.Raw) -> craft.Raw:
     """member with extended headers put before its own header."""
     return craft.Raw(member.name, member.kind, 0, prefix + member.header, member.data, member.padding)
@@ -211,6 +218,7 @@ CASE_NAMES = (
     "pax-bad-uid",
     "pax-sparse-record",
     "pax-key-twice",
+    "pax-header-uid-not-octal",
     "two-pax-headers",
     "longname-and-pax-path",
     "two-longnames",
@@ -343,6 +351,8 @@ def corpus(samples) -> dict[str, bytes]:
             extended(b"x", pax(**{"GNU.sparse.name": "manifest.json"})), layout))),
         "pax-key-twice": _edit(oci, lambda ms: _swap(ms, "oci-layout", prefixed(
             extended(b"x", pax(path="evil") + pax(path="oci-layout")), layout))),
+        "pax-header-uid-not-octal": _edit(oci, lambda ms: _swap(ms, "oci-layout", prefixed(
+            with_block_field(extended(b"x", pax(mtime=1)), 108, b"zz\0"), layout))),
         "two-pax-headers": end(oci, prefixed(extended(b"x", pax(path="manifest.json"))
                                              + extended(b"x", pax(mtime=1)), raw("evil.json", evil))),
         "longname-and-pax-path": end(oci, prefixed(extended(b"L", b"manifest.json\0")

@@ -335,8 +335,11 @@ def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: st
         return
     seen.add(digest)
     name = blob_name(digest)
-    if name not in table:  # OCI allows missing blobs (other platforms, attestations), but
-        if any(rec.get("sha256") == digest for rec in table.values()):  # containerd finds by digest
+    if name not in table:  # OCI allows missing blobs (other platforms, attestations)
+        present = scanned.__dict__.get("_content_digests")  # computed once: an index may be large
+        if present is None:
+            present = scanned.__dict__["_content_digests"] = {rec.get("sha256") for rec in table.values()}
+        if digest in present:  # containerd finds content by digest, whatever its name
             raise BadInput(f"{what}: {name} is missing, yet another member holds its bytes (containerd "
                            f"would load it)")
         return

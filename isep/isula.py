@@ -14,7 +14,8 @@ from .errors import IntegrityError
 from .legacy import gojson
 from .names import split_tag
 from .pack import PackOptions, PackResult, PackRun, check_plan_member
-from .tarstream import Source, TarReader, build_header, padded
+from .tarstream import Source, TarReader, padded
+from .tarwrite import build_header
 
 ISULA_MTIME = 1483142400  # time.Date(2017, 1, 0, ...) = 2016-12-31T00:00:00Z, as isula-build writes
 

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
+from .jsonkeys import check_text, refuse_constant, unique_keys
 from .legacy import podman_v1_from_config
 from .tarstream import Member, Source, TarReader
 
@@ -29,8 +30,10 @@ INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def load_json(data: bytes, what: str):
-    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting."""
+def load_json(data: bytes, what: str, *, loader_fields: bool = False):
+    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting, keys
+    distinct as Go compares them; with loader_fields (an archive's metadata, which loaders decode
+    into Go structs), the fields loaders read spelled exactly."""
     if len(data) > JSON_CAP:
         raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {JSON_CAP}-byte limit")
     try:
@@ -56,8 +59,10 @@ def load_json(data: bytes, what: str):
                 raise BadInput(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         elif ch in "]}":
             depth -= 1
+    check_text(text, what)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields),
+                          parse_constant=refuse_constant(what))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInput(f"{what}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
 
@@ -289,7 +294,7 @@ def _parse_member_json(scanned: ScannedArchive, name: str, what: str):
         data = scanned.blobs.get(rec["name"])
         if data is None:
             raise BadInput(f"{what}: {name!r} is not a JSON document of at most {JSON_CAP} bytes")
-    return load_json(data, f"{what} {name}")
+    return load_json(data, f"{what} {name}", loader_fields=True)
 
 
 def detect_format(scanned: ScannedArchive) -> str:
@@ -377,12 +382,21 @@ def _walk_descriptors(scanned: ScannedArchive, table: dict, desc: dict, what: st
         return
     seen.add(digest)
     name = blob_name(digest)
-    if name not in table:
-        return  # OCI allows missing blobs (other platforms, attestations)
+    if name not in table:  # OCI allows missing blobs (other platforms, attestations)
+        present = scanned.__dict__.get("_content_digests")  # computed once: an index may be large
+        if present is None:
+            present = scanned.__dict__["_content_digests"] = {rec.get("sha256") for rec in table.values()}
+        if digest in present:  # containerd finds content by digest, whatever its name
+            raise BadInput(f"{what}: {name} is missing, yet another member holds its bytes (containerd "
+                           f"would load it)")
+        return
     doc = _member_json(scanned, name, what)
     if not isinstance(doc, dict):
         raise BadInput(f"{what}: {name} is not a JSON object")
     media = doc.get("mediaType") or desc.get("mediaType")
+    if doc.get("mediaType") and desc.get("mediaType") and doc["mediaType"] != desc["mediaType"]:
+        raise BadInput(f"{what}: {name} is a {doc['mediaType']!r}, its descriptor says {desc['mediaType']!r} "
+                       f"(containerd refuses it)")
     if media in INDEX_MEDIA_TYPES or "manifests" in doc:
         out.append((desc, doc, name, True))
         for child in _check_list(doc.get("manifests") or [], f"{what} {name} manifests"):
@@ -421,8 +435,12 @@ def _oci_images(scanned: ScannedArchive, table: dict, index: dict, by_config: di
         tag = _tag_from_annotations(top)
         for _desc, doc in manifests:
             config_digest = doc["config"].get("digest")
-            if by_config is not None:
+            if by_config is not None:  # a hybrid archive: containerd loads index.json, Docker manifest.json
                 image = by_config.get(config_digest)
+                declared = table.get(blob_name(config_digest) if isinstance(config_digest, str) else "", {})
+                if image is None and declared.get("sha256") == config_digest:  # else: an integrity error
+                    raise BadInput(f"{what}: names an image (config {config_digest}) that manifest.json "
+                                   f"lacks, so containerd and Docker would load different images")
                 if image is not None:
                     image.owned |= owned
                     if not any(top is d for d in image.index_descriptors):
@@ -459,6 +477,12 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
     """The producer format and the images of a scanned archive, every layer's diffID checked."""
     fmt = detect_format(scanned)
     table = scanned.by_name()
+    if "oci-layout" in table:  # containerd reads the archive as OCI only with this exact version
+        layout = _member_json(scanned, "oci-layout", scanned.name)
+        if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != "1.0.0":
+            raise BadInput(f"{scanned.name}: oci-layout does not say imageLayoutVersion 1.0.0")
+        if "index.json" not in table:
+            raise BadInput(f"{scanned.name}: oci-layout without index.json, which containerd refuses")
     if fmt == "oci-archive":
         index = _member_json(scanned, "index.json", scanned.name)
         images = _oci_images(scanned, table, index, None)
@@ -477,6 +501,10 @@ def interpret(scanned: ScannedArchive) -> tuple[str, list[Image]]:
         if rec["name"].startswith("blobs/sha256/") and rec.get("sha256") \
                 and rec["sha256"] != "sha256:" + rec["name"][len("blobs/sha256/"):]:
             raise IntegrityError(f"{scanned.name}: {rec['name']!r} holds bytes of digest {rec['sha256']}")
+    lacking = [im.tags or im.config_digest for im in images if not im.index_descriptors]
+    if lacking and fmt != "oci-archive" and "index.json" in table and "oci-layout" in table:
+        raise BadInput(f"{scanned.name}: index.json lacks images manifest.json names ({lacking}), "
+                       f"so containerd and Docker would load different images")
     return fmt, images
 
 

@@ -133,8 +133,8 @@ def _segment_from_json(doc: object, what: str) -> Segment:
         raise BadInput(f"{what}: a segment lacks {', '.join(keys)}")
     if doc.get("method") not in ("prefix", "plain"):
         raise BadInput(f"{what}: a segment's method is neither prefix nor plain")
-    return Segment(*(doc[k] for k in keys[:4]), method=doc["method"], window_log=doc["window_log"],
-                   size=doc["size"])
+    return Segment(doc["target_offset"], doc["target_size"], doc["ref_offset"], doc["ref_size"],
+                   method=doc["method"], window_log=doc["window_log"], size=doc["size"])
 
 
 def check_segments(record: DeltaRecord, what: str) -> None:
@@ -338,7 +338,7 @@ class _Pieces:
 
 
 def _compressor(level: int, seg: Segment, prefix=None):
-    options = {zstd.CompressionParameter.compression_level: level,
+    options: dict[int, int] = {zstd.CompressionParameter.compression_level: level,
                zstd.CompressionParameter.checksum_flag: 1}
     if prefix is not None:
         options[zstd.CompressionParameter.window_log] = seg.window_log
@@ -359,7 +359,7 @@ def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: C
     pieces, target_sha, delta_sha = _Pieces(chunks), hashlib.sha256(), hashlib.sha256()
     estimate = _PlainEstimate(level, sample)
     for seg in segments:
-        prefix = ref.next_prefix() if seg.method == "prefix" else None
+        prefix = ref.next_prefix() if ref is not None and seg.method == "prefix" else None
         comp = _compressor(level, seg, prefix)
         for piece in pieces.take(seg.target_size):
             target_sha.update(piece)
@@ -442,7 +442,7 @@ def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference
     sha = _HashingThread()
     try:
         for seg in record.segments:
-            prefix = ref.next_prefix() if seg.method == "prefix" else None
+            prefix = ref.next_prefix() if ref is not None and seg.method == "prefix" else None
             for piece in _decode_segment(seg, feed, prefix, what):
                 sha.update(piece)
                 yield piece
@@ -489,11 +489,11 @@ class _Feed:
 
     def __init__(self, chunks: Chunks, what: str):
         self._chunks = iter(chunks)
-        self._rest = b""
+        self._rest: memoryview = memoryview(b"")
         self.what = what
 
     def next(self):
-        if not self._rest:
+        if not len(self._rest):
             chunk = next(self._chunks, None)
             if chunk is None:
                 raise Truncated(f"{self.what}: delta data ends inside a frame")

@@ -22,7 +22,8 @@ from .pack import (DIGEST_NAME, PackOptions, PackResult, PackRun, _Spool, check_
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter
 from .refs import Ref
-from .tarstream import Member, Source, TarReader, build_header, padded
+from .tarstream import Member, Source, TarReader, padded
+from .tarwrite import build_header
 
 ISULA_MTIME = 1483142400  # time.Date(2017, 1, 0, ...) = 2016-12-31T00:00:00Z, as isula-build writes
 

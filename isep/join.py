@@ -21,7 +21,8 @@ from .errors import BadInput, IntegrityError, UsageError
 from .legacy import gojson
 from .names import normalize, split_tag
 from .parts import DecompressingReader, HashingFile, PartInput, rewound_chunks
-from .tarstream import Member, Source, TarReader, build_header, padded
+from .tarstream import Member, Source, TarReader, padded
+from .tarwrite import build_header
 
 FINAL_METADATA = ("manifest.json", "repositories", "index.json", "oci-layout")
 HOLD_LIMIT = 64 << 20

@@ -29,7 +29,8 @@ from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
 from .targets import OutputTarget
-from .tarstream import Member, Source, TarReader, build_header, padded
+from .tarstream import Member, Source, TarReader, padded
+from .tarwrite import build_header
 
 DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
 V1_MEMBER = re.compile(r"^([0-9a-f]{64})/(?:|VERSION|json|layer\.tar)$")

@@ -28,7 +28,8 @@ from isal import isal_zlib
 
 from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
-from .tarstream import CHUNK, END_OF_ARCHIVE
+from .tarstream import CHUNK
+from .tarwrite import END_OF_ARCHIVE
 
 Opener = Callable[[], BinaryIO]   # opens a part file for binary reading, once per read
 

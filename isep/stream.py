@@ -19,7 +19,8 @@ from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_n
 from .parts import drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
 from .errors import BadInput
-from .tarstream import Source, TarReader, build_header, padded
+from .tarstream import Source, TarReader, padded
+from .tarwrite import build_header
 
 STREAM_SCHEMA = "isep-stream/1"
 STREAM_HEAD = "isep-stream.json"

@@ -1,4 +1,4 @@
-"""Verbatim streaming tar reader and a minimal tar header writer.
+"""Verbatim streaming tar reader (the writer of headers is isep/tarwrite.py).
 
 The reader never seeks and keeps no list of members: it yields one Member at a time with the exact
 header bytes (including PAX and GNU long-name records), lets the caller consume the data as
@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import posixpath
+import re
 import queue
 import stat
 import threading
@@ -24,8 +26,8 @@ CHUNK = 1 << 20
 MAX_EXTENDED_HEADER = 1 << 20  # PAX / GNU long-name records larger than this are refused
 F_SETPIPE_SZ = 1031
 
-REGULAR_TYPES = (b"0", b"\0", b"7")
-TYPE_NAMES = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hardlink", b"2": "symlink",
+REGULAR_TYPES = (b"0", b"\0")
+TYPE_NAMES = {b"0": "file", b"\0": "file", b"1": "hardlink", b"2": "symlink",
               b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo"}
 
 
@@ -202,19 +204,32 @@ class Source:
         return self._size
 
 
-def _octal(field_bytes: bytes, what: str, name: str) -> int:
-    if field_bytes and field_bytes[0] & 0x80:  # GNU base-256
-        value = int.from_bytes(field_bytes, "big", signed=False) & ~(0x80 << (8 * (len(field_bytes) - 1)))
-        if field_bytes[0] == 0xFF:
-            raise BadInput(f"negative {what} in tar header of {name!r}")
+OCTAL_DIGITS = frozenset(b"01234567")
+DECIMAL = re.compile(r"[0-9]+\Z")
+SIGNED_DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
+PAX_TIME = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?\Z")
+INT64_MAX = (1 << 63) - 1
+
+
+def _octal(field_bytes: bytes, what: str, where: str) -> int:
+    """A numeric header field, read only where every tar reader reads the same number.
+
+    Go's archive/tar trims leading NULs before parsing while Python's tarfile and GNU tar stop at
+    the first NUL, and int() accepts `_`: so a field is octal digits (optionally after spaces),
+    then only NULs and spaces, or GNU base-256 with the plain 0x80 marker (positive, < 2**63).
+    """
+    if field_bytes and field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        if field_bytes[0] != 0x80 or value > INT64_MAX:
+            raise BadInput(f"{where}: {what} field {field_bytes!r} is a base-256 value "
+                           f"that tar readers read differently (negative or over 2**63)")
         return value
-    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    text = field_bytes.rstrip(b" \0").lstrip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BadInput(f"bad {what} field {field_bytes!r} in tar header of {name!r}") from None
+    if not OCTAL_DIGITS.issuperset(text):
+        raise BadInput(f"{where}: bad {what} field {field_bytes!r} (tar readers read it differently)")
+    return int(text, 8)
 
 
 def _cstr(field_bytes: bytes) -> str:
@@ -222,36 +237,79 @@ def _cstr(field_bytes: bytes) -> str:
 
 
 def _checksum_ok(block: bytes) -> bool:
-    stored = block[148:156]
-    try:
-        want = int(stored.split(b"\0", 1)[0].strip(b" ") or b"-1", 8)
-    except ValueError:
+    stored = block[148:156].rstrip(b" \0").lstrip(b" ")
+    if not stored or not OCTAL_DIGITS.issuperset(stored):
         return False
+    want = int(stored, 8)
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
     signed = unsigned - sum(256 for b in block[:148] + block[156:] if b > 127)
     return want in (unsigned, signed)
 
 
+PAX_STRING_KEYS = ("path", "linkpath", "uname", "gname")
+
+
 def parse_pax(data: bytes, where: str) -> dict[str, str]:
+    """PAX records, refused wherever Go's archive/tar (docker, containerd) would refuse them or
+    could read them otherwise: NUL padding, a non-decimal length, a key twice, a NUL in a name."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        if data[pos] == 0:  # some writers pad the record block with NULs
-            break
-        space = data.find(b" ", pos)
-        if space < 0:
-            raise BadInput(f"malformed PAX record in {where}")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise BadInput(f"malformed PAX record length in {where}") from None
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > 0 else b""
+        if not digits.isdigit() or not digits.isascii():
+            raise BadInput(f"malformed PAX record length at byte {pos} of {where}")
+        length = int(digits)
         record = data[space + 1:pos + length]
-        if length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
-            raise BadInput(f"malformed PAX record in {where}")
-        key, value = record[:-1].split(b"=", 1)
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        if length < 5 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise BadInput(f"malformed PAX record at byte {pos} of {where}")
+        raw_key, raw_value = record[:-1].split(b"=", 1)
+        key = raw_key.decode("utf-8", "surrogateescape")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        if not key or "\0" in key or (key in PAX_STRING_KEYS and "\0" in value):
+            raise BadInput(f"PAX record {key!r} with an empty key or a NUL in {where}")
+        if key in records:
+            raise BadInput(f"PAX record {key!r} twice in {where}")
+        records[key] = value
         pos += length
+    _check_pax_values(records, where)
     return records
+
+
+def _check_pax_values(records: dict[str, str], where: str) -> None:
+    for key, value in records.items():
+        if key.startswith("GNU.sparse."):
+            raise BadInput(f"GNU sparse PAX record {key!r} in {where}: sparse files are not supported")
+        if key in ("path", "linkpath", "size") and not value:
+            raise BadInput(f"empty PAX {key!r} in {where} (readers keep the header's value or not)")
+        pattern = {"size": DECIMAL, "uid": SIGNED_DECIMAL, "gid": SIGNED_DECIMAL, "mtime": PAX_TIME,
+                   "atime": PAX_TIME, "ctime": PAX_TIME}.get(key)
+        if pattern is not None and value and not (pattern.match(value) and value.isascii()
+                                                  and abs(int(value.split(".")[0])) <= INT64_MAX):
+            raise BadInput(f"bad PAX {key!r} value {value!r} in {where}")
+
+
+EXTENDED_TYPES = (b"x", b"g", b"L", b"K")
+MEMBER_TYPES = (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6")
+HEADER_ONLY_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def _format_name(block: bytes, name: str, where: str) -> str:
+    """The header's name with its ustar prefix; the numeric fields each format adds are checked
+    as Go checks them (Go falls back to a prefix when a GNU header's times do not parse)."""
+    if block[257:263] == b"ustar\0":
+        if block[508:512] == b"tar\0":
+            raise BadInput(f"{where}: a star-format header, whose name prefix is shorter")
+        for lo, hi, what in ((329, 337, "devmajor"), (337, 345, "devminor")):
+            _octal(block[lo:hi], what, where)
+        prefix = _cstr(block[345:500])
+        return prefix + "/" + name if prefix else name
+    if block[257:265] == b"ustar  \0":
+        for lo, hi, what in ((329, 337, "devmajor"), (337, 345, "devminor"), (345, 357, "atime"),
+                             (357, 369, "ctime")):
+            if what in ("devmajor", "devminor") or block[lo]:
+                _octal(block[lo:hi], what, where)
+    return name
 
 
 @dataclass
@@ -327,6 +385,58 @@ class Member:
             yield self.padding
 
 
+def _check_numbers(block: bytes, where: str) -> None:
+    for lo, hi, what in ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (136, 148, "mtime")):
+        _octal(block[lo:hi], what, where)
+
+
+METADATA_NAMES = ("manifest.json", "repositories", "index.json", "oci-layout")
+
+
+class NameTable:
+    """Member names as loaders see them. Docker extracts the archive (paths cleaned, a later member
+    replacing an earlier one, a file replacing a whole directory) while isep reads names verbatim
+    and containerd keys blobs by cleaned name: so a name must already be clean and relative, name
+    one member only (directories may repeat), and not pass through a non-directory; a hard link
+    must name an earlier member, a symbolic link must stay inside the archive's root."""
+
+    def __init__(self, source_name: str):
+        self.source_name = source_name
+        self.kinds: dict[str, str] = {}
+
+    def add(self, member: Member) -> None:
+        where = f"{self.source_name}: member {member.name!r} at byte {member.offset}"
+        kind = member.kind
+        path = member.name[:-1] if kind == "dir" and member.name.endswith("/") else member.name
+        if not _is_clean(path):
+            raise BadInput(f"{where}: not a clean relative name (loaders read it as "
+                           f"{posixpath.normpath('/' + path).lstrip('/')!r})")
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            have = self.kinds.setdefault(parent, "dir")
+            if have != "dir":
+                raise BadInput(f"{where}: inside {parent!r}, which is a {have}")
+        earlier = self.kinds.get(path)
+        if earlier is not None and (earlier != "dir" or kind != "dir"):
+            raise BadInput(f"{where}: a second member of that name (a {earlier} before it); loaders keep "
+                           f"the last copy")
+        self.kinds[path] = kind
+        if path in METADATA_NAMES and kind != "file":
+            raise BadInput(f"{where}: a {kind}, not a file (containerd reads only regular files)")
+        if kind == "hardlink" and self.kinds.get(member.linkname) not in ("file", "hardlink", "symlink"):
+            raise BadInput(f"{where}: hard link to {member.linkname!r}, which is not an earlier member")
+        if kind == "symlink" and not member.linkname.startswith("/"):
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), member.linkname))
+            if target == ".." or target.startswith("../"):
+                raise BadInput(f"{where}: symbolic link to {member.linkname!r}, outside the archive")
+
+
+def _is_clean(path: str) -> bool:
+    return (bool(path) and not path.startswith("/") and posixpath.normpath(path) == path
+            and path not in (".", "..") and not path.startswith("../"))
+
+
 class TarReader:
     """Iterates the members of a tar stream; after the loop, `trailer` holds the end-of-archive bytes."""
 
@@ -334,6 +444,7 @@ class TarReader:
         self.source = source
         self.trailer = b""
         self.count = 0
+        self.names = NameTable(source.name)
         self._current: Member | None = None
 
     def __iter__(self) -> Iterator[Member]:
@@ -344,8 +455,7 @@ class TarReader:
                 self._current = None
             start = src.offset
             header = bytearray()
-            pax: dict[str, str] = {}
-            long_name = long_link = None
+            extended: dict[bytes, object] = {}
             while True:
                 block = src.read(BLOCK)
                 if not block and not header and self.count == 0:
@@ -355,48 +465,73 @@ class TarReader:
                 if block == ZERO_BLOCK and not header:
                     self._read_trailer(block)
                     return
-                name_hint = _cstr(block[0:100])
                 if not _checksum_ok(block):
                     if self.count == 0 and not header:
                         raise BadInput(f"{src.name}: not a tar archive (bad header checksum at byte 0)")
                     raise BadInput(f"{src.name}: bad tar header checksum at byte {src.offset - BLOCK}")
                 header += block
                 typeflag = block[156:157]
-                size = _octal(block[124:136], "size", name_hint)
-                if typeflag in (b"x", b"g", b"L", b"K"):
-                    if size > MAX_EXTENDED_HEADER:
-                        raise BadInput(f"{src.name}: extended header of {size} bytes at byte {start}")
-                    body = src.read_exact(padded(size), "an extended header")
-                    header += body
-                    if typeflag == b"x":
-                        pax.update(parse_pax(body[:size], f"member at byte {start}"))
-                    elif typeflag == b"L":
-                        long_name = body[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    elif typeflag == b"K":
-                        long_link = body[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    continue
-                break
-            name = _cstr(block[0:100])
-            if block[257:263] == b"ustar\x00" and block[345]:
-                name = _cstr(block[345:500]) + "/" + name
-            name = pax.get("path", long_name or name)
-            linkname = pax.get("linkpath", long_link or _cstr(block[157:257]))
-            if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise BadInput(f"{src.name}: bad PAX size for {name!r}") from None
-            if typeflag in (b"1", b"2", b"3", b"4", b"5", b"6"):
-                size = 0 if typeflag != b"5" else size
-            if size < 0:
-                raise BadInput(f"{src.name}: negative size for {name!r}")
-            member = Member(name=name, typeflag=typeflag, size=size, linkname=linkname,
-                            mode=_octal(block[100:108], "mode", name),
-                            mtime=_octal(block[136:148], "mtime", name),
-                            header=bytes(header), offset=start, pax=pax, _source=src)
+                if typeflag not in EXTENDED_TYPES:
+                    break
+                extended[typeflag] = self._extended(block, extended, start, header)
+            member = self._member(block, bytes(header), extended, start)
+            self.names.add(member)
             self.count += 1
             self._current = member
             yield member
+
+    def _extended(self, block: bytes, extended: dict, start: int, header: bytearray):
+        """The records of one PAX or GNU long-name header; Go keeps only the last of each kind and
+        drops those before a global header, other readers merge them: one of each, global first."""
+        src = self.source
+        typeflag = block[156:157]
+        where = f"{src.name}: member at byte {start}"
+        if typeflag in extended or (typeflag == b"g" and extended):
+            raise BadInput(f"{where}: a second extended header (type {typeflag.decode()!r}) for one "
+                           f"member, which tar readers resolve differently")
+        size = _octal(block[124:136], "size", where)
+        _check_numbers(block, where)
+        _format_name(block, "", where)  # Go parses an extended header's fields as any other's
+        if size > MAX_EXTENDED_HEADER:
+            raise BadInput(f"{where}: extended header of {size} bytes")
+        body = src.read_exact(padded(size), "an extended header")
+        header += body
+        if typeflag in (b"L", b"K"):
+            return body[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        records = parse_pax(body[:size], f"member at byte {start}")
+        if typeflag == b"g" and any(k in records for k in ("path", "linkpath", "size")):
+            raise BadInput(f"{where}: a global PAX header setting path, linkpath or size, which some "
+                           f"readers apply to every member and Go ignores")
+        return records
+
+    def _member(self, block: bytes, header: bytes, extended: dict, start: int) -> Member:
+        src = self.source
+        name = _cstr(block[0:100])
+        where = f"{src.name}: member {name!r} at byte {start}"
+        name = _format_name(block, name, where)
+        pax = extended.get(b"x", {})
+        long_name, long_link = extended.get(b"L"), extended.get(b"K")
+        if (long_name is not None and "path" in pax) or (long_link is not None and "linkpath" in pax):
+            raise BadInput(f"{where}: both a GNU long name and a PAX path: Go takes the "
+                           f"GNU one, other readers the PAX one")
+        name = pax.get("path") or long_name or name
+        where = f"{src.name}: member {name!r} at byte {start}"
+        linkname = pax.get("linkpath") or long_link or _cstr(block[157:257])
+        typeflag = block[156:157]
+        size = _octal(block[124:136], "size", where)
+        size = int(pax["size"]) if "size" in pax else size
+        _check_numbers(block, where)
+        if typeflag not in MEMBER_TYPES:
+            raise BadInput(f"{where}: tar type {typeflag!r} (sparse, volume, contiguous "
+                           f"or unknown), which loaders read differently or refuse")
+        if typeflag in HEADER_ONLY_TYPES and size:
+            raise BadInput(f"{where}: a {TYPE_NAMES[typeflag]} that declares {size} data bytes, "
+                           f"which Go skips and other readers read")
+        if typeflag == b"\0" and name.endswith("/"):
+            raise BadInput(f"{where}: an old-style file whose name ends in '/', which Go reads as a directory")
+        return Member(name=name, typeflag=typeflag, size=size, linkname=linkname,
+                      mode=_octal(block[100:108], "mode", where), mtime=_octal(block[136:148], "mtime", where),
+                      header=header, offset=start, pax=pax, _source=src)
 
     def _read_trailer(self, first: bytes) -> None:
         src = self.source
@@ -417,65 +552,3 @@ class TarReader:
         if len(tail) % BLOCK:  # tar writers pad to whole blocks; anything else is damage
             raise BadInput(f"{src.name}: {len(tail) % BLOCK} stray bytes after the end-of-archive marker")
         self.trailer = bytes(tail)
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-def _octal_field(value: int, width: int) -> bytes:
-    text = b"%0*o" % (width - 1, value)
-    if len(text) > width - 1:
-        raise ValueError("value does not fit")
-    return text + b"\0"
-
-
-def build_header(name: str, size: int, *, mode: int = 0o644, mtime: int = 0, typeflag: bytes = b"0",
-                 linkname: str = "", uname: str = "", gname: str = "") -> bytes:
-    """A ustar header, preceded by a PAX record when the name or size needs one (as Go writes)."""
-    raw_name = name.encode("utf-8", "surrogateescape")
-    raw_link = linkname.encode("utf-8", "surrogateescape")
-    pax: dict[str, bytes] = {}
-    if len(raw_name) > 100 or not name.isascii():
-        pax["path"] = raw_name
-    if len(raw_link) > 100 or not linkname.isascii():
-        pax["linkpath"] = raw_link
-    if size >= 8 ** 11:
-        pax["size"] = str(size).encode()
-    out = b""
-    if pax:
-        body = b"".join(_pax_record(k, v) for k, v in pax.items())
-        pax_name = ("PaxHeaders.0/" + os.path.basename(name))[:99]
-        out = _ustar(pax_name.encode("utf-8", "surrogateescape"), len(body), 0o644, mtime, b"x", b"", b"", b"")
-        out += body + bytes(padded(len(body)) - len(body))
-    out += _ustar(raw_name[:100], 0 if "size" in pax else size, mode, mtime, typeflag, raw_link[:100],
-                  uname.encode(), gname.encode())
-    return out
-
-
-def _pax_record(key: str, value: bytes) -> bytes:
-    payload = b" " + key.encode() + b"=" + value + b"\n"
-    length = len(payload) + 1
-    while len(str(length)) + len(payload) != length:
-        length = len(str(length)) + len(payload)
-    return str(length).encode() + payload
-
-
-def _ustar(name: bytes, size: int, mode: int, mtime: int, typeflag: bytes, linkname: bytes,
-           uname: bytes, gname: bytes) -> bytes:
-    block = bytearray(BLOCK)
-    block[0:len(name)] = name
-    block[100:108] = _octal_field(mode & 0o7777, 8)
-    block[108:116] = _octal_field(0, 8)
-    block[116:124] = _octal_field(0, 8)
-    block[124:136] = _octal_field(size, 12)
-    block[136:148] = _octal_field(max(mtime, 0), 12)
-    block[148:156] = b" " * 8
-    block[156:157] = typeflag
-    block[157:157 + len(linkname)] = linkname
-    block[257:265] = b"ustar\x0000"
-    block[265:265 + len(uname[:31])] = uname[:31]
-    block[297:297 + len(gname[:31])] = gname[:31]
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-END_OF_ARCHIVE = bytes(2 * BLOCK)

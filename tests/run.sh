@@ -20,6 +20,17 @@ echo "== lint and types: ruff, mypy (configured in pyproject.toml)"
 python -m ruff check isep
 python -m mypy isep
 
+# tests/test_differential.py builds tests/godiff (Go's standard library only) to read archives as the
+# loaders do; without go it fails under CI=true.
+if ! command -v go >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q golang-go >/dev/null
+  else
+    echo "go is missing (apt-get install golang-go): the differential tests cannot run" >&2
+  fi
+fi
+
 echo "== fast tier: unit, property, CLI and round-trip tests"
 python -m pytest -q -p no:cacheprovider tests --ignore=tests/engines
 

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isep.errors import BadInput
-from isep.tarstream import Source, TarReader, build_header, padded
+from isep.tarstream import Source, TarReader, _octal, padded, parse_pax
+from isep.tarwrite import _pax_record, build_header
 
 
 def read_back(data: bytes, prefetch: bool = True) -> tuple[bytes, list]:
@@ -26,7 +27,7 @@ def read_back(data: bytes, prefetch: bool = True) -> tuple[bytes, list]:
 
 
 names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="/\\"),
-                min_size=1, max_size=40)
+                min_size=1, max_size=40).filter(lambda n: n not in (".", ".."))  # names loaders clean
 paths = st.lists(names, min_size=1, max_size=6).map("/".join)
 entries = st.lists(st.tuples(paths, st.sampled_from(["file", "dir", "symlink", "hardlink"]),
                              st.binary(max_size=3000)), min_size=0, max_size=8)
@@ -35,6 +36,8 @@ entries = st.lists(st.tuples(paths, st.sampled_from(["file", "dir", "symlink", "
 def make_tar(items, fmt) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        if any(kind == "hardlink" for _, kind, _ in items):  # a hard link names an earlier member
+            items = [("target", "file", b"t")] + list(items)
         for i, (name, kind, data) in enumerate(items):
             name = f"{i}/{name}"
             info = tarfile.TarInfo(name)
@@ -44,7 +47,7 @@ def make_tar(items, fmt) -> bytes:
                 tar.addfile(info, io.BytesIO(data))
             else:
                 info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
-                info.linkname = "target/" + name if kind != "dir" else ""
+                info.linkname = {"dir": "", "symlink": "target/" + name, "hardlink": "0/target"}[kind]
                 tar.addfile(info)
     return buf.getvalue()
 
@@ -129,3 +132,36 @@ def test_memory_stays_flat_on_an_8_gib_member_streamed_through_a_pipe(tmp_path):
     assert size == counted == 8 << 30
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest) across exec
     assert int(rss_kib) < 100 * 1024, f"peak RSS {int(rss_kib) >> 10} MiB reading an 8 GiB member"
+
+
+@pytest.mark.parametrize("field,value", [
+    (b"00000001000\0", 512), (b"     1000 \0\0", 512), (b"\0" * 12, 0), (b" " * 12, 0),
+    (b"0001000\0\0\0\0\0", 512), (b"\x80" + (9 << 30).to_bytes(11, "big"), 9 << 30)])
+def test_numeric_fields_every_reader_reads_alike(field, value):
+    assert _octal(field, "size", "t") == value
+
+
+@pytest.mark.parametrize("field", [
+    b"\x000000001000\0",   # Go trims the leading NUL and reads 512, tarfile and GNU tar read 0
+    b"000_0001000\0",      # int() accepts '_', Go refuses
+    b"0001000\0" + b"12\0\0",  # something after the terminator
+    b"+0001000\0\0\0\0", b"00010 00\0\0\0\0", b"00000001008\0",
+    b"\xff" * 12, b"\xc0" + bytes(11),  # negative in Go's reading of base-256
+    b"\x81" + bytes(11), b"\x80" + b"\xff" * 11])  # other markers; over 2**63
+def test_numeric_fields_readers_disagree_on_are_refused(field):
+    with pytest.raises(BadInput):
+        _octal(field, "size", "t")
+
+
+def test_pax_records_as_go_parses_them():
+    rec = lambda k, v: _pax_record(k, v.encode() if isinstance(v, str) else v)  # noqa: E731
+    assert parse_pax(rec("path", "abc") + rec("SCHILY.xattr.a", "b"), "t") == {"path": "abc", "SCHILY.xattr.a": "b"}
+    refused = {
+        "NUL padding": rec("path", "abc") + b"\0\0\0", "signed length": b"+" + rec("path", "abc"),
+        "key twice": rec("path", "abc") + rec("path", "abd"), "NUL in path": rec("path", b"a\0bc"),
+        "signed size": rec("size", "+5"), "uid not a number": rec("uid", "x1"), "empty path": rec("path", ""),
+        "sparse": rec("GNU.sparse.major", "1"), "bad time": rec("mtime", "1:2"), "NUL in key": rec("a\0b", "1"),
+    }
+    for why, body in refused.items():
+        with pytest.raises(BadInput):
+            parse_pax(body, why)

@@ -80,8 +80,6 @@ def join(
     options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
     if held is not None and chosen is not None:
         options.thin_layers = covered_layers(chosen["diff_ids"], held)
-        ui.info(f"--have: the engine holds the bottom {options.thin_layers} of "
-                f"{len(chosen['diff_ids'])} layers; their files are left out")
     trailer = (chosen or {}).get("trailer_size", 1024)
     _write(output, parts, chosen, options, trailer, ui)
 
@@ -146,7 +144,8 @@ def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, output)
-    ui.info(f"{len(checks['parts'])} part(s) checked, {checks['layers']} layer diffIDs verified")
+    left_out = f", the files of the bottom {options.thin_layers} left out (--have)" if options.thin_layers else ""
+    ui.info(f"{len(checks['parts'])} part(s) checked, {checks['layers']} layer diffIDs verified{left_out}")
 
 
 def main() -> None:

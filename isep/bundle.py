@@ -340,22 +340,9 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
     out = []
     entries = []
     for order, file_name in enumerate(image["parts"]):
-        found: tuple[Bundle, dict] | None = None
-        for b in docs:
-            entry = find_part(b.doc, file_name)
-            if entry is not None:
-                found = (b, entry)
-                break
-        is_app = order == len(image["parts"]) - 1
-        if found is not None and have is not None and not is_app and not _at_hand(*found):
-            found = None  # listed in the manifest, deleted from the store to save room
-        if found is None and have is not None and not is_app:
-            found = _part_by_layers(docs, image, is_app, file_name, required=False)
-            if found is None:
-                continue  # check_thin_coverage below names any layer neither a part nor the engine has
+        found = _find_part(docs, image, order, file_name, thin=have is not None)
         if found is None:
-            found = _part_by_layers(docs, image, is_app, file_name)
-        assert found is not None  # _part_by_layers raised otherwise
+            continue  # check_thin_coverage below names any layer neither a part nor the engine has
         b, entry = found
         entries.append(entry)
         role = entry["role"]
@@ -372,6 +359,20 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
         check_thin_coverage(image, entries, have)
     check_order(image, entries, whole=len(entries) == len(image["parts"]))
     return out
+
+
+def _find_part(docs: list[Bundle], image: dict, order: int, file_name: str, *,
+               thin: bool) -> tuple[Bundle, dict] | None:
+    """The image's part at `order`: by file name, else by layers. None only in a thin join, for a
+    base or lib part that is not at hand (the engine's layers may stand in for it)."""
+    optional = thin and order < len(image["parts"]) - 1
+    for b in docs:
+        entry = find_part(b.doc, file_name)
+        if entry is not None:
+            if optional and not _at_hand(b, entry):
+                break  # listed in the manifest but deleted from the store to save room
+            return b, entry
+    return _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name, required=not optional)
 
 
 def _at_hand(bundle: Bundle, entry: dict) -> bool:

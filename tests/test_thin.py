@@ -188,3 +188,33 @@ def test_a_manifest_naming_other_diff_ids_than_the_config_fails(real_sets, tmp_p
     have.write_text(json.dumps({"rootfs": {"diff_ids": doc["images"][0]["diff_ids"][:3]}}))
     res = run("join", store, "--have", have, expect=5)
     assert b"manifest.json" not in res.stdout  # the final metadata is never written
+
+
+def test_base_and_lib_part_files_deleted_from_a_store(real_sets, tmp_path):
+    """The store's manifest still lists the base and lib parts, their files are gone to save room."""
+    s = real_sets["docker-legacy"]
+    store = tmp_path / "store"
+    shutil.copytree(s["root"] / "full", store)
+    for part in json.loads((store / "isep-bundle.json").read_text())["parts"]:
+        if part["role"] != "app":
+            (store / part["file"]).unlink()
+    have = ["--have", s["base"], "--have", s["lib"]]
+    assert run("join", store, *have).stdout == run("join", s["root"] / "app-only", *have).stdout
+    assert run("join", store, "--have", s["base"], expect=6).stdout == b""
+
+
+@pytest.mark.parametrize("content,status", [
+    (b"{not json", 4),                                              # malformed
+    (b'{"hello": "world"}', 2),                                     # JSON, but no REF
+    (b'[{"RootFS": {"Layers": ["sha256:12"]}}]', 4),                # not a diffID
+    (b'{"rootfs": {"diff_ids": []}}', 4),                           # no layers at all
+])
+def test_bad_have_refs(real_sets, tmp_path, content, status):
+    ref = tmp_path / "ref.json"
+    ref.write_bytes(content)
+    assert run("join", real_sets["docker-oci"]["root"] / "app-only", "--have", ref, expect=status).stdout == b""
+
+
+def test_have_ref_that_is_not_there(real_sets, tmp_path):
+    res = run("join", real_sets["docker-oci"]["root"] / "app-only", "--have", tmp_path / "nothing.json", expect=2)
+    assert "--have" in res.error

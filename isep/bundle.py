@@ -21,12 +21,14 @@ from typing import BinaryIO, Iterator, Protocol, Sequence
 
 from . import __version__
 from .archive import JSON_CAP, load_json
-from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
+from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
                     same_image_name)
 from .parts import Opener, PartInput, part_opener
+from .refs import Held
 from .signals import signals_deferred
 from .signing import MAX_SIGNATURE, verify_manifest
+from .thin import covered_layers, uncovered_reason
 
 BUNDLE_SCHEMA = "isep-bundle/1"
 TEMP_PREFIX = ".isep-tmp-"
@@ -331,20 +333,16 @@ def safe_join(directory: str, name: str) -> str:
 
 
 def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
-                     extra: Sequence[Bundle] = ()) -> list[PartInput]:
-    """The parts an image needs: by file name, else (another release's store) by role and diffIDs."""
+                     extra: Sequence[Bundle] = (), have: list[Held] | None = None) -> list[PartInput]:
+    """The parts an image needs: by file name, else (another release's store) by role and diffIDs.
+    With `have` (a thin join), a base or lib part may be missing when the engine holds its layers."""
     docs = [bundle] + list(extra)
     out = []
     entries = []
     for order, file_name in enumerate(image["parts"]):
-        found: tuple[Bundle, dict] | None = None
-        for b in docs:
-            entry = find_part(b.doc, file_name)
-            if entry is not None:
-                found = (b, entry)
-                break
+        found = _find_part(docs, image, order, file_name, thin=have is not None)
         if found is None:
-            found = _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name)
+            continue  # check_thin_coverage below names any layer neither a part nor the engine has
         b, entry = found
         entries.append(entry)
         role = entry["role"]
@@ -355,12 +353,34 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
             opener = b.files.get(entry["file"]) or part_opener(safe_join(b.path, entry["file"]))
         out.append(PartInput(label=path or entry["file"], opener=opener, entry=entry,
                              expected_sha256=entry["sha256"], expected_size=entry["size"], order=order))
-    check_coverage(image, entries)
-    check_order(image, entries)
+    if have is None:
+        check_coverage(image, entries)
+    else:
+        check_thin_coverage(image, entries, have)
+    check_order(image, entries, whole=len(entries) == len(image["parts"]))
     return out
 
 
-def _part_by_layers(docs: list[Bundle], image: dict, is_app: bool, file_name: str) -> tuple[Bundle, dict]:
+def _find_part(docs: list[Bundle], image: dict, order: int, file_name: str, *,
+               thin: bool) -> tuple[Bundle, dict] | None:
+    """The image's part at `order`: by file name, else by layers. None only in a thin join, for a
+    base or lib part that is not at hand (the engine's layers may stand in for it)."""
+    optional = thin and order < len(image["parts"]) - 1
+    for b in docs:
+        entry = find_part(b.doc, file_name)
+        if entry is not None:
+            if optional and not _at_hand(b, entry):
+                break  # listed in the manifest but deleted from the store to save room
+            return b, entry
+    return _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name, required=not optional)
+
+
+def _at_hand(bundle: Bundle, entry: dict) -> bool:
+    return entry["file"] in bundle.files or os.path.isfile(safe_join(bundle.path, entry["file"]))
+
+
+def _part_by_layers(docs: list[Bundle], image: dict, is_app: bool, file_name: str, *,
+                    required: bool = True) -> tuple[Bundle, dict] | None:
     ids = image["diff_ids"]
     best = None
     for b in docs:
@@ -368,26 +388,46 @@ def _part_by_layers(docs: list[Bundle], image: dict, is_app: bool, file_name: st
             stack = entry.get("diff_ids") or []
             if is_app or entry["role"] == "app" or stack != ids[:len(stack)]:
                 continue
+            if not required and not _at_hand(b, entry):
+                continue
             if best is None or len(stack) > len(best[1].get("diff_ids") or []):
                 best = (b, entry)
-    if best is None:
+    if best is None and required:
         raise UsageError(f"part {file_name} of {display_name(image)} is not in the "
                          f"bundle, and no part there carries its layers")
     return best
 
 
+def _carried(entries: list[dict]) -> set[str]:
+    carried: set[str] = set()
+    for entry in entries:
+        carried.update(entry.get("layers") or [])
+        carried.update(m.get("diff_id") or m.get("sha256") for m in entry["members"] if m.get("type") == "file")
+    return carried
+
+
 def check_coverage(image: dict, entries: list[dict]) -> None:
     """Every layer of the image is carried by one of its parts."""
-    have: set[str] = set()
-    for entry in entries:
-        have.update(entry.get("layers") or [])
-        have.update(m.get("diff_id") or m.get("sha256") for m in entry["members"] if m.get("type") == "file")
-    missing = [d for d in image["diff_ids"] if d not in have]
+    carried = _carried(entries)
+    missing = [d for d in image["diff_ids"] if d not in carried]
     if missing:
         raise IntegrityError(f"layer {missing[0]} of the image is in none of its parts")
 
 
-def check_order(image: dict, entries: list[dict]) -> None:
+def check_thin_coverage(image: dict, entries: list[dict], have: list[Held]) -> None:
+    """Every layer is carried by a part or, with its whole chain, held by the engine (--have); checked
+    before the first byte is written, since Docker 28 registers the image name before it finds a layer
+    file missing."""
+    carried = _carried(entries)
+    ids = image["diff_ids"]
+    covered = covered_layers(ids, have)
+    for i, diff_id in enumerate(ids[covered:], start=covered):
+        if diff_id not in carried:
+            raise Misfit(f"layer {i} ({diff_id}) of {display_name(image)} is in no part at hand and --have "
+                         f"does not show its chain ({uncovered_reason(ids, i, have)})")
+
+
+def check_order(image: dict, entries: list[dict], *, whole: bool = True) -> None:
     """Parts merge by stream position (seq): each lists its members in stream order, the parts of one
     save never list a position twice, and a byte-exact image's parts hold positions 0..N-1 exactly.
     A damaged seq would otherwise reorder the archive without any hash noticing."""
@@ -400,7 +440,7 @@ def check_order(image: dict, entries: list[dict]) -> None:
         if seen & set(seqs):
             raise IntegrityError(f"part {entry.get('file')}: lists a stream position another part lists")
         seen.update(seqs)
-    if image.get("byte_exact") and len(by_save) == 1:  # its own parts, not another release's base
+    if whole and image.get("byte_exact") and len(by_save) == 1:  # its own parts, not another release's base
         everything = set().union(*by_save.values())
         if everything != set(range(len(everything))):
             raise IntegrityError("the parts of a byte-exact image do not hold one whole save")

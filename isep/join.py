@@ -23,6 +23,7 @@ from .names import normalize, split_tag
 from .parts import DecompressingReader, HashingFile, PartInput, rewound_chunks
 from .tarstream import Member, Source, TarReader, padded
 from .tarwrite import build_header
+from .thin import left_out_members
 
 FINAL_METADATA = ("manifest.json", "repositories", "index.json", "oci-layout")
 HOLD_LIMIT = 64 << 20
@@ -38,6 +39,7 @@ class JoinOptions:
     normalize: bool = False
     progress: ProgressCallback | None = None
     warn: Callable[[str], None] = _no_warning
+    thin_layers: int = 0  # bottom layers the loading engine holds (--have): their files are left out
 
 
 @dataclass
@@ -179,25 +181,32 @@ def join_parts(parts: list[PartInput], out_stream: Writable, image: dict | None,
         for name in ("blobs/", "blobs/sha256/"):
             out.write(build_header(name, 0, mode=0o755, typeflag=b"5"))
     else:
-        copies = plan_copies([p.entry or {} for p in parts], image) if image else {}
+        copies = plan_copies([p.entry or {} for p in parts], image, options.thin_layers) if image else {}
+    leave_out = _thin_leave_out(parts, image, options.thin_layers)
     opened = [_open_part(p) for p in parts]
     checks: dict = {"parts": [], "layers": 0}
     try:
         try:
-            _stream(opened, out, emitted, copies, options, rename)
+            _stream(opened, out, emitted, copies, options, rename, leave_out)
             for o in opened:
                 _finish_part(o, options, checks)
         except BadInput as exc:  # damage inside a part (truncated, corrupt compressed data, bad header)
             raise IntegrityError(str(exc)) from None
         diff_ids, paths = _expected_layers(image, emitted, out)
+        left_out = 0
         for i, (path, diff_id) in enumerate(zip(paths, diff_ids)):
             got = _resolve_emitted(path, emitted)
+            if got is None and i < options.thin_layers:
+                left_out += 1
+                continue  # the engine holds it; its diffID is checked against the config below
             if got is None:
                 raise IntegrityError(f"layer {i} ({path}) is in none of the parts")
             actual = got.get("diff_id") or got.get("sha256")
             if actual != diff_id:
                 raise IntegrityError(f"layer {i} ({path}) has diffID {actual}, the image config says {diff_id}")
-        checks["layers"] = len(paths)
+        checks["layers"] = len(paths) - left_out
+        if options.thin_layers:
+            _check_thin_config(image, emitted)
     finally:
         for o in opened:
             o.source.close()
@@ -215,7 +224,7 @@ def join_parts(parts: list[PartInput], out_stream: Writable, image: dict | None,
 
 
 def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies: dict[str, list[str]], options: JoinOptions,
-            rename: dict[str, str] | None) -> None:
+            rename: dict[str, str] | None, leave_out: set[str]) -> None:
     listed = any(o.part.entry is not None for o in opened)
     for o in opened:
         if o.part.entry is None and listed:
@@ -230,6 +239,8 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies: dict[st
                 raise IntegrityError(f"{o.part.label}: ends before {want['name']!r}")
             _check_member(member, want, o.part.label)
             out_name = member.name if rename is None else rename.get(member.name)
+            if member.name in leave_out:
+                out_name = None  # read and checked all the same: the part's hash covers it
             if one_save:  # a name twice in one save: both are written, and the last one counts
                 emitted.names.discard(member.name)
                 emitted.digests.pop(member.name, None)
@@ -247,6 +258,27 @@ def _stream(opened: list[_Open], out: Output, emitted: _Emitted, copies: dict[st
                 _emit_member(member, out, emitted, copies, None, o.part.label, member.name)
                 if options.progress:
                     options.progress(out.written)
+
+
+def _thin_leave_out(parts: list[PartInput], image: dict | None, thin_layers: int) -> set[str]:
+    if not thin_layers:
+        return set()
+    if image is None or not image.get("layer_paths"):
+        raise UsageError("--have needs an isep bundle (isula-build bundles are joined whole)")
+    records = [rec for p in parts for rec in (p.entry or {}).get("members", [])]
+    return left_out_members(records, image["layer_paths"], thin_layers)
+
+
+def _check_thin_config(image: dict | None, emitted: _Emitted) -> None:
+    """The layers left out are named by the config the loader reads: it must list the diffIDs that
+    --have was matched against (the bundle manifest's), or the engine would be asked for other chains."""
+    member = (image or {}).get("config", {}).get("member")
+    raw = emitted.kept.blobs.get(follow_links(member, emitted.links.get)) if isinstance(member, str) else None
+    config = load_json(raw, f"image config {member}") if raw is not None else None
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+    if image is None or diff_ids != image["diff_ids"]:
+        raise IntegrityError(f"the image config {member!r} does not list the diffIDs its bundle manifest "
+                             f"names, which --have was matched against")
 
 
 def _finish_part(o: _Open, options: JoinOptions, checks: dict) -> None:
@@ -346,7 +378,7 @@ def _write_normalized_metadata(out: Output, image: dict, layers: list[dict], emi
         out.write(data + bytes(padded(len(data)) - len(data)))
 
 
-def plan_copies(entries: list[dict], image: dict) -> dict[str, list[str]]:
+def plan_copies(entries: list[dict], image: dict, thin_layers: int = 0) -> dict[str, list[str]]:
     """Layer paths the app's metadata names that no part holds under that name (a base part from
     another release or producer): copy the member carrying that diffID under the expected name.
     entries: the parts' manifest entries."""
@@ -358,11 +390,13 @@ def plan_copies(entries: list[dict], image: dict) -> dict[str, list[str]]:
         if rec.get("type") == "file":
             carriers.setdefault(rec.get("diff_id") or rec.get("sha256"), rec["name"])
     copies: dict[str, list[str]] = {}
-    for path, diff_id in zip(image.get("layer_paths") or [], image.get("diff_ids") or []):
+    for position, (path, diff_id) in enumerate(zip(image.get("layer_paths") or [], image.get("diff_ids") or [])):
         rec = names.get(follow_links(path, symlinks_in(names)))  # a looping manifest ends
         if rec is not None and (rec.get("diff_id") or rec.get("sha256")) == diff_id:
             continue
         carrier = carriers.get(diff_id)
+        if carrier is None and position < thin_layers:
+            continue  # the engine holds it: a thin archive leaves it out
         if carrier is None:
             raise IntegrityError(f"layer {diff_id} ({path!r}) is in none of the parts")
         if image.get("byte_exact") and len({entry.get("save") for entry in entries}) == 1:

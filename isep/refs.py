@@ -110,3 +110,73 @@ def validate_ref(ref: Ref, what: str) -> Ref:
                                    for d in ref.diff_ids):
         raise BadInput(f"{what}: {ref.display} has no valid list of diffIDs")
     return ref
+
+
+# --- --have: what the device's engine already holds ---------------------------------------------
+
+@dataclass
+class Held:
+    """One image (or part stack) the device's engine holds, as a --have REF shows it."""
+    display: str
+    diff_ids: list[str]
+
+
+PODMAN_REFUSAL = ("podman load refuses an archive whose layer files are missing (\"Some layer tarfiles "
+                  "are missing in the tarball\"); for podman leave out --have and join the full image "
+                  "from a store that holds its base and lib parts")
+
+
+def _is_podman_inspect(entry: dict) -> bool:
+    return "NamesHistory" in entry or "ManifestType" in entry  # fields docker inspect never writes
+
+
+def _held_in_document(doc, path: str, selector: str | None) -> list[Held]:
+    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-index/"):
+        images = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []]
+    elif isinstance(doc, dict) and doc.get("schema", "").startswith("isep-bundle/"):
+        images = _held_in_bundle(doc)
+    elif isinstance(doc, list) and doc and all(isinstance(e, dict) and isinstance(e.get("RootFS"), dict)
+                                                for e in doc):
+        if any(_is_podman_inspect(e) for e in doc):
+            raise UsageError(f"--have: {path} is podman inspect output: {PODMAN_REFUSAL}")
+        images = [(e.get("RepoTags") or [], e["RootFS"].get("Layers") or []) for e in doc]
+    elif isinstance(doc, dict) and isinstance(doc.get("rootfs"), dict):
+        images = [([], doc["rootfs"].get("diff_ids") or [])]
+    else:
+        raise UsageError(f"--have: {path} is none of: docker inspect output, isep index, bundle manifest, "
+                         f"image config")
+    if selector is not None:
+        images = [_choose(images, selector, "--have", path)]
+    held = [Held(display=tags[0] if tags else path, diff_ids=ids) for tags, ids in images]
+    for h in held:
+        validate_ref(Ref(display=h.display, diff_ids=h.diff_ids), "--have")
+    return held
+
+
+def _held_in_bundle(doc: dict) -> list[tuple[list[str], list[str]]]:
+    """A bundle's images and its base and lib stacks: what loading from that bundle put in the engine."""
+    out = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []
+           if isinstance(im, dict)]
+    out += [([p["image"]] if p.get("image") else [], p.get("diff_ids") or []) for p in doc.get("parts") or []
+            if isinstance(p, dict) and p.get("role") in ("base", "lib")]
+    return out
+
+
+def resolve_have(text: str) -> list[Held]:
+    """--have REF: docker inspect JSON (any number of images), an isep index, a bundle directory or its
+    manifest, an image config; FILE:NAME picks one image. A pipe (`<(docker inspect …)`) works too."""
+    if os.path.isdir(text):
+        manifest = os.path.join(text, BUNDLE_MANIFEST)
+        if not os.path.isfile(manifest):
+            raise UsageError(f"--have: {text} is a directory without {BUNDLE_MANIFEST}")
+        return _held_in_document(read_json_file(manifest, "--have"), text, None)
+    if os.path.exists(text):
+        return _held_in_document(read_json_file(text, "--have"), text, None)
+    path, sep, selector = text.rpartition(":")
+    while sep and path and not os.path.isfile(path):  # FILE:NAME where NAME itself may hold ':'
+        path, sep, more = path.rpartition(":")
+        selector = more + ":" + selector
+    if sep and path and os.path.isfile(path):
+        return _held_in_document(read_json_file(path, "--have"), path, selector)
+    raise UsageError(f"--have: {text!r} is not a file or a bundle directory")
+

@@ -229,6 +229,7 @@ SECTION_TITLES = {
     "ssh": "4. ssh hop: `isep-pack … -o - --parts app | ssh … 'isep-join STORE - | load'`",
     "isula": "5. isula-build separated bundles: `isep-join DIR IMAGE | LOADER load`",
     "variants": "extra: `isep-pack` options (verify, byte-exact join, load)",
+    "thin": "6. thin join: `isep-join … --have <(docker inspect base lib) | LOADER load` with base and lib in the engine",
     "refusals": "extra: refusals (foreign lib → exit 6; corrupt part → verify exit 5, join fails, loader gets no image)",
 }
 

@@ -62,7 +62,8 @@ def test_members_written_back_reproduce_the_archive(items, fmt):
     again, listed = read_back(data)
     assert again == data
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert [m.name for m in tar.getmembers()] == [n.rstrip("/") for n, *_ in listed]
+        # Python 3.9's tarfile keeps a directory's trailing slash in some long names; 3.11's drops it
+        assert [m.name.rstrip("/") for m in tar.getmembers()] == [n.rstrip("/") for n, *_ in listed]
         assert [m.size if m.isfile() else 0 for m in tar.getmembers()] == [s if k == "file" else 0 for _, k, s, _ in listed]
 
 

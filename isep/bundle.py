@@ -292,11 +292,9 @@ def open_bundle(path: str) -> Bundle:
     """The bundle in a directory: an isep store, else an isula-build bundle."""
     store = Store(path, create=False)
     try:
-        raw = store.read_raw(BUNDLE_MANIFEST, MANIFEST_CAP + 1)
-        if raw is not None:
-            doc = parse_manifest(raw, os.path.join(path, BUNDLE_MANIFEST))
-            return Bundle(path, "isep", doc=doc, manifest_bytes=raw,
-                          signature=store.read_raw(SIGNATURE_FILE, MAX_SIGNATURE + 1))
+        opened = _open_isep(store)
+        if opened is not None:
+            return opened
         if store.exists(ISULA_MANIFEST):
             with store.open_read(ISULA_MANIFEST) as fh:
                 isula = load_json(fh.read(JSON_CAP + 1), os.path.join(path, ISULA_MANIFEST))
@@ -306,6 +304,27 @@ def open_bundle(path: str) -> Bundle:
     finally:
         store.close()
     raise UsageError(f"{path} holds neither {BUNDLE_MANIFEST} nor isula-build's {ISULA_MANIFEST}")
+
+
+def open_local_store(path: str) -> Bundle | None:
+    """The isep store a bundle stream is joined against (`isep-join STORE -`); None when the
+    directory is missing or holds no isep-bundle.json yet (a device's first delivery)."""
+    if not os.path.lexists(path):
+        return None
+    store = Store(path, create=False)  # a symlink or a file in its place is still refused
+    try:
+        return _open_isep(store)
+    finally:
+        store.close()
+
+
+def _open_isep(store: Store) -> Bundle | None:
+    raw = store.read_raw(BUNDLE_MANIFEST, MANIFEST_CAP + 1)
+    if raw is None:
+        return None
+    doc = parse_manifest(raw, os.path.join(store.path, BUNDLE_MANIFEST))
+    return Bundle(store.path, "isep", doc=doc, manifest_bytes=raw,
+                  signature=store.read_raw(SIGNATURE_FILE, MAX_SIGNATURE + 1))
 
 
 def select_image(images: list[dict], name: str | None, where: str) -> dict:

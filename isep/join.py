@@ -2,10 +2,15 @@
 
 Members of the parts are merged back by their position in the original save (every part keeps its
 members in that order), so a bundle made from a single-image save gives the original stream byte
-for byte. The archive's final metadata (manifest.json, repositories, index.json, oci-layout) and
-whatever follows it are held back until every part's size and hash and every layer's diffID
-checked out; on a failed check they are never written, and neither is the end-of-archive marker,
-so no loader accepts the output.
+for byte. The archive's final metadata members (manifest.json, repositories, index.json,
+oci-layout) are held back in memory until every part's size and hash and every layer's diffID
+checked out, then written last; on a failed check they are never written, and neither is the
+end-of-archive marker, so no loader accepts the output. Only those small JSON members are held:
+the members that follow them (another release's base layer, merged by its own save's positions;
+the layers of a save whose metadata comes first) stream on, so memory stays flat. Every real
+producer ends its save with that metadata, so the join of one save stays byte for byte; other
+archives join with their metadata moved to the end, which loaders accept (they read the whole
+archive before parsing it).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO, Callable, Iterator
 
-from .archive import KeptJson, ProgressCallback, follow_links, link_target, load_json, pass_member, symlinks_in
+from .archive import (JSON_CAP, KEPT_JSON_TOTAL, KeptJson, ProgressCallback, follow_links, link_target, load_json,
+                      pass_member, symlinks_in)
 from .bundle import Writable, write_all
 from .digests import digest_hex
 from .errors import BadInput, IntegrityError, UsageError
@@ -26,7 +32,7 @@ from .tarwrite import build_header
 from .thin import left_out_members
 
 FINAL_METADATA = ("manifest.json", "repositories", "index.json", "oci-layout")
-HOLD_LIMIT = 64 << 20
+HOLD_LIMIT = KEPT_JSON_TOTAL  # all held metadata members together (a name may occur twice)
 
 
 def _no_warning(message: str) -> None:
@@ -70,7 +76,8 @@ def _open_part(part: PartInput) -> _Open:
 
 
 class Output:
-    """The archive being written, with the held-back tail."""
+    """The archive being written; the final metadata members (only they) are held back, written
+    by release() after every check."""
 
     def __init__(self, out: Writable):
         self.out = out
@@ -84,10 +91,17 @@ class Output:
             self.held.append(bytes(data))
             self.held_size += len(data)
             if self.held_size > HOLD_LIMIT:
-                raise BadInput(f"over {HOLD_LIMIT >> 20} MiB of members follow the archive's metadata")
+                raise BadInput(f"the archive's metadata members add up to over {HOLD_LIMIT >> 20} MiB")
         else:
             write_all(self.out, data)  # a short write (reader gone) must not pass unnoticed
             self.written += len(data)
+
+    def hold(self, name: str, size: int) -> None:
+        """Hold the member about to be written (its header, data, padding) until release()."""
+        if size > JSON_CAP:
+            raise BadInput(f"the archive's metadata member {name!r} ({size} bytes) is over the "
+                           f"{JSON_CAP >> 20} MiB limit for metadata")
+        self.holding = True
 
     def release(self) -> None:
         for data in self.held:
@@ -112,7 +126,7 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
     first = member.name not in emitted.digests and member.name not in emitted.links
     if write_as is not None:
         if write_as in FINAL_METADATA:
-            out.holding = True
+            out.hold(write_as, member.size)
         out.write(member.header if write_as == member.name
                   else build_header(write_as, member.size, mode=0o644, mtime=member.mtime))
     spool = tempfile.TemporaryFile(prefix="isep-join-") if copies.get(member.name) else None
@@ -124,6 +138,7 @@ def _emit_member(member: Member, out: Output, emitted: _Emitted, copies: dict[st
                       want_xxh3=False)
     if write_as is not None and member.padding:
         out.write(member.padding)
+    out.holding = False  # the members after it stream on
     if member.is_file:
         if want is not None and want.get("sha256") and got["sha256"] != want["sha256"]:
             raise IntegrityError(f"{where}: member {member.name!r} has sha256 {got['sha256']}, "
@@ -370,10 +385,10 @@ def _write_normalized_metadata(out: Output, image: dict, layers: list[dict], emi
     for tag in tags:
         repo, t = split_tag(tag)
         repositories.setdefault(repo, {})[t] = digest_hex(image["diff_ids"][-1])
-    out.holding = True
     for name, data in (("blobs/sha256/" + digest_hex(manifest_digest), manifest), ("index.json", index),
                        ("manifest.json", docker_manifest), ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
                        ("repositories", gojson(repositories) + b"\n")):
+        out.hold(name, len(data))
         out.write(build_header(name, len(data), mode=0o644))
         out.write(data + bytes(padded(len(data)) - len(data)))
 

@@ -3,7 +3,7 @@
 It starts with isep-stream.json, then carries each part as numbered chunk members
 (`parts/<file>/<n>`, at most 4 MiB each), then isula-build's manifest and isep-bundle.json (and its
 signature) last. StreamTarget writes one; receive_stream reads one into part files and checks them
-against the manifest that ends it.
+against the manifest that ends it; keep_received moves them into a store (`isep-join STORE - --keep`).
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import threading
 from typing import BinaryIO
 
 from .archive import JSON_CAP, load_json
-from .bundle import MANIFEST_CAP, Bundle, encode_manifest, merge_manifest, os_error, parse_manifest
+from .bundle import MANIFEST_CAP, Bundle, Store, encode_manifest, merge_manifest, os_error, parse_manifest
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
 from .parts import drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
-from .errors import BadInput
+from .errors import BadInput, EnvironmentFailure
 from .tarstream import Source, TarReader, padded
 from .tarwrite import build_header
 
@@ -182,3 +182,65 @@ def receive_stream(source: Source, temp_dir: str) -> Bundle:
         raise BadInput(f"bundle stream lacks part {sorted(missing)[0]!r} that its manifest lists")
     return Bundle(temp_dir, "isep", doc=doc, manifest_bytes=manifest_bytes, signature=signature,
                   files={f: part_opener(os.path.join(temp_dir, f)) for f in files})
+
+
+# --- keeping a received bundle stream (isep-join STORE - --keep) ------------------------------------
+
+def check_keepable(store: Store, received: Bundle) -> None:
+    """Refuse before joining when the store holds a different part under a received part's name."""
+    _kept_parts(store, received, store.read_manifest())
+
+
+def _kept_parts(store: Store, received: Bundle, current: dict | None) -> list[str]:
+    """The received part files the store lacks; a different part under the same name is refused,
+    as a pack into the store refuses it."""
+    known = {p["file"]: p for p in (current or {}).get("parts", [])}
+    new = []
+    for part in received.doc["parts"]:
+        old = known.get(part["file"])
+        if old is not None and old.get("sha256") == part["sha256"]:
+            continue  # the store already holds this very part
+        if old is not None or store.exists(part["file"]):
+            raise EnvironmentFailure(f"{os.path.join(store.path, part['file'])} already holds a different "
+                                     f"part; --keep never replaces one (keep into another store)")
+        new.append(part["file"])
+    return new
+
+
+def keep_received(store: Store, received: Bundle) -> list[str]:
+    """Move the received parts (in a directory inside the store) into the store, then write its
+    manifest last: the received one as it came (signature included) into a store without one, else
+    the store's merged with it. Under the store's lock; on failure the parts renamed are removed
+    again. Returns the part files added."""
+    inside = os.path.relpath(received.path, store.path)
+    if os.sep in inside or inside.startswith(".."):
+        raise ValueError("the received parts must be in a directory directly inside the store")
+    committed: list[str] = []
+    try:
+        with store.locked():
+            current = store.read_manifest()
+            for file_name in _kept_parts(store, received, current):
+                store.commit(os.path.join(inside, file_name), file_name)
+                committed.append(file_name)
+            _write_kept_manifest(store, received, current)
+    except BaseException:
+        for name in committed:  # ours, renamed a moment ago: the store is as it was or complete
+            store.remove(name)
+        raise
+    return committed
+
+
+def _write_kept_manifest(store: Store, received: Bundle, current: dict | None) -> None:
+    if current is None:
+        data = received.manifest_bytes
+        if received.signature is not None:  # still valid: the manifest is kept byte for byte
+            sig_temp = store.prepare_file(SIGNATURE_FILE, received.signature)
+            store.commit(sig_temp, SIGNATURE_FILE, replace=True)
+    else:
+        data = encode_manifest(merge_manifest(current, received.doc["parts"], received.doc["images"]))
+    temp = store.prepare_file(BUNDLE_MANIFEST, data)
+    store.commit(temp, BUNDLE_MANIFEST, replace=True)
+    try:
+        os.fsync(store.fd)
+    except OSError:
+        pass

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Optional, cast
 
 import typer
 
 from ..errors import UsageError
-from ..bundle import isep_part_inputs, isula_part_inputs, open_bundle, select_image
+from ..names import BUNDLE_MANIFEST
+from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
 from ..join import JoinOptions, join_parts
 from ..refs import Held, resolve_have
 from ..thin import covered_layers
-from ..stream import receive_stream
+from ..stream import check_keepable, keep_received, receive_stream
 from .common import (
     Ui,
     command,
@@ -29,18 +31,22 @@ app = new_app(
     "parts of a bundle.",
     "BUNDLE is a store directory (isep-bundle.json, or isula-build's `manifest`), or - for a bundle "
     "stream on stdin (from isep-pack -o -). `isep-join STORE -` reads a bundle stream on stdin and "
-    "takes the parts it lacks (base, lib) from STORE, matched by file name or by diffIDs. IMAGE may be "
+    "takes the parts it lacks (base, lib) from STORE, matched by file name or by diffIDs; a stream "
+    "that carries every part the image needs joins alone (STORE may be missing or empty: a device's "
+    "first delivery), and --keep moves the received parts into STORE for the next release. IMAGE may be "
     "omitted when the bundle holds one image; names match as Docker normalises them. -b/-l/-a name "
     "the part files explicitly (as isula-build's load -b/-l).",
     "A bundle from a single-image save joins into the original save byte for byte. Every part's size "
     "and sha256 and every layer's diffID are checked while streaming; the archive's final metadata "
     "and end-of-archive marker are written only after all checks passed, so a failed join leaves an "
     "incomplete archive no loader accepts. A bundle stream is received into a temporary directory (in "
-    "STORE when writable, else TMPDIR), removed afterwards.")
+    "STORE when writable, else TMPDIR), removed afterwards unless --keep moved its parts into STORE.")
 EXAMPLES = (
     ("load an image from a store", "isep-join store/ apps/web:2 | docker load"),
     ("on a device: a received app part joined with the base and lib it holds",
      "isep-join /srv/isep - < update.stream | podman load"),
+    ("a device's first delivery as a stream, kept for the next release",
+     "isep-pack app.tar --base base.json -o - | isep-join /var/lib/isep/store - --keep | docker load"),
     ("write the archive to a file (atomically) instead of stdout", "isep-join store/ apps/web:2 -o web.tar"),
     ("on a device that keeps no parts: only the layers docker lacks",
      "isep-join - --have <(docker inspect os/base:1 rt/jre:17) < app.stream | docker load"),
@@ -60,6 +66,7 @@ def join(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     have: Optional[list[str]] = typer.Option(None, "--have", metavar="REF", help="What the loading engine already holds (repeatable): `docker inspect` JSON of one or more images, an isep index, a bundle directory or its isep-bundle.json, an image config; FILE:NAME picks one image. The archive leaves out the layer files of every layer whose whole chain REF shows, so base and lib parts need not be at hand; a layer neither a part nor REF covers is refused before anything is written (exit 6). For Docker 20.10+, Docker's containerd store and ctr images import; podman refuses such archives, so podman inspect JSON is refused."),
+    keep: bool = typer.Option(False, "--keep", help="With a bundle stream (STORE -): after a successful join, move the received parts into STORE (created if missing) and merge its isep-bundle.json, written last, so that it holds what the next release's app part needs. A different part under the same name is never replaced. Without --keep STORE is only read."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
 ) -> None:
     name = image_opt if image == "-" else image
@@ -71,15 +78,19 @@ def join(
     held = _resolve_have(have or [], normalize)
     if no_verify:
         ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
-    if bundle == "-" or image == "-":
-        chosen, parts = _stream_parts(None if bundle == "-" else bundle, name, overrides, trust, held)
+    if keep and image != "-":
+        raise UsageError("--keep needs a bundle stream joined against a store: isep-join STORE - --keep")
+    options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
+    if image == "-" and bundle != "-":
+        _join_stream(bundle, name, overrides, trust, held, keep, output, options, ui)
+        return
+    if bundle == "-":
+        _, chosen, parts = _stream_parts(None, name, overrides, trust, held, _receive_dir(None))
     else:
         if app_part == "-":
             overrides["app"] = "-"
         chosen, parts = _store_parts(bundle, name, overrides, trust, held)
-    options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
-    if held is not None and chosen is not None:
-        options.thin_layers = covered_layers(chosen["diff_ids"], held)
+    _thin(options, chosen, held)
     trailer = (chosen or {}).get("trailer_size", 1024)
     _write(output, parts, chosen, options, trailer, ui)
 
@@ -92,17 +103,55 @@ def _resolve_have(refs: list[str], normalize: bool) -> Optional[list[Held]]:
     return [held for ref in refs for held in resolve_have(ref)]
 
 
+def _thin(options: JoinOptions, chosen: Optional[dict], held: Optional[list[Held]]) -> None:
+    if held is not None and chosen is not None:
+        options.thin_layers = covered_layers(chosen["diff_ids"], held)
+
+
+def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Optional[str],
+                 held: Optional[list[Held]], keep: bool, output: Optional[str], options: JoinOptions,
+                 ui: Ui) -> None:
+    """isep-join STORE - [--keep]: the stream's parts, with those it lacks from STORE; with --keep
+    the stream is received inside STORE (created if missing) and its parts then renamed into place."""
+    store = Store(store_dir, create=True) if keep else None
+    recv_dir = scratch_dir(".isep-tmp-recv-", store.path) if store else _receive_dir(store_dir)
+    try:
+        received, chosen, parts = _stream_parts(store_dir, name, overrides, trust, held, recv_dir)
+        if store is not None:
+            check_keepable(store, received)  # refused before any output, not after it
+        _thin(options, chosen, held)
+        _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
+        if store is not None:
+            added = keep_received(store, received)
+            ui.info(f"kept {len(added)} new part(s) in {store_dir}")
+    except BaseException:
+        if store is not None:  # a store this run created goes again with what it received
+            shutil.rmtree(recv_dir, ignore_errors=True)
+            store.remove_if_created_empty()
+        raise
+    finally:
+        if store is not None:
+            store.close()
+
+
 def _stream_parts(store_dir: Optional[str], name: Optional[str], overrides: dict, trust: Optional[str],
-                  held: Optional[list[Held]]):
-    """(image, part inputs) of a bundle stream on stdin, with the parts it lacks from STORE."""
-    received = receive_stream(input_source("-", "bundle stream"), _receive_dir(store_dir))
-    extra = [open_bundle(store_dir)] if store_dir else []
-    extra = [b for b in extra if b.kind == "isep"]
+                  held: Optional[list[Held]], recv_dir: str) -> tuple[Bundle, dict, list]:
+    """(received bundle, image, part inputs) of a bundle stream on stdin, with the parts it lacks
+    from STORE (none when STORE is missing or holds no isep-bundle.json: a first delivery)."""
+    received = receive_stream(input_source("-", "bundle stream"), recv_dir)
+    local = open_local_store(store_dir) if store_dir else None
+    extra = [local] if local is not None else []
     if trust is not None:
         for b in [received, *extra]:
             b.check_signature(trust)
     chosen = select_image(_images(received), name, "the bundle stream")
-    return chosen, isep_part_inputs(received, chosen, overrides, extra, have=held)
+    try:
+        return received, chosen, isep_part_inputs(received, chosen, overrides, extra, have=held)
+    except UsageError as exc:
+        if store_dir is None or local is not None:
+            raise
+        raise UsageError(f"{exc}; {store_dir} holds no {BUNDLE_MANIFEST} (a stream without a store "
+                         f"must carry every part: isep-pack -o - without --parts)") from None
 
 
 def _store_parts(bundle: str, name: Optional[str], overrides: dict, trust: Optional[str],

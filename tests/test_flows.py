@@ -7,6 +7,9 @@ bytes; isep-join's peak RSS is measured by the harness (a small parent's wait4).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -227,3 +230,20 @@ def test_keep_never_replaces_a_different_part(tmp_path, samples, samples_seed1):
 def test_keep_needs_a_stream_and_a_store(tmp_path, stores):
     res = run("join", stores[FMT], "--keep", expect=2)
     assert "--keep" in res.error
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None and not os.environ.get("CI"),
+                    reason="ssh-keygen (OpenSSH) is not installed")
+def test_a_signed_first_delivery_is_kept_with_its_signature(tmp_path, samples):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f", str(tmp_path / "alice")],
+                   check=True)
+    pub = " ".join((tmp_path / "alice.pub").read_text().split()[:2])
+    allowed = tmp_path / "allowed"
+    allowed.write_text(f"alice@example.org {pub}\n")
+    s = samples[FMT]
+    stream = _sample_stream(tmp_path, s, "--sign", tmp_path / "alice")
+    store = tmp_path / "store"
+    joined = run("join", store, "-", "--keep", "--trust", allowed, stdin=stream).stdout
+    assert joined == s["app1"].read_bytes()
+    assert run("verify", "--trust", allowed, store).json["ok"]  # the manifest was kept byte for byte
+    assert run("join", "--trust", allowed, store).stdout == joined

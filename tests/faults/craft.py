@@ -12,6 +12,7 @@ from pathlib import Path
 import xxhash
 import zstandard
 
+from isep.join import FINAL_METADATA
 from isep.samples import tar_header
 from isep.tarstream import Source, TarReader
 
@@ -83,6 +84,15 @@ def with_members(archive: bytes, extra: list[Raw], *, at: str = "end") -> bytes:
     members, trailer = split(archive)
     members = extra + members if at == "start" else members + extra
     return build(members, trailer)
+
+
+def metadata_last(archive: bytes) -> bytes:
+    """The archive as isep-join writes it: every member in its order but the final metadata members
+    (held back until every check passed), which follow them in theirs; the same bytes for a save
+    that ends with its metadata, as every producer's does."""
+    members, trailer = split(archive)
+    meta = [m for m in members if m.name in FINAL_METADATA]
+    return build([m for m in members if m.name not in FINAL_METADATA] + meta, trailer)
 
 
 def drop(archive: bytes, name: str) -> bytes:

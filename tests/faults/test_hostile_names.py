@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-from isep.join import FINAL_METADATA
 from . import craft
 from tests.harness import copy_store, is_complete_archive, run
 
@@ -60,14 +59,6 @@ NAMES = ["absolute", "dotdot", "dotdot-inside", "nul-in-pax-path", "control-byte
          "duplicate-manifest-last", "layer-is-symlink-outside", "layer-is-hardlink-loop", "dir-with-data"]
 
 
-def _metadata_last(archive: bytes) -> bytes:
-    """The archive as a join writes it: every member in its order but the final metadata members,
-    which follow them in theirs (the same bytes for a save that ends with its metadata)."""
-    members, trailer = craft.split(archive)
-    meta = [m for m in members if m.name in FINAL_METADATA]
-    return craft.build([m for m in members if m.name not in FINAL_METADATA] + meta, trailer)
-
-
 @pytest.mark.parametrize("case", NAMES)
 def test_hostile_archive(case, hostile, samples, sb):
     archive, status = hostile[case]
@@ -83,7 +74,7 @@ def test_hostile_archive(case, hostile, samples, sb):
         return
     for store in (sb.out / "file", sb.out / "piped"):  # join checks every hash and diffID
         joined = run("join", store, sandbox=sb).stdout
-        assert joined == _metadata_last(archive), f"{store}: not byte for byte"
+        assert joined == craft.metadata_last(archive), f"{store}: not byte for byte"
 
 
 def test_error_messages_escape_control_bytes(samples, sb):

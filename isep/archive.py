@@ -11,6 +11,7 @@ from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
 from .jsonkeys import check_text, refuse_constant, unique_keys
 from .legacy import podman_v1_from_config
+from .limits import check_member_count
 from .tarstream import Member, Source, TarReader
 
 INDEX_SCHEMA = "isep-index/1"
@@ -30,12 +31,13 @@ INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def load_json(data: bytes, what: str, *, loader_fields: bool = False):
-    """Parse a JSON document from an archive or a file: UTF-8, bounded size and nesting, keys
-    distinct as Go compares them; with loader_fields (an archive's metadata, which loaders decode
-    into Go structs), the fields loaders read spelled exactly."""
-    if len(data) > JSON_CAP:
-        raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {JSON_CAP}-byte limit")
+def load_json(data: bytes, what: str, cap: int = JSON_CAP, *, loader_fields: bool = False):
+    """Parse a JSON document from an archive or a file: UTF-8, bounded size (cap: isep's own
+    documents have theirs in isep.limits) and nesting, keys distinct as Go compares them; with
+    loader_fields (an archive's metadata, which loaders decode into Go structs), the fields loaders
+    read spelled exactly."""
+    if len(data) > cap:
+        raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {cap}-byte limit")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -161,6 +163,7 @@ def scan_metadata(source: Source) -> ScannedArchive:
     kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
     for seq, member in enumerate(reader):
+        check_member_count(seq + 1, source.name)
         rec = member_record(member, seq)
         if member.is_file and member.size <= JSON_CAP:
             scan_member(member, rec, kept)
@@ -181,6 +184,7 @@ def scan(source: Source, *, sink: Callable | None = None,
     kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
     for seq, member in enumerate(reader):
+        check_member_count(seq + 1, source.name)
         rec = member_record(member, seq)
         scan_member(member, rec, kept, sink)
         if progress is not None:

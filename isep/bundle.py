@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterator, Protocol, Sequence
 from . import __version__
 from .archive import JSON_CAP, load_json
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError
+from .limits import MANIFEST_CAP, check_document_size
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
                     same_image_name)
 from .parts import Opener, PartInput, part_opener
@@ -32,7 +33,6 @@ from .thin import covered_layers, uncovered_reason
 
 BUNDLE_SCHEMA = "isep-bundle/1"
 TEMP_PREFIX = ".isep-tmp-"
-MANIFEST_CAP = 64 << 20
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
 
@@ -188,8 +188,8 @@ class Store:
 
 def parse_manifest(data: bytes, what: str) -> dict:
     if len(data) > MANIFEST_CAP:
-        raise BadInput(f"{what}: larger than {MANIFEST_CAP >> 20} MiB")
-    doc = load_json(data, what)
+        raise BadInput(f"{what}: larger than {MANIFEST_CAP:,} bytes")
+    doc = load_json(data, what, MANIFEST_CAP)
     if not isinstance(doc, dict) or not isinstance(doc.get("schema"), str):
         raise BadInput(f"{what}: not an isep bundle manifest")
     if doc["schema"] != BUNDLE_SCHEMA:
@@ -231,7 +231,10 @@ def parse_manifest(data: bytes, what: str) -> dict:
 
 
 def encode_manifest(doc: dict) -> bytes:
-    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+    """isep-bundle.json as written; refused when join and verify would refuse to read it."""
+    data = (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+    check_document_size(len(data), MANIFEST_CAP, BUNDLE_MANIFEST)
+    return data
 
 
 def new_manifest() -> dict:

@@ -25,6 +25,7 @@ from .bundle import encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
+from .limits import check_member_count
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
@@ -453,6 +454,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
     for seq, member in enumerate(reader):
+        check_member_count(seq + 1, source.name)
         rec = member_record(member, seq)
         scanned.members.append(rec)
         shot.route(member, rec)

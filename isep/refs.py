@@ -5,8 +5,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .archive import JSON_CAP, load_json
+from .archive import load_json
 from .errors import BadInput, EnvironmentFailure, UsageError
+from .limits import DOCUMENT_CAP
 from .names import BUNDLE_MANIFEST, same_image_name
 
 
@@ -23,16 +24,17 @@ class Ref:
         return self.tags[0] if self.tags else None
 
 
-def read_json_file(path: str, what: str):
+def read_json_file(path: str, what: str, cap: int = DOCUMENT_CAP):
+    """A JSON file given on the command line: an index, a plan or a bundle manifest can be large."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(JSON_CAP + 1)
+            data = fh.read(cap + 1)
     except OSError as exc:
         raise EnvironmentFailure(f"{what}: cannot read {path}: {exc.strerror}") from None
     if data[257:262] == b"ustar":
         raise UsageError(f"{what}: {path} is an image archive, not a description of one; "
                          f"use `isep-index {path} > index.json` and give index.json")
-    return load_json(data, f"{what} {path}")
+    return load_json(data, f"{what} {path}", cap)
 
 
 def _choose(candidates: list[tuple[list[str], list[str]]], selector: str | None, what: str,

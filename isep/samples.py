@@ -1312,3 +1312,17 @@ def write_huge_member_archive(out: BinaryIO, size: int, name: str = "huge.bin",
     if left:
         out.write(chunk[:left])
     out.write(bytes(_pad(size) + 2 * BLOCK))
+
+
+def write_crowded_archive(out: BinaryIO, archive: BinaryIO, count: int, prefix: str = "extra/") -> None:
+    """``count`` empty regular members (``prefix`` + a number) followed by every member of the
+    image archive ``archive`` verbatim: a valid save with as many members as a test of member
+    counts needs, at 512 bytes each."""
+    block = 1 << 16
+    for n in range(0, count, block):
+        out.write(b"".join(tar_header(f"{prefix}{i:07d}") for i in range(n, min(count, n + block))))
+    while True:
+        piece = archive.read(CHUNK)
+        if not piece:
+            break
+        out.write(piece)

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from ..archive import index_stream
+from ..limits import INDEX_CAP
 from .common import (
     ArchiveArgument,
     Ui,
@@ -41,7 +42,7 @@ def index(
     source = input_source(archive, "archive")
     with ui.bar(input_size(archive), "index") as tick:
         doc = index_stream(source) if tick is None else index_stream(source, progress=tick)
-    write_json(doc, compact=compact)
+    write_json(doc, compact=compact, cap=INDEX_CAP, what="the index")
 
 
 def main() -> None:

@@ -11,10 +11,12 @@ import typer
 from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import Store
-from ..errors import BadInput, EnvironmentFailure, UsageError
+from ..errors import EnvironmentFailure, UsageError
 from ..isula import pack_isula, pack_isula_stream
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
+from ..limits import PLAN_CAP
 from ..partition import make_plan
+from ..plancheck import check_plan
 from ..refs import read_json_file
 from ..stream import StreamTarget
 from ..targets import DirTarget
@@ -106,9 +108,7 @@ def pack(
                           renames=read_renames(rename, compress.value), layout=layout.value)
     plan = None
     if plan_file is not None:
-        plan = read_json_file(plan_file, "--plan")
-        if not isinstance(plan, dict) or plan.get("schema") != "isep-plan/1":
-            raise BadInput(f"{plan_file} is not an isep plan (make one with isep-partition)")
+        plan = check_plan(read_json_file(plan_file, "--plan", PLAN_CAP), f"--plan {plan_file}")
         if plan.get("compression", compress.value) != compress.value:
             raise UsageError(f"the plan names parts for --compress {plan['compression']}")
     if sign is not None and not os.path.isfile(sign):

@@ -8,6 +8,7 @@ import typer
 
 from ..archive import load_json
 from ..errors import BadInput
+from ..limits import INDEX_CAP, PLAN_CAP
 from ..partition import make_plan, summary_lines
 from .common import (
     BaseOption,
@@ -59,13 +60,13 @@ def partition(
 ) -> None:
     fh, name = open_input(index_file, "index")
     with fh:
-        doc = load_json(fh.read(256 << 20), f"index {name}")
+        doc = load_json(fh.read(INDEX_CAP + 1), f"index {name}", INDEX_CAP)
     if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("isep-index/"):
         raise BadInput(f"{name} is not an isep index (make one with isep-index)")
     base_ref, lib_ref = resolve_refs(base, lib, doc["images"])
     plan = make_plan(doc, base_ref, lib_ref, compression=compress.value,
                      renames=read_renames(rename, compress.value))
-    write_json(plan)
+    write_json(plan, cap=PLAN_CAP, what="the plan")
     if (summary or sys.stderr.isatty()) and not ui.quiet:
         for line in summary_lines(plan):
             print(line, file=sys.stderr)

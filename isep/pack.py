@@ -111,6 +111,15 @@ def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter
                            "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
 
 
+def manifest_record(member: Member, seq: int) -> dict:
+    """What the bundle manifest keeps of a member, before its digests (slim's fields)."""
+    rec = {"seq": seq, "name": member.name, "type": member.kind, "size": member.size,
+           "raw_size": member.raw_size, "mode": member.mode}
+    if member.linkname and member.kind in ("symlink", "hardlink"):
+        rec["link"] = member.linkname
+    return rec
+
+
 def check_plan_member(member: Member, seq: int, want: dict | None, source_name: str) -> dict:
     """The plan's record of member seq, when it names this member; BadInput otherwise."""
     if want is None or want["name"] != member.name or want["size"] != member.size:
@@ -121,25 +130,34 @@ def check_plan_member(member: Member, seq: int, want: dict | None, source_name: 
 
 
 class PlanRouter:
-    """Sends each member to the parts a plan names for its position."""
+    """Sends each member to the parts a plan names for its position. It consumes the plan's member
+    records (each is dropped once its member is routed) so that per-member state is held once, the
+    plan's or the manifest's record (docs/formats.md, "Limits")."""
 
     def __init__(self, plan: dict, writers: dict[str, PartWriter]):
         self.writers = writers
-        self.expected = {m["seq"]: m for m in plan["members"]}
-        self.part_of_seq: dict[int, list[str]] = {}
+        self.expected: list[dict | None] = plan["members"]   # indexed by seq (check_plan, make_plan)
+        files_of: dict[tuple[str, ...], tuple[str, ...]] = {}
+        seq_files: dict[int, list[str]] = {}
         self.restrict: dict[str, set[int]] = {}
         for part in plan["parts"]:
             if part["file"] not in writers:
                 continue
             for seq in part["members"]:
-                self.part_of_seq.setdefault(seq, []).append(part["file"])
+                seq_files.setdefault(seq, []).append(part["file"])
             self.restrict[part["file"]] = set(part.get("rewrite") or [])
+        # one tuple per distinct combination of parts, shared by the members routed alike
+        self.part_of_seq = {seq: files_of.setdefault(tuple(f), tuple(f)) for seq, f in seq_files.items()}
+        del seq_files
         self.image_of_app = {im["app_part"]: im for im in plan["images"]}
 
     def route(self, member: Member, seq: int, source_name: str) -> dict:
-        want = check_plan_member(member, seq, self.expected.get(seq), source_name)
-        rec = member_record(member, seq)
-        files = self.part_of_seq.get(seq, [])
+        want = check_plan_member(member, seq, self.expected[seq] if seq < len(self.expected) else None,
+                                 source_name)
+        self.expected[seq] = None
+        rec = manifest_record(member, seq)
+        planned_sha256 = want.get("sha256")
+        files = self.part_of_seq.get(seq, ())
         plain = [self.writers[f] for f in files if seq not in self.restrict[f]]
         special = [f for f in files if seq in self.restrict[f]]
         if special:
@@ -152,9 +170,9 @@ class PlanRouter:
                 _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
         else:
             copy_member(member, rec, plain, None)  # the plan already knows the metadata: keep nothing
-        if want.get("sha256") and rec.get("sha256") != want["sha256"] and not special:
+        if planned_sha256 and rec.get("sha256") != planned_sha256 and not special:
             raise IntegrityError(f"member {member.name!r} has sha256 {rec.get('sha256')}, "
-                                 f"the plan says {want['sha256']}")
+                                 f"the plan says {planned_sha256}")
         layer = want.get("layer_diff_id")
         if layer and (rec.get("diff_id") or rec.get("sha256")) != layer:
             raise IntegrityError(f"layer member {member.name!r} has diffID "
@@ -177,9 +195,15 @@ class PackRun:
     def writer(self, part: dict) -> PartWriter:
         """A writer for a plan part: a real one when the role is wanted and the store lacks it."""
         existing = self.target.existing
-        same = None if existing is None else part_for_layers(existing, part["role"], part["diff_ids"])
+        same = None if existing is None or part["role"] == "app" else \
+            part_for_layers(existing, part["role"], part["diff_ids"])
         wanted = part["role"] in self.options.parts
-        if part["role"] != "app" and same is not None:
+        if same is not None and not self.target.holds_part(same):
+            if not wanted:  # the image would name a part that is not there
+                raise IntegrityError(f"the store lists the {part['role']} part {same['file']}, but its file is "
+                                     f"gone; pack with --parts {part['role']},app to write it again")
+            same = None  # its file is gone: written again, never listed as reused
+        if same is not None:
             self.reused.append(same["file"])
             part["file"] = same["file"]
             wanted = False
@@ -190,7 +214,10 @@ class PackRun:
         self.writers[part["file"]] = w
         return w
 
-    def finish(self, plan: dict, trailer_size: int, spool_peak: int, source_bytes: int) -> PackResult:
+    def finish(self, plan: dict, trailer_size: int, spool_peak: int, source_bytes: int,
+               save: str | None = None) -> PackResult:
+        """The bundle manifest's entries; save: save_id of the plan's members, when a PlanRouter
+        has consumed them."""
         infos = {}
         for file_name, writer in self.writers.items():
             infos[file_name] = writer.finish()
@@ -203,7 +230,7 @@ class PackRun:
                 old = existing.get(file_name, {})
                 infos[file_name] = {**infos[file_name], "sha256": old.get("sha256", ""),
                                     "size": old.get("size", 0)}
-        save = save_id(plan["members"])
+        save = save or save_id(plan["members"])
         parts_out = []
         for part in plan["parts"]:
             writer = self.writers[part["file"]]
@@ -230,10 +257,16 @@ class PackRun:
         return PackResult(doc, parts_out, self.reused, spool_peak, source_bytes)
 
 
+SLIM_KEYS = frozenset(("seq", "name", "type", "size", "raw_size", "mode", "link", "sha256", "xxh3", "diff_id",
+                       "compression", "rewritten"))
+
+
 def slim(rec: dict) -> dict:
-    keep = ("seq", "name", "type", "size", "raw_size", "mode", "link", "sha256", "xxh3", "diff_id",
-            "compression", "rewritten")
-    return {k: rec[k] for k in keep if k in rec and rec[k] is not None}
+    """A member's manifest record: rec itself, without what the manifest does not keep (in place, so
+    that a pack of many members does not hold two records of each)."""
+    for key in [k for k, v in rec.items() if k not in SLIM_KEYS or v is None]:
+        del rec[key]
+    return rec
 
 
 def isula_manifest(plan: dict, infos: dict) -> bytes:
@@ -288,6 +321,7 @@ def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: Pa
     for part in plan["parts"]:
         run.writer(part)
     _rename_in_images(plan)
+    save = save_id(plan["members"])
     router = PlanRouter(plan, run.writers)
     reader = TarReader(source)
     count = 0
@@ -299,7 +333,7 @@ def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: Pa
     if count != len(plan["members"]) or len(reader.trailer) != plan.get("trailer_size", len(reader.trailer)):
         raise BadInput(f"{source.name} does not match the plan: it has {count} members, "
                        f"the plan {len(plan['members'])}")
-    return run.finish(plan, len(reader.trailer), 0, source.offset)
+    return run.finish(plan, len(reader.trailer), 0, source.offset, save)
 
 
 # --- one shot, from a pipe -------------------------------------------------------------------------
@@ -465,6 +499,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
     plan = make_plan(build_index(scanned), base, lib, compression=options.compression,
                      renames=options.renames)
     _check_routing(plan, role_writers, base, lib)
+    save = save_id(plan["members"])
     section.finish()
     section_out.close()
     _adopt_routing(plan, role_writers, run)
@@ -476,7 +511,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
         target.name(section_out, apps[0]["file"] if adopted.wanted else None)
     else:
         _split_section(plan, section, section_out, target, run, options)
-    return run.finish(plan, len(reader.trailer), shot.spool.peak, source.offset)
+    return run.finish(plan, len(reader.trailer), shot.spool.peak, source.offset, save)
 
 
 def _check_routing(plan: dict, writers: dict[str, PartWriter], base: Ref, lib: Ref | None) -> None:

@@ -6,6 +6,7 @@ that pack can route each member from its header alone and join can merge parts b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import AbstractSet
 
 from .archive import link_target
 from .digests import digest_hex
@@ -123,12 +124,12 @@ class _Assigner:
     def __init__(self, members: list[dict]):
         self.members = members
         self.by_name = {m["name"]: m for m in members}
-        self.parts: dict[int, set[str]] = {}
+        self.parts: dict[int, AbstractSet[str]] = {}
 
     def add(self, name: str, part: str) -> None:
         rec = self.by_name.get(name)
         if rec is not None:
-            self.parts.setdefault(rec["seq"], set()).add(part)
+            self.parts[rec["seq"]] = self.parts.get(rec["seq"], frozenset()) | {part}
 
     def add_with_v1_siblings(self, path: str, part: str) -> None:
         self.add(path, part)
@@ -162,20 +163,21 @@ def _assign(index: dict, roles: list[str], app_parts: dict[int, str], split: Spl
             if target is not None and target["seq"] in assign.parts:
                 for part in assign.parts[target["seq"]]:
                     assign.add_with_v1_siblings(rec["name"], part)
-    all_apps = set(app_parts.values())
-    for rec in members:
+    all_apps = frozenset(app_parts.values())
+    only_base, only_lib = frozenset(["base"]), frozenset(["lib"])
+    for rec in members:  # one shared set for each outcome: most members are plain app members
         parts = assign.parts.get(rec["seq"])
         if not parts:
-            assign.parts[rec["seq"]] = set(all_apps)
+            assign.parts[rec["seq"]] = all_apps
         elif "base" in parts:
-            assign.parts[rec["seq"]] = {"base"}
+            assign.parts[rec["seq"]] = only_base
         elif "lib" in parts:
-            assign.parts[rec["seq"]] = {"lib"}
+            assign.parts[rec["seq"]] = only_lib
     _close_links(assign, all_apps)
     return assign
 
 
-def _close_links(assign: _Assigner, app_parts: set[str]) -> None:
+def _close_links(assign: _Assigner, app_parts: AbstractSet[str]) -> None:
     """An app part that holds a link also holds its target, unless base or lib carry it."""
     changed = True
     while changed:
@@ -187,7 +189,7 @@ def _close_links(assign: _Assigner, app_parts: set[str]) -> None:
             for part in list(assign.parts[rec["seq"]]):
                 have = assign.parts[target["seq"]]
                 if part in app_parts and not have & {"base", "lib", part}:
-                    have.add(part)
+                    assign.parts[target["seq"]] = have | {part}  # not in place: sets are shared
                     changed = True
 
 
@@ -262,12 +264,14 @@ def make_plan(index: dict, base: Ref, lib: Ref | None, *, compression: str = "zs
 
 
 def _members_with_layer_ids(index: dict) -> list[dict]:
-    """The index's members, those that carry a layer marked with the diffID pack must find."""
-    members = [dict(m) for m in index["members"]]
-    by_name = {m["name"]: m for m in members}
+    """The index's members, those that carry a layer marked with the diffID pack must find. Only
+    those are copied: the index's records are the bulk of a plan's memory (docs/formats.md)."""
+    members = list(index["members"])
+    seq_of = {m["name"]: m["seq"] for m in members}
     for image in index["images"]:
         for layer in image["layers"]:
-            by_name[layer["member"]]["layer_diff_id"] = layer["diff_id"]
+            seq = seq_of[layer["member"]]
+            members[seq] = {**members[seq], "layer_diff_id": layer["diff_id"]}
     return members
 
 

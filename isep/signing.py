@@ -31,7 +31,7 @@ def _ssh_keygen() -> str:
     return path
 
 
-def _run(args: list[str], data: bytes | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], data: bytes | bytearray | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([_ssh_keygen(), *args], input=data if data is not None else b"",
                               capture_output=True, timeout=TIMEOUT, env=_env())
@@ -54,7 +54,7 @@ def _first_line(raw: bytes) -> str:
     return lines[0] if lines else "no message"
 
 
-def sign_manifest(manifest_bytes: bytes, key_path: str) -> bytes:
+def sign_manifest(manifest_bytes: bytes | bytearray, key_path: str) -> bytes:
     """The armored SSH signature of manifest_bytes made with the private key at key_path (or the
     agent's key for a public key_path), namespace "isep"."""
     if not os.path.isfile(key_path):

@@ -72,6 +72,9 @@ class StreamTarget:
 
     spool_dir = None
 
+    def holds_part(self, entry: dict) -> bool:
+        return False  # a stream starts no store: nothing to reuse
+
     def __init__(self, out: BinaryIO, head: dict, sign_key: str | None = None):
         self.out = out
         self.sign_key = sign_key
@@ -82,7 +85,7 @@ class StreamTarget:
         self._head = json.dumps({"schema": STREAM_SCHEMA, **head}).encode()
         self._started = False  # nothing reaches stdout before the first part bytes: errors leave it empty
 
-    def _emit(self, name: str, data: bytes) -> None:
+    def _emit(self, name: str, data: bytes | bytearray) -> None:
         with self._lock:
             if not self._started:
                 self._started = True
@@ -118,10 +121,10 @@ class StreamTarget:
         doc = merge_manifest(None, parts, images)
         if isula is not None:
             self._emit(ISULA_MANIFEST, isula)
-        data = encode_manifest(doc)
-        self._emit(BUNDLE_MANIFEST, data)
+        manifest = encode_manifest(doc)
+        self._emit(BUNDLE_MANIFEST, manifest)
         if self.sign_key is not None:
-            self._emit(SIGNATURE_FILE, sign_manifest(data, self.sign_key))
+            self._emit(SIGNATURE_FILE, sign_manifest(manifest, self.sign_key))
         self.out.write(bytes(1024))
         self.out.flush()
         return doc

@@ -33,6 +33,8 @@ class OutputTarget(Protocol[SectionT]):
 
     def open(self, file_name: str) -> Sink: ...
 
+    def holds_part(self, entry: dict) -> bool: ...
+
     def open_section(self) -> SectionT: ...
 
     def reopen(self, out: SectionT) -> BinaryIO: ...
@@ -84,6 +86,9 @@ class DirTarget:
         self.spool_dir: str | None = store.path
         self._outs: list[tuple[_FileOut, str | None]] = []
 
+    def holds_part(self, entry: dict) -> bool:
+        return self.store.holds_part(entry)
+
     def open(self, file_name: str) -> _FileOut:
         temp, fh = self.store.create_temp(file_name)
         out = _FileOut(fh, temp)
@@ -127,6 +132,8 @@ class DirTarget:
         for part in parts:
             temp = final.pop(part["file"])
             old = known.get(part["file"])
+            if old is not None and not self.store.holds_part(old):
+                old = None  # listed, but its file is gone: ours takes its place
             if old is not None and old.get("sha256") == part["sha256"]:
                 self.store.remove(temp)  # the store already holds this very part
                 continue

@@ -135,15 +135,20 @@ def _run(fh, name, plan, base, lib, target, options):
     if plan is not None:
         return execute(Source(fh, name=name), plan, target, options)
     if _seekable_file(fh):  # a file: walk its headers first, then pack with the plan (no spool at all)
-        scanned = scan_metadata(Source(fh, name=name, prefetch=False))
-        index = build_index(scanned)
-        base_ref, lib_ref = resolve_refs(base, lib, index["images"])
-        plan = make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)
+        plan = _plan_of_file(fh, name, base, lib, options)
         fh.seek(0)
         return execute(Source(fh, name=name), plan, target, options)
     base_ref, lib_ref = resolve_refs(base, lib, None)
     one_shot = pack_isula_stream if options.layout == "isula" else pack_one_shot
     return one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
+
+
+def _plan_of_file(fh, name: str, base: str, lib: Optional[str], options: PackOptions) -> dict:
+    """The plan of an archive file from its headers. The index goes when this returns: pack consumes
+    the plan's member records, which must have no other holder to be freed (docs/formats.md)."""
+    index = build_index(scan_metadata(Source(fh, name=name, prefetch=False)))
+    base_ref, lib_ref = resolve_refs(base, lib, index["images"])
+    return make_plan(index, base_ref, lib_ref, compression=options.compression, renames=options.renames)
 
 
 def _summary(ui: Ui, result) -> None:

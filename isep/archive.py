@@ -157,16 +157,23 @@ def scan_member(member: Member, rec: dict, kept: KeptJson | None,
 
 
 def scan_metadata(source: Source) -> ScannedArchive:
-    """Headers and small JSON members only; large members are skipped (by seeking, on a file) after
-    their first bytes tell whether they are compressed. Enough to plan, not to verify."""
+    """Headers and small JSON members only (hashed and kept); other members are skipped (by seeking,
+    on a file) after their first bytes tell whether they are compressed. Enough to plan, not to
+    verify: the digests of the rest are pack's to take, and not holding them keeps a plan of many
+    small members small (docs/formats.md, "Limits")."""
     scanned = ScannedArchive(name=source.name)
     kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
     for seq, member in enumerate(reader):
         check_member_count(seq + 1, source.name)
         rec = member_record(member, seq)
-        if member.is_file and member.size <= JSON_CAP:
-            scan_member(member, rec, kept)
+        head = member.read_all(JSON_CAP) if member.is_file and member.size <= JSON_CAP else None
+        if head is not None and looks_like_json(head):
+            rec.update(pass_member(member, [], kept, chunks=[head]))
+        elif head is not None:
+            compression = sniff_compression(head[:4])
+            if compression:
+                rec["compression"] = compression
         elif member.is_file:
             compression = sniff_compression(member.head_then_skip(4))
             if compression:

@@ -266,12 +266,13 @@ def encode_manifest(doc: dict) -> bytearray:
     return out
 
 
-def _add_member_lines(out: bytearray, members: list[dict]) -> None:
+def _add_member_lines(out: bytearray, members: list) -> None:
+    """Member records: dicts, or JSON already (as pack holds them: docs/formats.md, "Limits")."""
     encode = json.JSONEncoder(separators=(",", ":")).encode  # the C encoder: no indent
     out += b"["
     for n, rec in enumerate(members):
         out += b",\n" if n else b"\n"
-        out += encode(rec).encode()
+        out += rec if isinstance(rec, bytes) else encode(rec).encode()
     out += b"\n]" if members else b"]"
 
 

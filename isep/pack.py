@@ -11,6 +11,7 @@ part when the save holds one image and is split per image otherwise.
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import re
 import tempfile
@@ -34,6 +35,7 @@ from .tarstream import Member, Source, TarReader, padded
 from .tarwrite import build_header
 
 DIGEST_NAME = re.compile(r"^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-f]{64})\.tar)$")
+BLOB_NAME = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 V1_MEMBER = re.compile(r"^([0-9a-f]{64})/(?:|VERSION|json|layer\.tar)$")
 SPOOL_IN_MEMORY = 1 << 20
 ROLES = ("base", "lib", "app")
@@ -70,12 +72,13 @@ def save_id(members: list[dict]) -> str:
 # --- copying members -------------------------------------------------------------------------------
 
 def copy_member(member: Member, rec: dict, writers: list[PartWriter], kept: KeptJson | None,
-                chunks: Iterable[Chunk] | None = None) -> None:
+                chunks: Iterable[Chunk] | None = None, *, listed: bool = True) -> None:
     """Copy one member's raw bytes to the writers while hashing its data (and keep it, when kept is
-    given, if it is small JSON)."""
+    given, if it is small JSON); listed: rec goes into each writer's members."""
     for w in writers:
         w.write(member.header)
-        w.members.append(rec)
+        if listed:
+            w.members.append(rec)
     rec.update(pass_member(member, [w.write for w in writers], kept, chunks=chunks))
     if member.padding:
         for w in writers:
@@ -102,13 +105,17 @@ def restrict_metadata(name: str, data: bytes, image: dict) -> bytes:
     return gojson(doc) + b"\n"  # Go's json.Encoder, as Docker writes it
 
 
-def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter, image: dict) -> None:
+def _write_restricted(member: Member, rec: dict, data: bytes, writer: PartWriter, image: dict) -> dict:
+    """Write the metadata member restricted to one image; its record."""
     body = restrict_metadata(member.name, data, image)
     writer.write(build_header(member.name, len(body), mode=member.mode, mtime=member.mtime))
     writer.write(body)
     writer.write(bytes(padded(len(body)) - len(body)))
-    writer.members.append({**rec, **_digests_of(body), "size": len(body), "rewritten": True,
-                           "raw_size": len(build_header(member.name, len(body))) + padded(len(body))})
+    return {**rec, **_digests_of(body), "size": len(body), "rewritten": True,
+            "raw_size": len(build_header(member.name, len(body))) + padded(len(body))}
+
+
+encode_record = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def manifest_record(member: Member, seq: int) -> dict:
@@ -134,8 +141,9 @@ class PlanRouter:
     records (each is dropped once its member is routed) so that per-member state is held once, the
     plan's or the manifest's record (docs/formats.md, "Limits")."""
 
-    def __init__(self, plan: dict, writers: dict[str, PartWriter]):
+    def __init__(self, plan: dict, writers: dict[str, PartWriter], records: dict[str, list[bytes]]):
         self.writers = writers
+        self.records = records  # per part file: its members' manifest records as JSON, in stream order
         self.expected: list[dict | None] = plan["members"]   # indexed by seq (check_plan, make_plan)
         files_of: dict[tuple[str, ...], tuple[str, ...]] = {}
         seq_files: dict[int, list[str]] = {}
@@ -160,23 +168,30 @@ class PlanRouter:
         files = self.part_of_seq.get(seq, ())
         plain = [self.writers[f] for f in files if seq not in self.restrict[f]]
         special = [f for f in files if seq in self.restrict[f]]
+        restricted = {}
         if special:
             data = member.read_all(JSON_CAP)
             rec.update(_digests_of(data))
             for w in plain:
                 w.write(member.header + data + member.padding)
-                w.members.append(rec)
             for f in special:
-                _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
+                restricted[f] = _write_restricted(member, rec, data, self.writers[f], self.image_of_app[f])
         else:
-            copy_member(member, rec, plain, None)  # the plan already knows the metadata: keep nothing
+            copy_member(member, rec, plain, None, listed=False)  # the plan knows the metadata: keep nothing
         if planned_sha256 and rec.get("sha256") != planned_sha256 and not special:
             raise IntegrityError(f"member {member.name!r} has sha256 {rec.get('sha256')}, "
                                  f"the plan says {planned_sha256}")
+        named = BLOB_NAME.match(member.name)  # a plan from headers alone has not hashed every blob
+        if named and rec.get("sha256") and rec["sha256"] != "sha256:" + named.group(1):
+            raise IntegrityError(f"{source_name}: {member.name!r} holds bytes of digest {rec['sha256']}")
         layer = want.get("layer_diff_id")
         if layer and (rec.get("diff_id") or rec.get("sha256")) != layer:
             raise IntegrityError(f"layer member {member.name!r} has diffID "
                                  f"{rec.get('diff_id') or rec.get('sha256')}, the image config says {layer}")
+        line = encode_record(slim(rec)).encode()  # a third of the dict's memory (docs/formats.md)
+        for f in files:
+            self.records.setdefault(f, []).append(encode_record(slim(restricted[f])).encode()
+                                                  if f in restricted else line)
         return rec
 
 
@@ -190,6 +205,7 @@ class PackRun:
         self.options = options
         self.outs: dict[str, Sink] = {}
         self.writers: dict[str, PartWriter] = {}
+        self.records: dict[str, list[bytes]] = {}  # a PlanRouter's: manifest records as JSON
         self.reused: list[str] = []
 
     def writer(self, part: dict) -> PartWriter:
@@ -237,12 +253,13 @@ class PackRun:
             if not writer.wanted:
                 continue
             info = infos[part["file"]]
+            members: list = self.records.get(part["file"]) or [slim(m) for m in writer.members]
             parts_out.append({
                 "file": part["file"], "role": part["role"], "image": part.get("image"),
                 "compression": self.options.compression, "size": info["size"], "sha256": info["sha256"],
                 "xxh3": info["xxh3"], "raw_size": info["raw_size"], "diff_ids": part["diff_ids"],
                 "layers": part["layers"], "format": plan["source"]["format"], "save": save,
-                "members": [slim(m) for m in writer.members],
+                "members": members,
             })
         written_apps = {p["file"] for p in parts_out if p["role"] == "app"}
         images = [{
@@ -322,7 +339,7 @@ def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: Pa
         run.writer(part)
     _rename_in_images(plan)
     save = save_id(plan["members"])
-    router = PlanRouter(plan, run.writers)
+    router = PlanRouter(plan, run.writers, run.records)
     reader = TarReader(source)
     count = 0
     for seq, member in enumerate(reader):
@@ -553,7 +570,7 @@ def _split_section(plan: dict, section: PartWriter, section_out: Sink, target: O
         if part["role"] == "app":
             run.writer(part)
     router = PlanRouter(plan, {f: w for f, w in run.writers.items()
-                               if any(p["file"] == f and p["role"] == "app" for p in plan["parts"])})
+                               if any(p["file"] == f and p["role"] == "app" for p in plan["parts"])}, run.records)
     with target.reopen(section_out) as raw:
         reader = TarReader(Source(DecompressingReader(raw, options.compression, None, "the app section"),
                                   name="the app section"))

@@ -60,7 +60,7 @@ def partition(
 ) -> None:
     fh, name = open_input(index_file, "index")
     with fh:
-        doc = load_json(fh.read(INDEX_CAP + 1), f"index {name}", INDEX_CAP)
+        doc = load_json(_read_up_to(fh, INDEX_CAP + 1), f"index {name}", INDEX_CAP)
     if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("isep-index/"):
         raise BadInput(f"{name} is not an isep index (make one with isep-index)")
     base_ref, lib_ref = resolve_refs(base, lib, doc["images"])
@@ -72,6 +72,17 @@ def partition(
             print(line, file=sys.stderr)
     for warning in plan["warnings"]:
         ui.warn(warning)
+
+
+def _read_up_to(fh, limit: int) -> bytes:
+    """At most limit bytes, until end of input: one read of a pipe returns only what it holds."""
+    data = bytearray()
+    while len(data) < limit:
+        piece = fh.read(min(limit - len(data), 1 << 20))
+        if not piece:
+            break
+        data += piece
+    return bytes(data)
 
 
 def main() -> None:

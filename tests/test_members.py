@@ -1,0 +1,80 @@
+"""Archives of many members: every command accepts what isep-pack calls complete (the JSON caps
+follow from one member limit, isep.limits), beyond the limit index and pack refuse before writing
+anything, and pack's memory grows by a bounded amount per member (docs/formats.md, "Limits")."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from isep import bundle, limits
+from isep.errors import BadInput
+from isep.samples import write_crowded_archive
+from tests.harness import run
+
+PACK_PEAK_KIB_100K = 150 << 10   # docs/formats.md: pack's peak RSS for 100,000 members
+
+
+def crowded(path, samples, count: int):
+    with open(path, "wb") as out, open(samples["docker-oci"]["app1"], "rb") as app:
+        write_crowded_archive(out, app, count)
+    return path
+
+
+def _refs(samples) -> list[str]:
+    s = samples["docker-oci"]
+    return ["--base", str(s["inspect-base"]), "--lib", str(s["inspect-lib"])]
+
+
+def test_caps_follow_from_the_member_limit():
+    assert limits.INDEX_CAP == limits.FIXED_JSON + limits.MAX_MEMBERS * limits.MEMBER_JSON
+    assert limits.INDEX_CAP < limits.PLAN_CAP <= limits.MANIFEST_CAP == bundle.MANIFEST_CAP
+    assert limits.DOCUMENT_CAP >= limits.MANIFEST_CAP
+
+
+def test_manifest_over_the_cap_is_refused_when_written(monkeypatch):
+    doc = bundle.new_manifest()
+    doc["parts"].append({"file": "a.tar.zst", "members": [{"seq": n, "name": f"m{n}"} for n in range(100)]})
+    data = bundle.encode_manifest(doc)
+    assert json.loads(bytes(data))["parts"][0]["members"][99] == {"seq": 99, "name": "m99"}
+    monkeypatch.setattr(bundle, "MANIFEST_CAP", len(data) - 1)
+    with pytest.raises(BadInput, match="over the"):
+        bundle.encode_manifest(doc)
+
+
+def test_20k_members_every_command(samples, tmp_path):
+    """index | partition, pack (plan, file, pipe, stream), verify and join all accept 20,000 members."""
+    archive = crowded(tmp_path / "crowd.tar", samples, 20_000)
+    index = run("index", archive).stdout
+    assert len(index) > 4 << 20  # over the old 4 MiB cap that refused it
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(run("partition", *_refs(samples), stdin=index).stdout)
+    run("pack", archive, "--plan", plan, "-o", tmp_path / "by-plan")
+    run("pack", archive, *_refs(samples), "-o", tmp_path / "by-file")
+    run("pack", *_refs(samples), "-o", tmp_path / "by-pipe", stdin=archive)
+    stream = run("pack", archive, *_refs(samples), "-o", "-").stdout
+    for store in ("by-plan", "by-file", "by-pipe"):
+        run("verify", tmp_path / store)
+        assert run("join", tmp_path / store).stdout == archive.read_bytes()
+    assert run("join", "-", stdin=stream).stdout == archive.read_bytes()
+
+
+@pytest.mark.slow
+def test_100k_members_pack_memory(samples, tmp_path):
+    """pack of 100,000 members stays under the documented peak; verify and join accept the bundle."""
+    archive = crowded(tmp_path / "crowd.tar", samples, 100_000)
+    r = run("pack", archive, *_refs(samples), "-o", tmp_path / "st", rss=True, timeout=600)
+    assert r.maxrss_kb is not None and r.maxrss_kb < PACK_PEAK_KIB_100K, r.maxrss_kb
+    run("verify", tmp_path / "st", timeout=600)
+    run("join", tmp_path / "st", "-o", tmp_path / "out.tar", timeout=600)
+    assert (tmp_path / "out.tar").read_bytes() == archive.read_bytes()
+
+
+@pytest.mark.slow
+def test_over_the_member_limit_is_refused(samples, tmp_path):
+    archive = crowded(tmp_path / "crowd.tar", samples, limits.MAX_MEMBERS + 1)
+    r = run("pack", archive, *_refs(samples), "-o", tmp_path / "st", expect=4, timeout=600)
+    assert f"over {limits.MAX_MEMBERS:,} members" in r.error
+    assert not (tmp_path / "st").exists() or not list((tmp_path / "st").iterdir())
+    r = run("index", archive, expect=4, timeout=600)
+    assert r.stdout == b""

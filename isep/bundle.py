@@ -22,7 +22,8 @@ from typing import BinaryIO, Iterator, Protocol, Sequence
 from . import __version__
 from .archive import JSON_CAP, load_json
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError
-from .limits import MANIFEST_CAP, check_document_size
+from .jsondoc import encode_document
+from .limits import MANIFEST_CAP
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
                     same_image_name)
 from .parts import Opener, PartInput, part_opener
@@ -249,31 +250,9 @@ def parse_manifest(data: bytes, what: str) -> dict:
 
 
 def encode_manifest(doc: dict) -> bytearray:
-    """isep-bundle.json as written: indented, each member record on one line; refused when join and
-    verify would refuse to read it. Indenting member records (json's pure-Python path) held
-    hundreds of small strings per member at once: 250 MiB for 100,000 members."""
-    marker = f"isep-members-{secrets.token_hex(8)}-"
-    skeleton = {**doc, "parts": [{**part, "members": f"{marker}{n}"} for n, part in enumerate(doc["parts"])]}
-    text = json.dumps(skeleton, indent=1, sort_keys=False) + "\n"
-    out = bytearray()  # grown record by record: no list of every record's text besides it
-    for n, part in enumerate(doc["parts"]):
-        before, text = text.split(f'"{marker}{n}"', 1)
-        out += before.encode()
-        _add_member_lines(out, part["members"])
-        check_document_size(len(out), MANIFEST_CAP, BUNDLE_MANIFEST)
-    out += text.encode()
-    check_document_size(len(out), MANIFEST_CAP, BUNDLE_MANIFEST)
-    return out
-
-
-def _add_member_lines(out: bytearray, members: list) -> None:
-    """Member records: dicts, or JSON already (as pack holds them: docs/formats.md, "Limits")."""
-    encode = json.JSONEncoder(separators=(",", ":")).encode  # the C encoder: no indent
-    out += b"["
-    for n, rec in enumerate(members):
-        out += b",\n" if n else b"\n"
-        out += rec if isinstance(rec, bytes) else encode(rec).encode()
-    out += b"\n]" if members else b"]"
+    """isep-bundle.json as written (member records one per line); refused when join and verify
+    would refuse to read it."""
+    return encode_document(doc, MANIFEST_CAP, BUNDLE_MANIFEST)
 
 
 def new_manifest() -> dict:

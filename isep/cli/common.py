@@ -23,6 +23,7 @@ import typer
 from .. import __version__
 from ..bundle import write_all
 from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
+from ..jsondoc import encode_document
 from ..limits import check_document_size
 from ..partition import load_renames
 from ..refs import Ref, read_json_file, resolve_ref, validate_ref
@@ -318,13 +319,18 @@ def stdout_binary():
 
 
 def write_json(doc, *, compact: bool = False, cap: Optional[int] = None, what: str = "the output") -> None:
-    """doc on stdout; with cap, refused (before a byte is written) when its readers would refuse it."""
-    text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
-    if cap is not None:
-        check_document_size(len(text), cap, what)  # ASCII: json.dumps escapes everything else
+    """doc on stdout; with cap (an index or a plan: member records one per line), refused before a
+    byte is written when its readers would refuse it."""
+    if cap is not None and not compact:
+        data: bytes | bytearray = encode_document(doc, cap, what)
+    else:
+        text = json.dumps(doc, separators=(",", ":")) if compact else json.dumps(doc, indent=1)
+        if cap is not None:
+            check_document_size(len(text), cap, what)  # ASCII: json.dumps escapes everything else
+        data = (text + "\n").encode()
     sys.stdout.flush()
     # every byte, or BrokenPipeError: a write cut short by a reader going away returns a short count
-    write_all(sys.stdout.buffer, (text + "\n").encode())
+    write_all(sys.stdout.buffer, data)
     sys.stdout.buffer.flush()
 
 

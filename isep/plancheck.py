@@ -1,4 +1,5 @@
-"""A plan given to isep-pack --plan is untrusted input: a file anyone may have edited.
+"""A plan given to isep-pack --plan is untrusted input: a file anyone may have edited; so is the
+index given to isep-partition (check_index: the fields make_plan reads).
 
 check_plan refuses (BadInput, naming the field) anything make_plan would not have written that pack
 relies on: wrong types or schema, member numbers out of range or repeated, and layers routed to a
@@ -37,7 +38,7 @@ class _Fields:
         if value is None and optional:
             return None
         if type(value) is not kind:  # not isinstance: True is not a member number
-            self.fail(key, f"is not {'an' if kind is int else 'a'} {_KIND_NAMES[kind]}")
+            self.fail(key, f"is not {'an' if kind in (int, dict) else 'a'} {_KIND_NAMES[kind]}")
         return value
 
     def count(self, key: str, low: int = 0, high: int | None = None) -> int:
@@ -94,12 +95,50 @@ def check_plan(plan: object, what: str) -> dict:
     return plan  # type: ignore[return-value]
 
 
-def _check_members(top: _Fields, what: str) -> int:
+def check_index(index: object, what: str) -> dict:
+    """An index isep-partition may plan from; BadInput naming the first field that is wrong."""
+    top = _Fields(index, "index", what)
+    if not str(top.doc.get("schema", "")).startswith("isep-index/"):
+        raise BadInput(f"{what} is not an isep index (make one with isep-index)")
+    source = _Fields(top.get("source", dict), "index.source", what)
+    source.count("trailer_size", 1024, MAX_TRAILER)
+    if top.doc.get("format") not in FORMATS:
+        top.fail("format", "is not a format isep reads")
+    _check_members(top, what, "index")
+    names = {rec["name"] for rec in top.doc["members"]}
+    for rec in top.doc["members"]:
+        if rec["type"] in ("symlink", "hardlink") and not isinstance(rec.get("link"), str):
+            raise BadInput(f"{what}: index.members[{rec['seq']}].link is not a string")
+    for n, doc in enumerate(top.get("images", list)):
+        image = _Fields(doc, f"index.images[{n}]", what)
+        ids = image.strings("diff_ids", pattern=DIGEST)
+        image.strings("tags")
+        image.strings("owned")
+        image.get("platform", dict)
+        config = _Fields(image.get("config", dict), f"index.images[{n}].config", what)
+        if config.get("member", str) not in names:
+            config.fail("member", "is not a member of the archive")
+        config.get("digest", str, optional=True)
+        layers = image.get("layers", list)
+        if len(layers) != len(ids):
+            image.fail("layers", "does not list one entry per diffID")
+        for k, layer_doc in enumerate(layers):
+            layer = _Fields(layer_doc, f"index.images[{n}].layers[{k}]", what)
+            layer.get("path", str)
+            if layer.get("member", str) not in names:
+                layer.fail("member", "is not a member of the archive")
+            if layer.get("diff_id", str) != ids[k]:
+                layer.fail("diff_id", "is not the image's diffID at that position")
+        _check_legacy(image)
+    return index  # type: ignore[return-value]
+
+
+def _check_members(top: _Fields, what: str, doc_name: str = "plan") -> int:
     members = top.get("members", list)
     if len(members) > MAX_MEMBERS:
         top.fail("members", f"lists {len(members):,} members, over the {MAX_MEMBERS:,} isep supports")
     for seq, doc in enumerate(members):
-        rec = _Fields(doc, f"plan.members[{seq}]", what)
+        rec = _Fields(doc, f"{doc_name}.members[{seq}]", what)
         if rec.count("seq") != seq:
             rec.fail("seq", f"is not {seq}: members are listed in stream order")
         rec.get("name", str)

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 
 from ..archive import load_json
-from ..errors import BadInput
 from ..limits import INDEX_CAP, PLAN_CAP
 from ..partition import make_plan, summary_lines
+from ..plancheck import check_index
 from .common import (
     BaseOption,
     Compression,
@@ -61,8 +61,7 @@ def partition(
     fh, name = open_input(index_file, "index")
     with fh:
         doc = load_json(_read_up_to(fh, INDEX_CAP + 1), f"index {name}", INDEX_CAP)
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("isep-index/"):
-        raise BadInput(f"{name} is not an isep index (make one with isep-index)")
+    check_index(doc, f"index {name}")
     _drop_unused_fields(doc)
     base_ref, lib_ref = resolve_refs(base, lib, doc["images"])
     plan = make_plan(doc, base_ref, lib_ref, compression=compress.value,

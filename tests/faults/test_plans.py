@@ -159,3 +159,32 @@ def test_reused_part_not_as_recorded_is_refused(damage, stores, samples, tmp_pat
     assert base.name in r.error
     assert bundle_doc(store) == before
     assert not (store / part_files(stores["docker-oci"])["app"].replace("app1", "app2")).exists()
+
+
+# --- indexes given to isep-partition ---------------------------------------------------------------
+
+INDEX_EDITS = {  # name -> (edit, words the error must contain)
+    "no-source": (lambda d: d.pop("source"), "index.source"),
+    "images-not-list": (lambda d: d.update(images="x"), "index.images"),
+    "members-not-list": (lambda d: d.update(members={}), "index.members"),
+    "member-seq-string": (lambda d: d["members"][0].update(seq="0"), "index.members[0].seq"),
+    "member-without-name": (lambda d: d["members"][1].pop("name"), "index.members[1].name"),
+    "layer-member-missing": (lambda d: d["images"][0]["layers"][0].update(member="nowhere"),
+                             "index.images[0].layers[0].member"),
+    "layer-diff-id-other": (lambda d: d["images"][0]["layers"][0].update(diff_id="sha256:" + "0" * 64),
+                            "layers[0].diff_id"),
+    "config-member-missing": (lambda d: d["images"][0]["config"].update(member="nowhere"), "config.member"),
+    "diff-ids-not-digests": (lambda d: d["images"][0]["diff_ids"].__setitem__(0, 7), "diff_ids[0]"),
+    "format-unknown": (lambda d: d.update(format="zip"), "index.format"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_EDITS))
+def test_edited_index_is_refused_by_partition(case, samples, sb):
+    s = samples["docker-oci"]
+    doc = json.loads(run("index", s["app1"]).stdout)
+    edit, words = INDEX_EDITS[case]
+    edit(doc)
+    r = run("partition", "--base", s["inspect-base"], stdin=json.dumps(doc).encode(), expect=4, sandbox=sb)
+    assert words in r.error, r.error
+    assert r.stdout == b""

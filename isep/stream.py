@@ -234,6 +234,7 @@ def keep_received(store: Store, received: Bundle) -> list[str]:
 
 
 def _write_kept_manifest(store: Store, received: Bundle, current: dict | None) -> None:
+    data: bytes | bytearray
     if current is None:
         data = received.manifest_bytes
         if received.signature is not None:  # still valid: the manifest is kept byte for byte

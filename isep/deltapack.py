@@ -1,0 +1,262 @@
+"""Thin parts, the sending side: `isep-pack --delta-from STORE`.
+
+DeltaTarget wraps the pack's real output (a store directory or a bundle stream). Parts are packed as
+always, into temporary files; when the pack finishes, each part is read back once and every layer
+member becomes, in this order:
+
+- referenced: STORE's parts carry its bytes (same sha256 and size): nothing of it is shipped;
+- a delta: compressed against the best-ranked layer of STORE (isep.delta.rank_references), when the
+  delta is smaller than the layer's plain estimate; the delta is a member `isep-delta/<seq>` of the
+  thin part;
+- plain: verbatim in the part, as without --delta-from (no reference, or the delta does not win).
+
+A part in which nothing changed is shipped as packed. The manifest entry of a thin part keeps every
+member's record, with the original tar header and a `from` object for each member not carried
+(isep.deltajoin reads them), and `needs`: the store layers its deltas and references read. A bundle
+stream announces those needs (`isep-needs.json`) before the first thin part's bytes.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import tempfile
+from typing import IO, BinaryIO, Iterable
+
+from .bundle import Bundle, os_error
+from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, LayerInfo, check_memory_option, decode_layer, encode_layer,
+                    rank_references)
+from .deltajoin import StoreLayers, delta_member_name, part_needs
+from .errors import IntegrityError, UsageError
+from .names import split_tag
+from .parts import DecompressingReader, PartWriter, rewound_chunks
+from .targets import OutputTarget
+from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+
+MIN_DELTA = 64 << 10      # smaller layers ship plain: a delta's frame and record cost more than they save
+DELTA_MARGIN = 512        # a delta must beat the plain estimate by its member header at least
+SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, option: str = "--delta-memory") -> int:
+    """A byte count: 1073741824, 512M, 1G, 1GiB."""
+    m = SIZE.match(text)
+    if not m:
+        raise UsageError(f"{option} takes a size such as 512M or 2G (got {text!r})")
+    return check_memory_option(int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper())))
+
+
+class _Spool:
+    """A part packed into an unnamed temporary file, read back when the pack finishes."""
+
+    def __init__(self, directory: str | None):
+        try:
+            self.raw: IO[bytes] = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-delta-")
+        except OSError as exc:
+            raise os_error(exc, "cannot create a temporary file") from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            raise os_error(exc, "cannot write a temporary file") from None
+
+    def close(self) -> None:
+        pass
+
+
+def store_candidates(doc: dict) -> list[LayerInfo]:
+    """The uncompressed layers a store's parts carry, as delta reference candidates."""
+    layer_ids = {d for im in doc.get("images") or [] for d in im.get("diff_ids") or []}
+    layer_ids |= {d for p in doc.get("parts") or [] for d in p.get("layers") or []}
+    where = _positions(doc.get("images") or [])
+    out = []
+    for entry in doc.get("parts") or []:
+        for rec in entry.get("members") or []:
+            digest = rec.get("sha256")
+            if rec.get("type") == "file" and digest in layer_ids and "from" not in rec \
+                    and not rec.get("compression"):
+                repo, position = where.get(digest, ("", -1))
+                out.append(LayerInfo(digest, rec.get("size") or 0, repo, position, entry.get("role") or "app",
+                                     name=rec.get("name") or ""))
+    return out
+
+
+def _positions(images: list[dict]) -> dict[str, tuple[str, int]]:
+    """diffID -> (repository of the first image that has it, its position there)."""
+    out: dict[str, tuple[str, int]] = {}
+    for im in images:
+        repo = split_tag(im["tags"][0])[0] if im.get("tags") else ""
+        for i, d in enumerate(im.get("diff_ids") or []):
+            out.setdefault(d, (repo, i))
+    return out
+
+
+class DeltaTarget:
+    """An OutputTarget that packs into temporary files and ships thin parts through `inner`."""
+
+    def __init__(self, inner: OutputTarget, reference: Bundle, *, level: int | None = None,
+                 memory: int = DEFAULT_MEMORY, delta_level: int = DEFAULT_LEVEL):
+        self.inner = inner
+        self.layers = StoreLayers([reference])
+        self.candidates = store_candidates(reference.doc)
+        self.level = level
+        self.memory = memory
+        self.delta_level = delta_level
+        self._spools: dict[str, _Spool] = {}
+        self.shipped: list[dict] = []   # per layer: how it crossed (for the summary)
+
+    @property
+    def existing(self) -> dict | None:
+        return self.inner.existing
+
+    @property
+    def spool_dir(self) -> str | None:
+        return self.inner.spool_dir
+
+    def open(self, file_name: str) -> _Spool:
+        spool = _Spool(self.inner.spool_dir)
+        self._spools[file_name] = spool
+        return spool
+
+    def open_section(self) -> _Spool:
+        return _Spool(self.inner.spool_dir)
+
+    def reopen(self, out: _Spool) -> BinaryIO:
+        out.raw.seek(0)
+        return out.raw  # type: ignore[return-value]  # a TemporaryFile is a binary file
+
+    def name(self, out: _Spool, file_name: str | None) -> None:
+        if file_name is not None:
+            self._spools[file_name] = out
+
+    def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
+        positions = _positions(images)
+        layer_ids = set(positions) | {d for p in parts for d in p.get("layers") or []}
+        shipped = []
+        for part in parts:
+            entry, spool = self._thin_part(part, self._spools[part["file"]], layer_ids, positions)
+            shipped.append((entry, spool))
+        needs = [n for entry, _ in shipped for n in entry.get("needs") or []]
+        announce = getattr(self.inner, "announce_needs", None)
+        if needs and announce is not None:
+            announce(needs)
+        for entry, spool in shipped:
+            sink = self.inner.open(entry["file"])
+            for data in rewound_chunks(spool.raw, CHUNK):
+                sink.write(data)
+            sink.close()
+            spool.raw.close()
+        thin = any(entry.get("needs") for entry, _ in shipped)
+        # isula-build cannot read a thin part: its manifest is not written for one
+        return self.inner.finish([entry for entry, _ in shipped], images, None if thin else isula)
+
+    def abort(self) -> None:
+        for spool in self._spools.values():
+            spool.raw.close()
+        self.inner.abort()
+
+    def _thin_part(self, part: dict, spool: _Spool, layer_ids: set[str],
+                   positions: dict[str, tuple[str, int]]) -> tuple[dict, _Spool]:
+        """(entry, file) of a part with its layers referenced or delta-compressed where that wins;
+        the part as packed when nothing changed."""
+        thin_spool = _Spool(self.inner.spool_dir)
+        writer = PartWriter(part["file"], thin_spool, part["compression"], self.level)
+        members: list[dict] = []
+        source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
+                        name=part["file"], prefetch=False)
+        spool.raw.seek(0)
+        try:
+            reader = iter(TarReader(source))
+            for rec in part["members"]:
+                member = next(reader, None)
+                if member is None or member.name != rec["name"]:
+                    raise IntegrityError(f"{part['file']}: packed part does not read back as written")
+                is_layer = (rec.get("diff_id") or rec.get("sha256")) in layer_ids and rec.get("type") == "file"
+                if is_layer and self._route_layer(
+                        part, rec, member, writer, members, positions):
+                    continue
+                for data in member.raw_chunks():
+                    writer.write(data)
+                members.append(rec)
+        finally:
+            source.close()
+        info = writer.finish()
+        if not any("from" in rec for rec in members):
+            thin_spool.raw.close()
+            return part, spool
+        spool.raw.close()
+        entry = {**part, "size": info["size"], "sha256": info["sha256"], "xxh3": info["xxh3"],
+                 "raw_size": info["raw_size"], "members": members}
+        entry["needs"] = part_needs(entry)
+        return entry, thin_spool
+
+    def _route_layer(self, part: dict, rec: dict, member: Member, writer: PartWriter, members: list[dict],
+                     positions: dict[str, tuple[str, int]]) -> bool:
+        """Reference or delta-compress one layer member; False: it is to be copied as it is."""
+        header = base64.b64encode(member.header).decode()
+        hit = self.layers.by_digest.get(rec.get("sha256") or "")
+        if hit is not None and hit[2].get("size") == rec["size"]:
+            member.skip()
+            members.append({**rec, "header": header, **_padding(member),
+                            "from": {"kind": "reference", "reference": _describe(hit)}})
+            self._note(part, rec, "reference", 0, hit[1]["file"])
+            return True
+        if rec.get("compression") or rec["size"] < MIN_DELTA:
+            self._note(part, rec, "plain", rec["size"], "")
+            return False
+        repo, position = positions.get(rec["sha256"], ("", -1))
+        target = LayerInfo(rec["sha256"], rec["size"], repo, position, part["role"], name=rec["name"])
+        ranked = rank_references(target, self.candidates)
+        if not ranked:
+            self._note(part, rec, "plain", rec["size"], "")
+            return False
+        need = _describe(self.layers.by_digest[ranked[0].diff_id])
+        self._encode(part, rec, member, writer, members, need, header)
+        return True
+
+    def _encode(self, part: dict, rec: dict, member: Member, writer: PartWriter, members: list[dict],
+                need: dict, header: str) -> None:
+        what = f"layer {rec['sha256']} ({rec['name']})"
+        reference = self.layers.reference(need, what)
+        with tempfile.TemporaryFile(dir=self.inner.spool_dir, prefix=".isep-tmp-delta-") as delta:
+            record = encode_layer(member.iter_data(), member.size, reference, delta.write,
+                                  level=self.delta_level, memory=self.memory)
+            if record.target_diff_id != rec["sha256"]:
+                raise IntegrityError(f"{what}: read back with sha256 {record.target_diff_id}")
+            if record.method != "plain" and record.size + DELTA_MARGIN < record.plain_estimate:
+                name = delta_member_name(rec["seq"])
+                writer.write(build_header(name, record.size, mode=0o644))
+                for data in rewound_chunks(delta, CHUNK):
+                    writer.write(data)
+                writer.write(bytes(padded(record.size) - record.size))
+                members.append({**rec, "header": header, **_padding(member), "from": {
+                    "kind": "delta", "member": name, "record": record.to_json(), "reference": need}})
+                self._note(part, rec, "delta", record.size, need["part"], record.note)
+                return
+            # the delta does not win: the layer, rebuilt from it, goes in plain
+            writer.write(member.header)
+            _write_all(writer, decode_layer(record, rewound_chunks(delta, CHUNK), reference,
+                                            memory=self.memory, what=what))
+            writer.write(member.padding)
+            members.append(rec)
+            self._note(part, rec, "plain", rec["size"], "", record.note or "the delta is not smaller")
+
+    def _note(self, part: dict, rec: dict, ship: str, size: int, reference: str, note: str = "") -> None:
+        self.shipped.append({"part": part["file"], "layer": rec.get("sha256"), "size": rec["size"],
+                             "ship": ship, "bytes": size, "reference": reference, "note": note})
+
+
+def _write_all(writer: PartWriter, pieces: Iterable) -> None:
+    for piece in pieces:
+        writer.write(piece)
+
+
+def _describe(hit: tuple[Bundle, dict, dict]) -> dict:
+    _, entry, rec = hit
+    return {"part": entry["file"], "part_sha256": entry.get("sha256"), "member": rec["name"],
+            "diff_id": rec["sha256"], "size": rec["size"], "xxh3": rec.get("xxh3") or ""}
+
+
+def _padding(member: Member) -> dict:
+    """A member's padding, recorded only when it is not zeros (a tar writer's leftovers)."""
+    return {"padding": base64.b64encode(member.padding).decode()} if any(member.padding) else {}

@@ -203,12 +203,12 @@ def _rebuild_into(part: PartInput, layers: StoreLayers, writer: PartWriter, memo
         extra = next(members, None)
         if extra is not None:
             raise IntegrityError(f"{part.label}: holds {extra.name!r}, which its manifest does not list")
+        _check_part_file(part, hashing)
     except BadInput as exc:  # damage inside a received part
         raise IntegrityError(str(exc)) from None
     finally:
         source.close()
         fh.close()
-    _check_part_file(part, hashing)
 
 
 def _write_from(rec: dict, origin: dict, members: Iterator[Member], layers: StoreLayers, writer: PartWriter,

@@ -22,7 +22,7 @@ import re
 import tempfile
 from typing import IO, BinaryIO, Iterable
 
-from .bundle import Bundle, os_error
+from .bundle import Bundle, open_bundle, os_error
 from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, LayerInfo, check_memory_option, decode_layer, encode_layer,
                     rank_references)
 from .deltajoin import StoreLayers, delta_member_name, part_needs
@@ -43,6 +43,14 @@ def parse_size(text: str, option: str = "--delta-memory") -> int:
     if not m:
         raise UsageError(f"{option} takes a size such as 512M or 2G (got {text!r})")
     return check_memory_option(int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper())))
+
+
+def open_reference_store(path: str) -> Bundle:
+    """The store --delta-from names: an isep store (an isula-build bundle has no member records)."""
+    bundle = open_bundle(path)
+    if bundle.kind != "isep":
+        raise UsageError(f"--delta-from {path}: an isula-build bundle; name an isep store")
+    return bundle
 
 
 class _Spool:

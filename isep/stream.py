@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
 from .bundle import MANIFEST_CAP, Bundle, Store, encode_manifest, merge_manifest, os_error, parse_manifest
@@ -24,6 +24,7 @@ from .tarwrite import build_header
 
 STREAM_SCHEMA = "isep-stream/1"
 STREAM_HEAD = "isep-stream.json"
+STREAM_NEEDS = "isep-needs.json"  # the store layers thin parts read, sent before their bytes
 STREAM_CHUNK = 4 << 20
 
 
@@ -103,6 +104,10 @@ class StreamTarget:
     def open(self, file_name: str) -> _StreamPart:
         return _StreamPart(self, file_name)
 
+    def announce_needs(self, needs: list[dict]) -> None:
+        """Tell the receiver which layers of its store the thin parts that follow read."""
+        self._emit(STREAM_NEEDS, json.dumps(needs).encode())
+
     def open_section(self) -> _TempOut:
         return _TempOut(None)
 
@@ -135,9 +140,11 @@ class StreamTarget:
 
 # --- reading a bundle stream ---------------------------------------------------------------------------
 
-def receive_stream(source: Source, temp_dir: str) -> Bundle:
+def receive_stream(source: Source, temp_dir: str,
+                   on_needs: Callable[[object], None] | None = None) -> Bundle:
     """Read a bundle stream (isep-pack -o -) into part files under temp_dir; its manifest comes last
-    and is checked against what arrived before anything is joined."""
+    and is checked against what arrived before anything is joined. on_needs sees the announced
+    store layers the stream's thin parts read, as soon as they arrive (it may refuse them)."""
     manifest_bytes, signature = b"", None
     files: dict[str, tuple[BinaryIO | None, int]] = {}
     doc = head = None
@@ -169,6 +176,10 @@ def receive_stream(source: Source, temp_dir: str) -> Bundle:
             signature = member.read_all(MAX_SIGNATURE)
         elif name == ISULA_MANIFEST:
             member.skip()
+        elif name == STREAM_NEEDS:
+            needs = load_json(member.read_all(JSON_CAP), "bundle stream's needs")
+            if on_needs is not None:
+                on_needs(needs)
         else:
             raise BadInput(f"bundle stream: unexpected member {name!r}")
     if doc is None:

@@ -11,6 +11,7 @@ import typer
 from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import Store
+from ..deltapack import DeltaTarget, open_reference_store, parse_size
 from ..errors import EnvironmentFailure, UsageError
 from ..isula import pack_isula, pack_isula_stream
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
@@ -95,6 +96,8 @@ def pack(
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
     sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
+    delta_from: Optional[str] = typer.Option(None, "--delta-from", metavar="STORE", help="Ship only what the receiver's STORE (a copy of the device's store) lacks: a layer a part in STORE carries is referenced, not shipped; another layer is shipped as a zstd delta against the most similar layer of STORE when that is smaller, else plain. The bundle has the schema isep-bundle/2, which older isep versions refuse."),
+    delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use (reference slice plus window); larger layers are cut into segments, and the receiver needs as much (isep-join --delta-memory)."),
     layout: Layout = typer.Option(Layout.isep, "--format", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
 ) -> None:
     if (plan_file is None) == (base is None):
@@ -113,7 +116,13 @@ def pack(
             raise UsageError(f"the plan names parts for --compress {plan['compression']}")
     if sign is not None and not os.path.isfile(sign):
         raise EnvironmentFailure(f"cannot read signing key {sign}: no such file")
+    if delta_from is not None and layout == Layout.isula:
+        raise UsageError("--delta-from makes isep parts: isula-build cannot load them (leave out --format isula)")
+    reference = open_reference_store(delta_from) if delta_from is not None else None
+    memory = parse_size(delta_memory)
     target = _open_target(output, sign)
+    if reference is not None:
+        target = DeltaTarget(target, reference, level=level, memory=memory)
     try:
         with ui.bar(input_size(archive), "pack") as tick:
             options.progress = tick
@@ -122,6 +131,8 @@ def pack(
         target.abort()
         raise
     _summary(ui, result)
+    if isinstance(target, DeltaTarget):
+        _delta_summary(ui, target.shipped)
 
 
 def _open_target(output: str, sign: Optional[str]):
@@ -152,14 +163,23 @@ def _plan_of_file(fh, name: str, base: str, lib: Optional[str], options: PackOpt
 
 
 def _summary(ui: Ui, result) -> None:
-    written = result.written
-    raw = sum(p["raw_size"] for p in written)
+    final = {p["file"]: p for p in result.manifest["parts"]}  # delta parts (--delta-from) as shipped
+    written = [final.get(p["file"], p) for p in result.written]
+    raw = sum(p["raw_size"] for p in result.written)
     size = sum(p["size"] for p in written)
     secs = max(ui.elapsed(), 1e-6)
     ratio = f", {raw / size:.2f}x" if size else ""
     reused = f", reused {', '.join(result.reused)}" if result.reused else ""
     ui.info(f"{len(written)} part(s), {raw:,} -> {size:,} bytes{ratio}{reused}; "
             f"{result.source_bytes / secs / 1e6:.0f} MB/s in {secs:.1f} s")
+
+
+def _delta_summary(ui: Ui, shipped: list) -> None:
+    counts = {kind: [s for s in shipped if s["ship"] == kind] for kind in ("reference", "delta", "plain")}
+    raw = sum(s["size"] for s in shipped)
+    ui.info(f"--delta-from: {len(shipped)} layer(s) of {raw:,} bytes: {len(counts['reference'])} referenced, "
+            f"{len(counts['delta'])} as deltas of {sum(s['bytes'] for s in counts['delta']):,} bytes, "
+            f"{len(counts['plain'])} plain")
 
 
 def main() -> None:

@@ -57,13 +57,15 @@ def carried_listing(entry: dict) -> list[dict]:
 
 
 def part_needs(entry: dict) -> list[dict]:
-    """Every store member a thin part reads: (part, part_sha256, member, diff_id, size), once each."""
+    """Every store member a thin part reads (part, part_sha256, member, diff_id, size, and the layer
+    it is `for`), once each."""
     seen, out = set(), []
     for rec in entry.get("members") or []:
         ref = (rec.get("from") or {}).get("reference")
         if isinstance(ref, dict) and ref.get("diff_id") not in seen:
             seen.add(ref.get("diff_id"))
-            out.append({k: ref.get(k) for k in ("part", "part_sha256", "member", "diff_id", "size")})
+            out.append({**{k: ref.get(k) for k in ("part", "part_sha256", "member", "diff_id", "size")},
+                        "for": rec.get("sha256")})
     return out
 
 
@@ -108,6 +110,8 @@ class StoreLayers:
 
 
 def needs_error(what: str, need: dict) -> IntegrityError:
+    if need.get("for") and what.startswith("the bundle stream"):
+        what = f"layer {need['for']} of {what}"
     return IntegrityError(f"{what} needs layer {need.get('diff_id')} ({need.get('size')} bytes) from part "
                           f"{need.get('part')} (sha256 {str(need.get('part_sha256'))[7:19]}…), which the "
                           f"store does not hold")

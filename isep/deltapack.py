@@ -33,7 +33,9 @@ from .targets import OutputTarget
 from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
 
 MIN_DELTA = 64 << 10      # smaller layers ship plain: a delta's frame and record cost more than they save
-DELTA_MARGIN = 512        # a delta must beat the plain estimate by its member header at least
+# A delta must beat the plain estimate (a 1-in-8 sample) by a sixteenth: within its noise a delta is
+# not clearly smaller, and it would tie the release to a reference for nothing.
+WIN_FRACTION = 16
 SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 
@@ -231,7 +233,7 @@ class DeltaTarget:
                                   level=self.delta_level, memory=self.memory)
             if record.target_diff_id != rec["sha256"]:
                 raise IntegrityError(f"{what}: read back with sha256 {record.target_diff_id}")
-            if record.method != "plain" and record.size + DELTA_MARGIN < record.plain_estimate:
+            if record.method != "plain" and record.size < record.plain_estimate - record.plain_estimate // WIN_FRACTION:
                 name = delta_member_name(rec["seq"])
                 writer.write(build_header(name, record.size, mode=0o644))
                 for data in rewound_chunks(delta, CHUNK):

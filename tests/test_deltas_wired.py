@@ -1,0 +1,198 @@
+"""isep-pack --delta-from, and thin parts joined and verified: synthetic release series
+(tests/release_samples.py) through the real commands, every join compared byte for byte."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from isep.deltapack import parse_size
+from isep.errors import UsageError
+from isep.tarstream import Source, TarReader
+from tests.harness import copy_store, is_complete_archive, isep
+from tests.release_samples import write_releases
+
+
+@pytest.fixture(scope="module")
+def rel(tmp_path_factory):
+    """The release series, and `build`: the build host's store after release 1 (plain, all parts)."""
+    root = tmp_path_factory.mktemp("releases")
+    made = write_releases(root / "saves")
+    isep("pack", made["r1"], "--base", made["base1"], "-o", root / "build", check=0)
+    return {**made, "build": root / "build", "root": root}
+
+
+def _delta_stream(rel, release: str, *extra, base: str = "base1", store: str = "build") -> bytes:
+    res = isep("pack", rel[release], "--base", rel[base], "-o", "-", "--delta-from", rel[store], *extra, check=0)
+    return res.stdout
+
+
+def _manifest_of(stream: bytes) -> dict:
+    for member in TarReader(Source(io.BytesIO(stream), prefetch=False)):
+        if member.name == "isep-bundle.json":
+            return json.loads(member.read_all(1 << 24))
+        member.skip()
+    raise AssertionError("no manifest in the stream")
+
+
+def _origins(doc: dict) -> dict[str, str]:
+    """layer diffID -> how it is shipped (reference, delta; plain when carried)."""
+    layers = {d for im in doc["images"] for d in im["diff_ids"]}
+    out = {}
+    for part in doc["parts"]:
+        for rec in part["members"]:
+            if rec.get("sha256") in layers and rec["type"] == "file":
+                out[rec["sha256"]] = (rec.get("from") or {}).get("kind", "plain")
+    return out
+
+
+def test_code_only_change_ships_a_small_delta_and_joins_byte_exact(rel, tmp_path):
+    thin = _delta_stream(rel, "r2", "--parts", "app")
+    plain = isep("pack", rel["r2"], "--base", rel["base1"], "-o", "-", "--parts", "app", check=0).stdout
+    assert len(thin) * 10 < len(plain), (len(thin), len(plain))
+    doc = _manifest_of(thin)
+    assert doc["schema"] == "isep-bundle/2"
+    assert sorted(_origins(doc).values()) == ["delta", "reference"]  # deps referenced, code a delta
+    device = copy_store(rel["build"], tmp_path / "device")
+    res = isep("join", device, "-", stdin=thin, check=0)
+    assert res.stdout == rel["r2"].read_bytes()
+
+
+def test_stream_announces_needs_before_the_thin_part(rel):
+    names = [m.name for m in TarReader(Source(io.BytesIO(_delta_stream(rel, "r3", "--parts", "app")),
+                                              prefetch=False))]
+    assert names[0] == "isep-stream.json" and names[1] == "isep-needs.json"
+    assert names[2].startswith("parts/") and names[-1] == "isep-bundle.json"
+
+
+def test_changed_dependency_layer_in_a_store_directory(rel, tmp_path):
+    """-o DIR: the thin part sits in the store beside its references; isep-join STORE applies it."""
+    store = copy_store(rel["build"], tmp_path / "store")
+    isep("pack", rel["r3"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
+    doc = json.loads((store / "isep-bundle.json").read_text())
+    assert doc["schema"] == "isep-bundle/2"
+    thin = next(p for p in doc["parts"] if p["file"] == "app_3_app_image.tar.zst")
+    assert sorted(_origins({"parts": [thin], "images": doc["images"]}).values()) == ["delta", "delta"]
+    assert thin["needs"] and all(n["part"] == "app_1_app_image.tar.zst" for n in thin["needs"])
+    assert isep("join", store, "isep-delta/app:3", check=0).stdout == rel["r3"].read_bytes()
+    assert isep("join", store, "isep-delta/app:1", check=0).stdout == rel["r1"].read_bytes()
+    report = isep("verify", store, check=0).json
+    assert any(c["check"] == "needs" and c["status"] == "ok" for c in report["checks"])
+    assert not [n for n in store.iterdir() if n.name.startswith(".isep-tmp-")]
+
+
+def test_base_update_under_an_unchanged_app(rel, tmp_path):
+    """Release 4 changes only the base: the app's layers are referenced, the base is a delta."""
+    build = copy_store(rel["build"], tmp_path / "build")
+    isep("pack", rel["r3"], "--base", rel["base1"], "-o", build, check=0)
+    device = copy_store(build, tmp_path / "device")
+    stream = _delta_stream({**rel, "build": build}, "r4", base="base2")
+    kinds = _origins(_manifest_of(stream))
+    assert sorted(kinds.values()) == ["delta", "reference", "reference"], kinds
+    assert len(stream) < 100_000
+    assert isep("join", device, "-", stdin=stream, check=0).stdout == rel["r4"].read_bytes()
+
+
+def test_multi_image_save(rel, tmp_path):
+    """Two app images in one save: each joins as it does from the plain bundle."""
+    thin = _delta_stream(rel, "r2+r3", "--parts", "app")
+    plain = isep("pack", rel["r2+r3"], "--base", rel["base1"], "-o", "-", "--parts", "app", check=0).stdout
+    assert len(thin) * 5 < len(plain)
+    device = copy_store(rel["build"], tmp_path / "device")
+    for image in ("isep-delta/app:2", "isep-delta/app:3"):
+        got = isep("join", device, "-", "--image", image, stdin=thin, check=0).stdout
+        want = isep("join", device, "-", "--image", image, stdin=plain, check=0).stdout
+        assert got == want and is_complete_archive(got)
+
+
+def test_missing_reference_is_refused_before_any_output(rel, tmp_path):
+    other = tmp_path / "other"
+    isep("pack", rel["r4"], "--base", rel["base2"], "-o", other, check=0)  # none of release 1's layers
+    stream = _delta_stream(rel, "r3", "--parts", "app")
+    res = isep("join", other, "-", stdin=stream, check=5)
+    assert "needs layer" in res.error and "app_1_app_image.tar.zst" in res.error
+    assert res.stdout == b""
+    assert not [n for n in other.iterdir() if n.name.startswith(".isep-tmp-")]
+
+
+def test_different_reference_is_refused(rel, tmp_path):
+    """The store's part under the reference's name holds other bytes: exit 5, nothing that loads."""
+    device = copy_store(rel["build"], tmp_path / "device")
+    other = tmp_path / "other"
+    isep("pack", rel["r4"], "--base", rel["base2"], "-o", other, check=0)
+    shutil.copy(other / "app_4_app_image.tar.zst", device / "app_1_app_image.tar.zst")
+    res = isep("join", device, "-", stdin=_delta_stream(rel, "r3", "--parts", "app"), check=5)
+    assert not is_complete_archive(res.stdout)
+
+
+def test_damaged_delta_is_refused(rel, tmp_path):
+    store = copy_store(rel["build"], tmp_path / "store")
+    isep("pack", rel["r2"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
+    doc = json.loads((store / "isep-bundle.json").read_text())
+    thin = next(p for p in doc["parts"] if p["file"] == "app_2_app_image.tar.zst")
+    delta = next(r for r in thin["members"] if (r.get("from") or {}).get("kind") == "delta")
+    delta["from"]["record"]["target_diff_id"] = "sha256:" + "0" * 64
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    res = isep("join", store, "isep-delta/app:2", check=5)
+    assert not is_complete_archive(res.stdout)
+
+
+def test_verify_names_missing_references(rel, tmp_path):
+    """A thin part copied without its store: isep-verify fails naming the part it needs."""
+    upd = tmp_path / "upd"
+    isep("pack", rel["r3"], "--base", rel["base1"], "-o", upd, "--parts", "app", "--delta-from", rel["build"],
+         check=0)
+    res = isep("verify", upd, check=5)
+    needs = [c for c in res.failed_checks() if c["check"] == "needs"]
+    assert needs and "app_1_app_image.tar.zst" in needs[0]["detail"]
+    stream = isep("verify", "-", stdin=_delta_stream(rel, "r3", "--parts", "app"), check=0).json
+    assert any(c["check"] == "needs" and "receiver's store" in c["detail"] for c in stream["checks"])
+
+
+def test_plain_when_the_delta_does_not_win_keeps_schema_1(rel, tmp_path):
+    """A store holding only an unrelated base: no reference helps, the parts ship as without --delta-from."""
+    base_only = tmp_path / "base-only"
+    isep("pack", rel["r4"], "--base", rel["base2"], "-o", base_only, "--parts", "base", check=0)
+    stream = _delta_stream({**rel, "build": base_only}, "r2", "--parts", "app")
+    doc = _manifest_of(stream)
+    assert doc["schema"] == "isep-bundle/1" and set(_origins(doc).values()) == {"plain"}
+    device = copy_store(rel["build"], tmp_path / "device")
+    assert isep("join", device, "-", stdin=stream, check=0).stdout == rel["r2"].read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (OpenSSH) is not installed")
+def test_signed_delta_stream(rel, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f", str(tmp_path / "key")],
+                   check=True)
+    pub = " ".join((tmp_path / "key.pub").read_text().split()[:2])
+    (tmp_path / "allowed").write_text(f"ci@example.org {pub}\n")
+    build = tmp_path / "build"
+    isep("pack", rel["r1"], "--base", rel["base1"], "-o", build, "--sign", tmp_path / "key", check=0)
+    device = copy_store(build, tmp_path / "device")
+    stream = _delta_stream({**rel, "build": build}, "r2", "--parts", "app", "--sign", tmp_path / "key")
+    res = isep("join", device, "-", "--trust", tmp_path / "allowed", stdin=stream, check=0)
+    assert res.stdout == rel["r2"].read_bytes()
+    forged = stream.replace(b'"kind": "delta"', b'"kind": "delt4"')
+    assert forged != stream
+    assert not is_complete_archive(isep("join", device, "-", "--trust", tmp_path / "allowed", stdin=forged,
+                                        check=5).stdout)
+
+
+def test_delta_memory_option():
+    assert parse_size("1G") == 1 << 30 and parse_size("512MiB") == 512 << 20
+    with pytest.raises(UsageError):
+        parse_size("lots")
+    with pytest.raises(UsageError):
+        parse_size("1M")  # below two minimal segments
+
+
+def test_bad_delta_options_are_usage_errors(rel, tmp_path):
+    res = isep("pack", rel["r2"], "--base", rel["base1"], "-o", tmp_path / "x", "--delta-from", rel["build"],
+               "--delta-memory", "huge", check=2)
+    assert "--delta-memory" in res.error and not (tmp_path / "x").exists()
+    isep("pack", rel["r2"], "--base", rel["base1"], "-o", tmp_path / "y", "--delta-from", tmp_path / "nowhere",
+         check=3)
+    assert not (tmp_path / "y").exists()

@@ -23,7 +23,7 @@ import os
 from dataclasses import replace
 from typing import BinaryIO, Iterator, Sequence
 
-from .bundle import Bundle, safe_join
+from .bundle import Bundle, encode_manifest, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, decode_layer
 from .errors import BadInput, IntegrityError
 from .parts import DecompressingReader, PartInput, PartWriter, part_opener
@@ -171,14 +171,14 @@ def _layer_of(entry: dict, need: dict) -> str:
 
 def rebuild_part(part: PartInput, layers: StoreLayers, work_dir: str, memory: int) -> PartInput:
     entry = part.entry or {}
-    path = os.path.join(work_dir, f"rebuilt-{entry['file']}")
+    path = rebuilt_path(work_dir, entry["file"])
     with open(path, "xb") as out:
         writer = PartWriter(entry["file"], out, entry["compression"], STORE_LEVEL
                             if entry["compression"] == "zstd" else None)
         _rebuild_into(part, layers, writer, memory)
         info = writer.finish()
     rebuilt = {**entry, "size": info["size"], "sha256": info["sha256"], "xxh3": info["xxh3"],
-               "raw_size": info["raw_size"]}
+               "raw_size": info["raw_size"], "compression": entry["compression"]}
     return replace(part, opener=part_opener(path), entry=rebuilt, expected_sha256=info["sha256"],
                    expected_size=info["size"])
 
@@ -309,3 +309,33 @@ def _check_part_file(part: PartInput, hashing: _Hashing) -> None:
         raise IntegrityError(f"{part.label}: sha256 differs from its manifest's (corrupt, replaced or from "
                              f"another bundle)")
 
+
+
+def rebuilt_path(work_dir: str, file_name: str) -> str:
+    return os.path.join(work_dir, f"rebuilt-{file_name}")
+
+
+def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> None:
+    """Make a received bundle's thin parts the plain parts rebuilt from them (before they are kept
+    in a store: a release's part is always materialised, so the next release's delta is against a
+    plain part and a chain of releases never makes a join slower than one delta)."""
+    made = {p.entry["file"]: p.entry for p in rebuilt if p.entry is not None}
+    parts = []
+    for entry in received.doc["parts"]:
+        path = rebuilt_path(work_dir, entry["file"])
+        if is_thin(entry) and entry["file"] in made and os.path.exists(path):
+            os.replace(path, os.path.join(received.path, entry["file"]))
+            info = made[entry["file"]]
+            entry = plain_entry(entry, {k: info[k] for k in ("size", "sha256", "xxh3", "raw_size")})
+        parts.append(entry)
+    received.doc["parts"] = parts
+    received.manifest_bytes = encode_manifest(received.doc)
+    received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
+
+
+def plain_entry(entry: dict, info: dict) -> dict:
+    """A thin part's manifest entry as the rebuilt plain part's."""
+    members = [{k: v for k, v in rec.items() if k not in ("from", "header", "padding")} for rec in entry["members"]]
+    out = {**entry, **info, "members": members}
+    out.pop("needs", None)
+    return out

@@ -28,6 +28,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -296,3 +298,77 @@ def _row_key(r: str):
 
 def _col_key(c: str):
     return (_COL_ORDER.index(c) if c in _COL_ORDER else 99, c)
+
+
+# --------------------------------------------------------------- ssh hop
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ssh_server():
+    """A test-only sshd on 127.0.0.1 (keys in WORK), for the ssh hop tests: yields {ssh, dir, port}."""
+    sshd_bin = "/usr/sbin/sshd"
+    for exe in (sshd_bin, shutil.which("ssh"), shutil.which("ssh-keygen")):
+        if not exe or not os.path.exists(exe):
+            pytest.fail(f"openssh missing ({exe}); run: bash tests/engines/engines.sh install")
+    d = WORK / f"sshd-{os.getpid()}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    for k in ("hostkey", "clientkey"):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"isep-test-{k}", "-f", str(d / k)],
+            check=True)
+    shutil.copy(d / "clientkey.pub", d / "authorized_keys")
+    port = _free_port()
+    cfg = d / "sshd_config"
+    cfg.write_text(f"""# test-only sshd of the isep engines tier
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/hostkey
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+X11Forwarding no
+""")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation dir
+    t = run([sshd_bin, "-t", "-f", str(cfg)])
+    if t.returncode != 0:
+        pytest.fail(f"sshd -t: {tail(t.stderr)}")
+    log = open(d / "sshd.log", "wb")
+    p = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if p.poll() is not None:
+                pytest.fail(f"sshd exited rc={p.returncode}: {tail((d / 'sshd.log').read_bytes())}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("sshd did not listen")
+        ssh = ["ssh", "-p", str(port), "-i", str(d / "clientkey"), "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+               "root@127.0.0.1"]
+        r = run(ssh + ["true"], timeout=60)
+        if r.returncode != 0:
+            pytest.fail(f"ssh to the test sshd failed: {tail(r.stderr)}; {tail((d / 'sshd.log').read_bytes())}")
+        yield {"ssh": ssh, "dir": d, "port": port}
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)

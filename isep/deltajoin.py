@@ -316,9 +316,10 @@ def rebuilt_path(work_dir: str, file_name: str) -> str:
 
 
 def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> None:
-    """Make a received bundle's thin parts the plain parts rebuilt from them, after the join and
-    before they are kept in a store (the join reads them where they were rebuilt): a release's part is always materialised, so the next release's delta is against a
-    plain part and a chain of releases never makes a join slower than one delta)."""
+    """Make a received bundle's thin parts the plain parts rebuilt from them, after the join (which
+    reads them where they were rebuilt) and before they are kept in a store: a release's part is
+    always materialised, so the next release's delta is against a plain part and a chain of
+    releases never makes a join slower than one delta."""
     made = {p.entry["file"]: p.entry for p in rebuilt if p.entry is not None}
     parts = []
     for entry in received.doc["parts"]:

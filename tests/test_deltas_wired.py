@@ -2,6 +2,7 @@
 (tests/release_samples.py) through the real commands, every join compared byte for byte."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 from isep.deltapack import parse_size
 from isep.errors import UsageError
-from isep.tarstream import Source, TarReader
+from isep.tarstream import Source, TarReader, build_header
 from tests.harness import copy_store, is_complete_archive, isep
 from tests.release_samples import write_releases
 
@@ -196,3 +197,43 @@ def test_bad_delta_options_are_usage_errors(rel, tmp_path):
     isep("pack", rel["r2"], "--base", rel["base1"], "-o", tmp_path / "y", "--delta-from", tmp_path / "nowhere",
          check=3)
     assert not (tmp_path / "y").exists()
+
+
+def _mutations():
+    def header(rec):
+        rec["header"] = "!!not base64!!"
+
+    def header_name(rec):
+        rec["header"] = base64.b64encode(build_header("../../evil", rec["size"])).decode()
+
+    def kind(rec):
+        rec["from"]["kind"] = "magic"
+
+    def window(rec):
+        rec["from"]["record"]["segments"][0]["window_log"] = 31
+
+    def reference_size(rec):
+        rec["from"]["reference"]["size"] += 1
+
+    def member(rec):
+        rec["from"]["member"] = "isep-delta/999"
+
+    def padding(rec):
+        rec["padding"] = "AAAA"
+
+    return {f.__name__: f for f in (header, header_name, kind, window, reference_size, member, padding)}
+
+
+@pytest.mark.parametrize("mutation", sorted(_mutations()))
+def test_hostile_thin_manifest_is_refused(rel, tmp_path, mutation):
+    """A thin part's records changed (an unsigned store): refused with one error line, nothing that loads."""
+    store = copy_store(rel["build"], tmp_path / "store")
+    isep("pack", rel["r3"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
+    doc = json.loads((store / "isep-bundle.json").read_text())
+    thin = next(p for p in doc["parts"] if p["file"] == "app_3_app_image.tar.zst")
+    _mutations()[mutation](next(r for r in thin["members"] if (r.get("from") or {}).get("kind") == "delta"))
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    res = isep("join", store, "isep-delta/app:3")
+    assert res.rc in (4, 5), res
+    assert len(res.error_lines) == 1 and not is_complete_archive(res.stdout)
+    assert not [n for n in store.iterdir() if n.name.startswith(".isep-tmp-")]

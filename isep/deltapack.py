@@ -22,9 +22,9 @@ import re
 import tempfile
 from typing import IO, BinaryIO, Iterable
 
-from .bundle import Bundle, open_bundle, os_error
+from .bundle import Bundle, open_bundle, os_error, part_for_layers
 from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, LayerInfo, check_memory_option, decode_layer, encode_layer,
-                    rank_references)
+                    peak_memory, plan_segments, rank_references)
 from .deltajoin import StoreLayers, delta_member_name, part_needs
 from .errors import IntegrityError, UsageError
 from .names import split_tag
@@ -107,6 +107,7 @@ class DeltaTarget:
     def __init__(self, inner: OutputTarget, reference: Bundle, *, level: int | None = None,
                  memory: int = DEFAULT_MEMORY, delta_level: int = DEFAULT_LEVEL):
         self.inner = inner
+        self.reference = reference
         self.layers = StoreLayers([reference])
         self.candidates = store_candidates(reference.doc)
         self.level = level
@@ -144,8 +145,11 @@ class DeltaTarget:
         layer_ids = set(positions) | {d for p in parts for d in p.get("layers") or []}
         shipped = []
         for part in parts:
-            entry, spool = self._thin_part(part, self._spools[part["file"]], layer_ids, positions)
-            shipped.append((entry, spool))
+            spool = self._spools[part["file"]]
+            if part["role"] != "app" and part_for_layers(self.reference.doc, part["role"], part["diff_ids"]):
+                spool.raw.close()  # the receiver holds this very stack: as with --parts app, not shipped
+                continue
+            shipped.append(self._thin_part(part, spool, layer_ids, positions))
         needs = [n for entry, _ in shipped for n in entry.get("needs") or []]
         announce = getattr(self.inner, "announce_needs", None)
         if needs and announce is not None:
@@ -270,3 +274,46 @@ def _describe(hit: tuple[Bundle, dict, dict]) -> dict:
 def _padding(member: Member) -> dict:
     """A member's padding, recorded only when it is not zeros (a tar writer's leftovers)."""
     return {"padding": base64.b64encode(member.padding).decode()} if any(member.padding) else {}
+
+
+# --- what a pack would ship (isep-partition --delta-from) ------------------------------------------
+
+def shipping_plan(plan: dict, reference: Bundle, memory: int = DEFAULT_MEMORY) -> list[dict]:
+    """For each layer member of the plan's parts: how `isep-pack --delta-from` would ship it, without
+    reading any layer: referenced, a delta against the named layer (shipped plain after all when the
+    delta is not smaller), or plain; with the memory a delta needs and the segmentation note."""
+    layers = StoreLayers([reference])
+    candidates = store_candidates(reference.doc)
+    positions = _positions(plan.get("images") or [])
+    by_seq = {m["seq"]: m for m in plan["members"]}
+    out = []
+    for part in plan["parts"]:
+        for seq in part["members"]:
+            rec = by_seq.get(seq) or {}
+            if not rec.get("layer_diff_id") or rec.get("type") != "file":
+                continue
+            row = {"part": part["file"], "layer": rec["layer_diff_id"], "size": rec["size"], "ship": "plain"}
+            hit = layers.by_digest.get(rec.get("sha256") or "")
+            if hit is not None and hit[2].get("size") == rec["size"]:
+                row.update(ship="reference", reference=_describe(hit))
+            elif not rec.get("compression") and rec["size"] >= MIN_DELTA:
+                repo, position = positions.get(rec["layer_diff_id"], ("", -1))
+                ranked = rank_references(LayerInfo(rec["layer_diff_id"], rec["size"], repo, position, part["role"],
+                                                   name=rec["name"]), candidates)
+                if ranked:
+                    segments, note = plan_segments(rec["size"], ranked[0].size, memory)
+                    row.update(ship="delta", reference=_describe(layers.by_digest[ranked[0].diff_id]),
+                               memory=peak_memory(segments), note=note)
+            out.append(row)
+    return out
+
+
+def shipping_lines(rows: list[dict]) -> list[str]:
+    lines = [f"{'layer':<19} {'bytes':>14}  {'ships as':<9} reference"]
+    for row in rows:
+        ref = row.get("reference") or {}
+        where = f"{ref['diff_id'][:19]} in {ref['part']}" if ref else ""
+        extra = f" ({row['memory'] >> 20} MiB{'; ' + row['note'] if row.get('note') else ''})" \
+            if row["ship"] == "delta" else ""
+        lines.append(f"{row['layer'][:19]:<19} {row['size']:>14,}  {row['ship']:<9} {where}{extra}")
+    return lines

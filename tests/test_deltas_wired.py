@@ -237,3 +237,25 @@ def test_hostile_thin_manifest_is_refused(rel, tmp_path, mutation):
     assert res.rc in (4, 5), res
     assert len(res.error_lines) == 1 and not is_complete_archive(res.stdout)
     assert not [n for n in store.iterdir() if n.name.startswith(".isep-tmp-")]
+
+
+def test_partition_shows_what_pack_ships(rel):
+    """isep-partition --delta-from: the plan's `shipping` names what isep-pack --delta-from then does."""
+    index = isep("index", rel["r3"], check=0).stdout
+    res = isep("partition", "--base", rel["base1"], "--delta-from", rel["build"], "--summary", stdin=index, check=0)
+    rows = {r["layer"]: r for r in res.json["shipping"]}
+    assert [r["ship"] for r in res.json["shipping"]] == ["reference", "delta", "delta"]
+    assert all(r["reference"]["part"] for r in rows.values()) and "ships as" in res.stderr
+    doc = _manifest_of(_delta_stream(rel, "r3"))
+    for part in doc["parts"]:
+        for rec in part["members"]:
+            if rec.get("sha256") in rows and rows[rec["sha256"]]["part"] == part["file"]:
+                assert (rec.get("from") or {}).get("kind", "plain") == rows[rec["sha256"]]["ship"]
+
+
+def test_parts_the_receiver_holds_are_not_shipped(rel, tmp_path):
+    """Without --parts, a base part whose stack the reference store holds is left out (as --parts app)."""
+    stream = _delta_stream(rel, "r2")
+    assert [p["role"] for p in _manifest_of(stream)["parts"]] == ["app"]
+    device = copy_store(rel["build"], tmp_path / "device")
+    assert isep("join", device, "-", stdin=stream, check=0).stdout == rel["r2"].read_bytes()

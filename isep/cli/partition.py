@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..archive import load_json
+from ..deltapack import open_reference_store, parse_size, shipping_lines, shipping_plan
 from ..limits import INDEX_CAP, PLAN_CAP
 from ..partition import make_plan, summary_lines
 from ..plancheck import check_index
@@ -56,6 +57,8 @@ def partition(
     lib: Optional[str] = LibOption,
     rename: Optional[str] = RenameOption,
     compress: Compression = CompressOption,
+    delta_from: Optional[str] = typer.Option(None, "--delta-from", metavar="STORE", help="Add `shipping` to the plan: how isep-pack --delta-from STORE would ship each layer (referenced, a delta against the named layer unless that is not smaller, or plain) and the memory a delta needs; the table on stderr gains those rows."),
+    delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="The memory cap the deltas are planned for (as isep-pack --delta-memory)."),
     summary: bool = typer.Option(False, "--summary", help="Print the parts table on stderr even when it is not a terminal."),
 ) -> None:
     fh, name = open_input(index_file, "index")
@@ -66,9 +69,12 @@ def partition(
     base_ref, lib_ref = resolve_refs(base, lib, doc["images"])
     plan = make_plan(doc, base_ref, lib_ref, compression=compress.value,
                      renames=read_renames(rename, compress.value))
+    if delta_from is not None:
+        plan["shipping"] = shipping_plan(plan, open_reference_store(delta_from), parse_size(delta_memory))
     write_json(plan, cap=PLAN_CAP, what="the plan")
     if (summary or sys.stderr.isatty()) and not ui.quiet:
-        for line in summary_lines(plan):
+        lines = summary_lines(plan) + (shipping_lines(plan["shipping"]) if delta_from is not None else [])
+        for line in lines:
             print(line, file=sys.stderr)
     for warning in plan["warnings"]:
         ui.warn(warning)

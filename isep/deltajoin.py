@@ -51,7 +51,7 @@ def carried_listing(entry: dict) -> list[dict]:
             out.append(rec)
         elif origin.get("kind") == "delta":
             record = origin.get("record") or {}
-            out.append({"seq": rec["seq"], "name": origin.get("member"), "type": "file",
+            out.append({"seq": rec["seq"], "name": origin.get("member"), "type": "file", "delta": True,
                         "size": record.get("size"), "sha256": record.get("sha256")})
     return out
 

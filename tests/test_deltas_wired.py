@@ -259,3 +259,18 @@ def test_parts_the_receiver_holds_are_not_shipped(rel, tmp_path):
     assert [p["role"] for p in _manifest_of(stream)["parts"]] == ["app"]
     device = copy_store(rel["build"], tmp_path / "device")
     assert isep("join", device, "-", stdin=stream, check=0).stdout == rel["r2"].read_bytes()
+
+
+def test_verify_deep_decodes_every_delta(rel, tmp_path):
+    store = copy_store(rel["build"], tmp_path / "store")
+    isep("pack", rel["r3"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
+    report = isep("verify", "--deep", store, check=0).json
+    assert any(c["check"] == "needs" and "2 delta(s) decoded" in c["detail"] for c in report["checks"])
+    doc = json.loads((store / "isep-bundle.json").read_text())
+    thin = next(p for p in doc["parts"] if p["file"] == "app_3_app_image.tar.zst")
+    delta = next(r for r in thin["members"] if (r.get("from") or {}).get("kind") == "delta")
+    delta["from"]["record"]["target_diff_id"] = "sha256:" + "1" * 64  # what only decoding reveals
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    isep("verify", store, check=0)
+    failed = isep("verify", "--deep", store, check=5).failed_checks()
+    assert [c["check"] for c in failed] == ["needs"] and "diffID" in failed[0]["detail"]

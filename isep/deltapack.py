@@ -30,7 +30,8 @@ from .errors import IntegrityError, UsageError
 from .names import split_tag
 from .parts import DecompressingReader, PartWriter, rewound_chunks
 from .targets import OutputTarget
-from .tarstream import CHUNK, Member, Source, TarReader, build_header, padded
+from .tarstream import CHUNK, Member, Source, TarReader, padded
+from .tarwrite import build_header
 
 MIN_DELTA = 64 << 10      # smaller layers ship plain: a delta's frame and record cost more than they save
 # A delta must beat the plain estimate (a 1-in-8 sample) by a sixteenth: within its noise a delta is

@@ -12,7 +12,8 @@ import pytest
 
 from isep.deltapack import parse_size
 from isep.errors import UsageError
-from isep.tarstream import Source, TarReader, build_header
+from isep.tarstream import Source, TarReader
+from isep.tarwrite import build_header
 from tests.harness import copy_store, is_complete_archive, isep
 from tests.release_samples import write_releases
 

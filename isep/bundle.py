@@ -33,7 +33,7 @@ from .signing import MAX_SIGNATURE, verify_manifest
 from .thin import covered_layers, uncovered_reason
 
 BUNDLE_SCHEMA = "isep-bundle/1"
-THIN_SCHEMA = "isep-bundle/2"   # some part is thin (isep.deltajoin): older isep refuses it by its schema
+DELTA_SCHEMA = "isep-bundle/2"   # some part is a delta part (isep.deltajoin): older isep refuses it by its schema
 TEMP_PREFIX = ".isep-tmp-"
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
@@ -212,9 +212,9 @@ def parse_manifest(data: bytes, what: str) -> dict:
     doc = load_json(data, what, MANIFEST_CAP)
     if not isinstance(doc, dict) or not isinstance(doc.get("schema"), str):
         raise BadInput(f"{what}: not an isep bundle manifest")
-    if doc["schema"] not in (BUNDLE_SCHEMA, THIN_SCHEMA):
+    if doc["schema"] not in (BUNDLE_SCHEMA, DELTA_SCHEMA):
         raise BadInput(f"{what}: unknown schema {doc['schema']!r} (this isep reads {BUNDLE_SCHEMA} "
-                       f"and {THIN_SCHEMA})")
+                       f"and {DELTA_SCHEMA})")
     parts = doc.get("parts")
     images = doc.get("images")
     if not isinstance(parts, list) or not isinstance(images, list):
@@ -274,7 +274,7 @@ def merge_manifest(existing: dict | None, parts: list[dict], images: list[dict])
                      if (im.get("config", {}).get("digest"), tuple(im.get("tags") or [])) not in keys] + images
     doc["created_by"] = f"isep {__version__}"
     if any("from" in rec for p in doc["parts"] for rec in p.get("members") or []):
-        doc["schema"] = THIN_SCHEMA
+        doc["schema"] = DELTA_SCHEMA
     return doc
 
 

@@ -1,7 +1,7 @@
-"""Thin parts, the receiving side: a part whose layers come from deltas or from a store's parts,
+"""Delta parts, the receiving side: a part whose layers come from deltas or from a store's parts,
 rebuilt into the plain part `isep-pack` would have written, before anything is joined.
 
-A thin part (bundle schema isep-bundle/2) is a part file like any other, holding only some of its
+A delta part (bundle schema isep-bundle/2) is a part file like any other, holding only some of its
 members' bytes: every member its manifest entry lists without `from` is in it verbatim; a member
 with `"from": {"kind": "delta"}` is represented by a member `isep-delta/<seq>` holding the delta
 (zstd frames against a reference layer); a member with `"from": {"kind": "reference"}` is not in it
@@ -9,7 +9,7 @@ at all. Either way the manifest keeps the member's original tar header (`header`
 the reference (part file, its sha256, member, diffID, size, xxh3), so that a receiver knows what it
 needs from its store before reading any data.
 
-rebuild_thin_parts turns each thin part an image needs into its plain part (level 1, in a work
+rebuild_delta_parts turns each delta part an image needs into its plain part (level 1, in a work
 directory), checking every delta's record, reference and rebuilt diffID and every referenced
 member's sha256 (IntegrityError, exit 5, naming the layer and the part it needs); the join then runs
 on plain parts and checks everything again, so a failure anywhere leaves no archive a loader takes.
@@ -34,7 +34,7 @@ MAX_HEADER = 64 << 10       # a member's tar header kept in a manifest (PAX reco
 STORE_LEVEL = 1             # a rebuilt part is written fast: it is read back once by the join
 
 
-def is_thin(entry: dict) -> bool:
+def is_delta_part(entry: dict) -> bool:
     return any("from" in rec for rec in entry.get("members") or [])
 
 
@@ -43,7 +43,7 @@ def delta_member_name(seq: int) -> str:
 
 
 def carried_listing(entry: dict) -> list[dict]:
-    """The members a part file holds: for a thin part, its own members plus one per delta."""
+    """The members a part file holds: for a delta part, its own members plus one per delta."""
     out = []
     for rec in entry["members"]:
         origin = rec.get("from")
@@ -57,7 +57,7 @@ def carried_listing(entry: dict) -> list[dict]:
 
 
 def part_needs(entry: dict) -> list[dict]:
-    """Every store member a thin part reads (part, part_sha256, member, diff_id, size, and the layer
+    """Every store member a delta part reads (part, part_sha256, member, diff_id, size, and the layer
     it is `for`), once each."""
     seen, out = set(), []
     for rec in entry.get("members") or []:
@@ -147,18 +147,18 @@ def member_chunks(bundle: Bundle, entry: dict, name: str) -> Iterator[bytes]:
 
 # --- rebuilding ----------------------------------------------------------------------------------
 
-def rebuild_thin_parts(parts: list[PartInput], bundles: Sequence[Bundle], work_dir: str, *,
+def rebuild_delta_parts(parts: list[PartInput], bundles: Sequence[Bundle], work_dir: str, *,
                        memory: int = DEFAULT_MEMORY) -> list[PartInput]:
-    """The image's parts with every thin one replaced by its rebuilt plain part (in work_dir)."""
-    thin = [p for p in parts if p.entry is not None and is_thin(p.entry)]
-    if not thin:
+    """The image's parts with every delta part replaced by its rebuilt plain part (in work_dir)."""
+    delta_parts = [p for p in parts if p.entry is not None and is_delta_part(p.entry)]
+    if not delta_parts:
         return parts
     layers = StoreLayers(bundles)
-    for p in thin:
+    for p in delta_parts:
         missing = layers.missing(part_needs(p.entry or {}))
         if missing:  # before reading any data
             raise needs_error(_layer_of(p.entry or {}, missing[0]), missing[0])
-    return [rebuild_part(p, layers, work_dir, memory) if p in thin else p for p in parts]
+    return [rebuild_part(p, layers, work_dir, memory) if p in delta_parts else p for p in parts]
 
 
 def _layer_of(entry: dict, need: dict) -> str:
@@ -279,7 +279,7 @@ def _next(members: Iterator[Member], name: str, label: str) -> Member:
 
 
 class _Hashing:
-    """A part file read through, counted and hashed (a thin part is checked like any part)."""
+    """A part file read through, counted and hashed (a delta part is checked like any part)."""
 
     def __init__(self, raw: BinaryIO):
         self.raw = raw
@@ -316,7 +316,7 @@ def rebuilt_path(work_dir: str, file_name: str) -> str:
 
 
 def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> None:
-    """Make a received bundle's thin parts the plain parts rebuilt from them, after the join (which
+    """Make a received bundle's delta parts the plain parts rebuilt from them, after the join (which
     reads them where they were rebuilt) and before they are kept in a store: a release's part is
     always materialised, so the next release's delta is against a plain part and a chain of
     releases never makes a join slower than one delta."""
@@ -324,7 +324,7 @@ def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> 
     parts = []
     for entry in received.doc["parts"]:
         path = rebuilt_path(work_dir, entry["file"])
-        if is_thin(entry) and entry["file"] in made and os.path.exists(path):
+        if is_delta_part(entry) and entry["file"] in made and os.path.exists(path):
             os.replace(path, os.path.join(received.path, entry["file"]))
             info = made[entry["file"]]
             entry = plain_entry(entry, {k: info[k] for k in ("size", "sha256", "xxh3", "raw_size")})
@@ -335,7 +335,7 @@ def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> 
 
 
 def plain_entry(entry: dict, info: dict) -> dict:
-    """A thin part's manifest entry as the rebuilt plain part's."""
+    """A delta part's manifest entry as the rebuilt plain part's."""
     members = [{k: v for k, v in rec.items() if k not in ("from", "header", "padding")} for rec in entry["members"]]
     out = {**entry, **info, "members": members}
     out.pop("needs", None)

@@ -1,4 +1,4 @@
-"""Thin parts, the sending side: `isep-pack --delta-from STORE`.
+"""Delta parts, the sending side: `isep-pack --delta-from STORE`.
 
 DeltaTarget wraps the pack's real output (a store directory or a bundle stream). Parts are packed as
 always, into temporary files; when the pack finishes, each part is read back once and every layer
@@ -7,13 +7,13 @@ member becomes, in this order:
 - referenced: STORE's parts carry its bytes (same sha256 and size): nothing of it is shipped;
 - a delta: compressed against the best-ranked layer of STORE (isep.delta.rank_references), when the
   delta is smaller than the layer's plain estimate; the delta is a member `isep-delta/<seq>` of the
-  thin part;
+  delta part;
 - plain: verbatim in the part, as without --delta-from (no reference, or the delta does not win).
 
-A part in which nothing changed is shipped as packed. The manifest entry of a thin part keeps every
+A part in which nothing changed is shipped as packed. The manifest entry of a delta part keeps every
 member's record, with the original tar header and a `from` object for each member not carried
 (isep.deltajoin reads them), and `needs`: the store layers its deltas and references read. A bundle
-stream announces those needs (`isep-needs.json`) before the first thin part's bytes.
+stream announces those needs (`isep-needs.json`) before the first delta part's bytes.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _positions(images: list[dict]) -> dict[str, tuple[str, int]]:
 
 
 class DeltaTarget:
-    """An OutputTarget that packs into temporary files and ships thin parts through `inner`."""
+    """An OutputTarget that packs into temporary files and ships delta parts through `inner`."""
 
     def __init__(self, inner: OutputTarget, reference: Bundle, *, level: int | None = None,
                  memory: int = DEFAULT_MEMORY, delta_level: int = DEFAULT_LEVEL):
@@ -150,7 +150,7 @@ class DeltaTarget:
             if part["role"] != "app" and part_for_layers(self.reference.doc, part["role"], part["diff_ids"]):
                 spool.raw.close()  # the receiver holds this very stack: as with --parts app, not shipped
                 continue
-            shipped.append(self._thin_part(part, spool, layer_ids, positions))
+            shipped.append(self._delta_part(part, spool, layer_ids, positions))
         needs = [n for entry, _ in shipped for n in entry.get("needs") or []]
         announce = getattr(self.inner, "announce_needs", None)
         if needs and announce is not None:
@@ -161,21 +161,21 @@ class DeltaTarget:
                 sink.write(data)
             sink.close()
             spool.raw.close()
-        thin = any(entry.get("needs") for entry, _ in shipped)
-        # isula-build cannot read a thin part: its manifest is not written for one
-        return self.inner.finish([entry for entry, _ in shipped], images, None if thin else isula)
+        has_deltas = any(entry.get("needs") for entry, _ in shipped)
+        # isula-build cannot read a delta part: its manifest is not written for one
+        return self.inner.finish([entry for entry, _ in shipped], images, None if has_deltas else isula)
 
     def abort(self) -> None:
         for spool in self._spools.values():
             spool.raw.close()
         self.inner.abort()
 
-    def _thin_part(self, part: dict, spool: _Spool, layer_ids: set[str],
+    def _delta_part(self, part: dict, spool: _Spool, layer_ids: set[str],
                    positions: dict[str, tuple[str, int]]) -> tuple[dict, _Spool]:
         """(entry, file) of a part with its layers referenced or delta-compressed where that wins;
         the part as packed when nothing changed."""
-        thin_spool = _Spool(self.inner.spool_dir)
-        writer = PartWriter(part["file"], thin_spool, part["compression"], self.level)
+        delta_spool = _Spool(self.inner.spool_dir)
+        writer = PartWriter(part["file"], delta_spool, part["compression"], self.level)
         members: list[dict] = []
         source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
                         name=part["file"], prefetch=False)
@@ -197,13 +197,13 @@ class DeltaTarget:
             source.close()
         info = writer.finish()
         if not any("from" in rec for rec in members):
-            thin_spool.raw.close()
+            delta_spool.raw.close()
             return part, spool
         spool.raw.close()
         entry = {**part, "size": info["size"], "sha256": info["sha256"], "xxh3": info["xxh3"],
                  "raw_size": info["raw_size"], "members": members}
         entry["needs"] = part_needs(entry)
-        return entry, thin_spool
+        return entry, delta_spool
 
     def _route_layer(self, part: dict, rec: dict, member: Member, writer: PartWriter, members: list[dict],
                      positions: dict[str, tuple[str, int]]) -> bool:

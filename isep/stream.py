@@ -24,7 +24,7 @@ from .tarwrite import build_header
 
 STREAM_SCHEMA = "isep-stream/1"
 STREAM_HEAD = "isep-stream.json"
-STREAM_NEEDS = "isep-needs.json"  # the store layers thin parts read, sent before their bytes
+STREAM_NEEDS = "isep-needs.json"  # the store layers delta parts read, sent before their bytes
 STREAM_CHUNK = 4 << 20
 
 
@@ -105,7 +105,7 @@ class StreamTarget:
         return _StreamPart(self, file_name)
 
     def announce_needs(self, needs: list[dict]) -> None:
-        """Tell the receiver which layers of its store the thin parts that follow read."""
+        """Tell the receiver which layers of its store the delta parts that follow read."""
         self._emit(STREAM_NEEDS, json.dumps(needs).encode())
 
     def open_section(self) -> _TempOut:
@@ -144,7 +144,7 @@ def receive_stream(source: Source, temp_dir: str,
                    on_needs: Callable[[object], None] | None = None) -> Bundle:
     """Read a bundle stream (isep-pack -o -) into part files under temp_dir; its manifest comes last
     and is checked against what arrived before anything is joined. on_needs sees the announced
-    store layers the stream's thin parts read, as soon as they arrive (it may refuse them)."""
+    store layers the stream's delta parts read, as soon as they arrive (it may refuse them)."""
     manifest_bytes, signature = b"", None
     files: dict[str, tuple[BinaryIO | None, int]] = {}
     doc = head = None

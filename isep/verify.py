@@ -10,7 +10,7 @@ import xxhash
 
 from .archive import index_stream
 from .bundle import TEMP_PREFIX, Bundle, check_order, isula_part_inputs, safe_join
-from .deltajoin import StoreLayers, carried_listing, is_thin, part_needs, rebuild_thin_parts
+from .deltajoin import StoreLayers, carried_listing, is_delta_part, part_needs, rebuild_delta_parts
 from .digests import BlobHasher
 from .errors import IsepError
 from .join import JoinOptions, join_parts, plan_copies
@@ -114,7 +114,7 @@ def _verify_part(bundle: Bundle, part: dict, report: Report, mode: str) -> tuple
     except IsepError as exc:
         return report.add("part", False, f"{name}: missing ({exc})", part=name), None
     hashing = HashingFile(fh, name, sha256=(mode != "fast"))
-    listed = carried_listing(part)  # a thin part holds deltas in place of some members
+    listed = carried_listing(part)  # a delta part holds deltas in place of some members
     if mode == "fast":  # the file's bytes only: identical to what pack wrote (and checked)
         try:
             hashing.drain()
@@ -180,7 +180,7 @@ def _check_member_data(member: Member, want: dict, mode: str) -> None:
         member.skip()
         return
     if mode == "deep":
-        # a delta decodes only against its reference (verify --deep rebuilds thin parts for that)
+        # a delta decodes only against its reference (verify --deep rebuilds delta parts for that)
         hasher = BlobHasher(member.name, want_diff_id=not want.get("delta"))
         for chunk in member.iter_data():
             hasher.update(chunk)
@@ -231,10 +231,10 @@ def _verify_image(bundle: Bundle, image: dict, good_parts: dict, report: Report)
 
 
 def report_needs(bundle: Bundle, report: Report, mode: str) -> None:
-    """Thin parts (isep-pack --delta-from): the store layers their deltas and references read; with
-    --deep every thin part rebuilt (deltas decoded, rebuilt layers' diffIDs checked) and dropped."""
+    """Delta parts (isep-pack --delta-from): the store layers their deltas and references read; with
+    --deep every delta part rebuilt (deltas decoded, rebuilt layers' diffIDs checked) and dropped."""
     layers = StoreLayers([bundle])
-    for part in (p for p in bundle.doc["parts"] if is_thin(p)):
+    for part in (p for p in bundle.doc["parts"] if is_delta_part(p)):
         needs = part_needs(part)
         listing = ", ".join(f"{n['diff_id'][7:19]}… ({n['part']})" for n in needs)
         if bundle.files:  # a stream: the receiver's store provides them
@@ -257,7 +257,7 @@ def _rebuild_check(bundle: Bundle, part: dict, report: Report) -> None:
     source = PartInput(part["file"], opener, part, part["sha256"], part["size"])
     with tempfile.TemporaryDirectory(prefix="isep-verify-") as work:
         try:
-            rebuild_thin_parts([source], [bundle], work)
+            rebuild_delta_parts([source], [bundle], work)
         except IsepError as exc:
             report.add("needs", False, f"{part['file']}: {exc}", part=part["file"])
             return

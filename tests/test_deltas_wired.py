@@ -1,4 +1,4 @@
-"""isep-pack --delta-from, and thin parts joined and verified: synthetic release series
+"""isep-pack --delta-from, and delta parts joined and verified: synthetic release series
 (tests/release_samples.py) through the real commands, every join compared byte for byte."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_code_only_change_ships_a_small_delta_and_joins_byte_exact(rel, tmp_path
     assert res.stdout == rel["r2"].read_bytes()
 
 
-def test_stream_announces_needs_before_the_thin_part(rel):
+def test_stream_announces_needs_before_the_delta_part(rel):
     names = [m.name for m in TarReader(Source(io.BytesIO(_delta_stream(rel, "r3", "--parts", "app")),
                                               prefetch=False))]
     assert names[0] == "isep-stream.json" and names[1] == "isep-needs.json"
@@ -71,7 +71,7 @@ def test_stream_announces_needs_before_the_thin_part(rel):
 
 
 def test_changed_dependency_layer_in_a_store_directory(rel, tmp_path):
-    """-o DIR: the thin part sits in the store beside its references; isep-join STORE applies it."""
+    """-o DIR: the delta part sits in the store beside its references; isep-join STORE applies it."""
     store = copy_store(rel["build"], tmp_path / "store")
     isep("pack", rel["r3"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
     doc = json.loads((store / "isep-bundle.json").read_text())
@@ -143,7 +143,7 @@ def test_damaged_delta_is_refused(rel, tmp_path):
 
 
 def test_verify_names_missing_references(rel, tmp_path):
-    """A thin part copied without its store: isep-verify fails naming the part it needs."""
+    """A delta part copied without its store: isep-verify fails naming the part it needs."""
     upd = tmp_path / "upd"
     isep("pack", rel["r3"], "--base", rel["base1"], "-o", upd, "--parts", "app", "--delta-from", rel["build"],
          check=0)
@@ -226,8 +226,8 @@ def _mutations():
 
 
 @pytest.mark.parametrize("mutation", sorted(_mutations()))
-def test_hostile_thin_manifest_is_refused(rel, tmp_path, mutation):
-    """A thin part's records changed (an unsigned store): refused with one error line, nothing that loads."""
+def test_hostile_delta_manifest_is_refused(rel, tmp_path, mutation):
+    """A delta part's records changed (an unsigned store): refused with one error line, nothing that loads."""
     store = copy_store(rel["build"], tmp_path / "store")
     isep("pack", rel["r3"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, check=0)
     doc = json.loads((store / "isep-bundle.json").read_text())

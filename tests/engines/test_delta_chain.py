@@ -95,7 +95,7 @@ def test_three_release_chain_over_ssh(docker26, ssh, tmp_path):
                 # the build host's store mirrors the device's: this release's parts, plain
                 assert _isep("pack", saves[key], "--base", saves["base1"], "-o", build).returncode == 0
         kept = json.loads((device / "isep-bundle.json").read_text())
-        assert not any("from" in m for p in kept["parts"] for m in p["members"]), "a thin part was kept"
+        assert not any("from" in m for p in kept["parts"] for m in p["members"]), "a delta part was kept"
         assert len([p for p in kept["parts"] if p["role"] == "app"]) == 3, kept["parts"]
         assert _isep("verify", device).returncode == 0
         assert link_bytes["r2"] * 10 < link_bytes["r1"] and link_bytes["r3"] * 10 < link_bytes["r1"], link_bytes

@@ -10,6 +10,8 @@ import typer
 from ..errors import UsageError
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
+from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, rebuild_delta_parts
+from ..deltapack import parse_size
 from ..join import JoinOptions, join_parts
 from ..refs import Held, resolve_have
 from ..thin import covered_layers
@@ -66,6 +68,7 @@ def join(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     have: Optional[list[str]] = typer.Option(None, "--have", metavar="REF", help="What the loading engine already holds (repeatable): `docker inspect` JSON of one or more images, an isep index, a bundle directory or its isep-bundle.json, an image config; FILE:NAME picks one image. The archive leaves out the layer files of every layer whose whole chain REF shows, so base and lib parts need not be at hand; a layer neither a part nor REF covers is refused before anything is written (exit 6). For Docker 20.10+, Docker's containerd store and ctr images import; podman refuses such archives, so podman inspect JSON is refused."),
+    delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use while it is applied (as given to isep-pack --delta-memory)."),
     keep: bool = typer.Option(False, "--keep", help="With a bundle stream (STORE -): after a successful join, move the received parts into STORE (created if missing) and merge its isep-bundle.json, written last, so that it holds what the next release's app part needs. A different part under the same name is never replaced. Without --keep STORE is only read."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
 ) -> None:
@@ -81,8 +84,9 @@ def join(
     if keep and image != "-":
         raise UsageError("--keep needs a bundle stream joined against a store: isep-join STORE - --keep")
     options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
+    memory = parse_size(delta_memory)
     if image == "-" and bundle != "-":
-        _join_stream(bundle, name, overrides, trust, held, keep, output, options, ui)
+        _join_stream(bundle, name, overrides, trust, held, keep, output, options, ui, memory)
         return
     if bundle == "-":
         _, chosen, parts = _stream_parts(None, name, overrides, trust, held, _receive_dir(None))
@@ -90,6 +94,7 @@ def join(
         if app_part == "-":
             overrides["app"] = "-"
         chosen, parts = _store_parts(bundle, name, overrides, trust, held)
+    parts = _rebuild(parts, None if bundle == "-" else bundle, memory)[0]
     _thin(options, chosen, held)
     trailer = (chosen or {}).get("trailer_size", 1024)
     _write(output, parts, chosen, options, trailer, ui)
@@ -110,7 +115,7 @@ def _thin(options: JoinOptions, chosen: Optional[dict], held: Optional[list[Held
 
 def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Optional[str],
                  held: Optional[list[Held]], keep: bool, output: Optional[str], options: JoinOptions,
-                 ui: Ui) -> None:
+                 ui: Ui, memory: int) -> None:
     """isep-join STORE - [--keep]: the stream's parts, with those it lacks from STORE; with --keep
     the stream is received inside STORE (created if missing) and its parts then renamed into place."""
     store = Store(store_dir, create=True) if keep else None
@@ -120,8 +125,11 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
         if store is not None:
             check_keepable(store, received)  # refused before any output, not after it
         _thin(options, chosen, held)
-        _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
+        plain, work = _rebuild(parts, store_dir, memory)
+        _write(output, plain, chosen, options, chosen.get("trailer_size", 1024), ui)
         if store is not None:
+            if work is not None:  # the store keeps each release's part plain: deltas never chain
+                adopt_rebuilt(received, plain, work)
             added = keep_received(store, received)
             ui.info(f"kept {len(added)} new part(s) in {store_dir}")
     except BaseException:
@@ -138,9 +146,12 @@ def _stream_parts(store_dir: Optional[str], name: Optional[str], overrides: dict
                   held: Optional[list[Held]], recv_dir: str) -> tuple[Bundle, dict, list]:
     """(received bundle, image, part inputs) of a bundle stream on stdin, with the parts it lacks
     from STORE (none when STORE is missing or holds no isep-bundle.json: a first delivery)."""
-    received = receive_stream(input_source("-", "bundle stream"), recv_dir)
     local = open_local_store(store_dir) if store_dir else None
     extra = [local] if local is not None else []
+
+    def needs_at_once(needs) -> None:  # the layers delta parts read: refused before their data is read
+        check_needs(needs, extra, "the bundle stream")
+    received = receive_stream(input_source("-", "bundle stream"), recv_dir, needs_at_once)
     if trust is not None:
         for b in [received, *extra]:
             b.check_signature(trust)
@@ -176,6 +187,17 @@ def _receive_dir(store_dir: Optional[str]) -> str:
     if store_dir and os.access(store_dir, os.W_OK):
         return scratch_dir(".isep-tmp-recv-", store_dir)
     return scratch_dir("isep-recv-")
+
+
+def _rebuild(parts: list, store_dir: Optional[str], memory: int) -> tuple[list, Optional[str]]:
+    """Delta parts (isep-pack --delta-from) rebuilt as plain parts from STORE before anything is
+    written, and where (in STORE when it is writable, else TMPDIR; None: no delta part)."""
+    if not any(p.entry is not None and is_delta_part(p.entry) for p in parts):
+        return parts, None
+    local = open_local_store(store_dir) if store_dir else None
+    writable = store_dir and os.access(store_dir, os.W_OK)
+    work = scratch_dir(".isep-tmp-rebuild-", store_dir) if writable else scratch_dir("isep-rebuild-")
+    return rebuild_delta_parts(parts, [local] if local is not None else [], work, memory=memory), work
 
 
 def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:

@@ -275,3 +275,18 @@ def test_verify_deep_decodes_every_delta(rel, tmp_path):
     isep("verify", store, check=0)
     failed = isep("verify", "--deep", store, check=5).failed_checks()
     assert [c["check"] for c in failed] == ["needs"] and "diffID" in failed[0]["detail"]
+
+
+def test_keep_stores_the_rebuilt_part_and_the_chain_goes_on(rel, tmp_path):
+    """--keep: the device keeps release 2's part plain (rebuilt), and release 3's delta against it joins."""
+    build = copy_store(rel["build"], tmp_path / "build")
+    device = copy_store(rel["build"], tmp_path / "device")
+    for key in ("r2", "r3"):
+        stream = _delta_stream({**rel, "build": build}, key, "--parts", "app")
+        assert isep("join", device, "-", "--keep", stdin=stream, check=0).stdout == rel[key].read_bytes()
+        isep("pack", rel[key], "--base", rel["base1"], "-o", build, check=0)  # the build host's mirror
+        kept = json.loads((device / "isep-bundle.json").read_text())
+        assert kept["schema"] == "isep-bundle/1" and not any("needs" in p for p in kept["parts"])
+        assert isep("join", device, f"isep-delta/app:{key[1]}", check=0).stdout == rel[key].read_bytes()
+    assert isep("verify", "--deep", device, check=0)
+    assert not [n for n in device.iterdir() if n.name.startswith(".isep-tmp-")]

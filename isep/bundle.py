@@ -273,7 +273,7 @@ def merge_manifest(existing: dict | None, parts: list[dict], images: list[dict])
     doc["images"] = [im for im in doc["images"]
                      if (im.get("config", {}).get("digest"), tuple(im.get("tags") or [])) not in keys] + images
     doc["created_by"] = f"isep {__version__}"
-    if any("from" in rec for p in doc["parts"] for rec in p.get("members") or []):
+    if any(isinstance(rec, dict) and "from" in rec for p in doc["parts"] for rec in p.get("members") or []):
         doc["schema"] = DELTA_SCHEMA
     return doc
 

@@ -35,7 +35,7 @@ STORE_LEVEL = 1             # a rebuilt part is written fast: it is read back on
 
 
 def is_delta_part(entry: dict) -> bool:
-    return any("from" in rec for rec in entry.get("members") or [])
+    return any(isinstance(rec, dict) and "from" in rec for rec in entry.get("members") or [])
 
 
 def delta_member_name(seq: int) -> str:
@@ -330,7 +330,7 @@ def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> 
             entry = plain_entry(entry, {k: info[k] for k in ("size", "sha256", "xxh3", "raw_size")})
         parts.append(entry)
     received.doc["parts"] = parts
-    received.manifest_bytes = encode_manifest(received.doc)
+    received.manifest_bytes = bytes(encode_manifest(received.doc))
     received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
 
 

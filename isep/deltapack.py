@@ -18,6 +18,7 @@ stream announces those needs (`isep-needs.json`) before the first delta part's b
 from __future__ import annotations
 
 import base64
+import json
 import re
 import tempfile
 from typing import IO, BinaryIO, Iterable
@@ -125,6 +126,9 @@ class DeltaTarget:
     def spool_dir(self) -> str | None:
         return self.inner.spool_dir
 
+    def holds_part(self, entry: dict) -> bool:
+        return self.inner.holds_part(entry)
+
     def open(self, file_name: str) -> _Spool:
         spool = _Spool(self.inner.spool_dir)
         self._spools[file_name] = spool
@@ -182,7 +186,7 @@ class DeltaTarget:
         spool.raw.seek(0)
         try:
             reader = iter(TarReader(source))
-            for rec in part["members"]:
+            for rec in map(_record, part["members"]):
                 member = next(reader, None)
                 if member is None or member.name != rec["name"]:
                     raise IntegrityError(f"{part['file']}: packed part does not read back as written")
@@ -259,6 +263,11 @@ class DeltaTarget:
     def _note(self, part: dict, rec: dict, ship: str, size: int, reference: str, note: str = "") -> None:
         self.shipped.append({"part": part["file"], "layer": rec.get("sha256"), "size": rec["size"],
                              "ship": ship, "bytes": size, "reference": reference, "note": note})
+
+
+def _record(rec: dict | bytes) -> dict:
+    """A member's manifest record: pack holds them as JSON lines (docs/formats.md, "Limits")."""
+    return rec if isinstance(rec, dict) else json.loads(rec)
 
 
 def _write_all(writer: PartWriter, pieces: Iterable) -> None:

@@ -144,13 +144,18 @@ def pass_member(member: Member, sinks: Sequence[Callable[[Chunk], object]], kept
     has already read some of it."""
     hasher = _hasher_for(member, what or f"member {member.name!r}", bool(sinks), want_xxh3)
     keep = bytearray() if kept is not None and member.is_file and member.size <= JSON_CAP else None
-    for chunk in member.iter_data() if chunks is None else chunks:
-        if hasher is not None:
-            hasher.update(chunk)
-        if keep is not None:
-            keep += chunk
-        for sink in sinks:
-            sink(chunk)
+    try:
+        for chunk in member.iter_data() if chunks is None else chunks:
+            if hasher is not None:
+                hasher.update(chunk)
+            if keep is not None:
+                keep += chunk
+            for sink in sinks:
+                sink(chunk)
+    except BaseException:
+        if isinstance(hasher, BackgroundHasher):
+            hasher.abandon()
+        raise
     if kept is not None and keep is not None:
         kept.offer(member.name, keep)
     return {} if hasher is None else hasher.result()

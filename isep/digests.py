@@ -164,6 +164,11 @@ class BackgroundHasher:
         # a chunk may be a view of a buffer its reader reuses as soon as we return: copy it
         self._chunks.put(bytes(chunk))
 
+    def abandon(self) -> None:
+        """Stop the thread without waiting for the digests (the member's copy failed)."""
+        self._error = self._error or EOFError("abandoned")
+        self._chunks.put(None)
+
     def result(self) -> dict:
         self._chunks.put(None)
         self._thread.join()

@@ -92,3 +92,31 @@ def test_pass_member_copies_and_hashes_large_members(monkeypatch, threshold):
         assert seen[name]["copy"] == data
         assert seen[name]["sha256"] == "sha256:" + hashlib.sha256(data).hexdigest()
         assert seen[name]["xxh3"] == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_a_failing_copy_stops_the_hash_thread(monkeypatch):
+    monkeypatch.setattr(archive, "BACKGROUND_HASH_MIN", 0)
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("big")
+        info.size = 3 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    tar_bytes.seek(0)
+
+    def broken_sink(chunk) -> None:
+        raise BrokenPipeError("closed")
+
+    hashers: list[BackgroundHasher] = []
+
+    class Kept(BackgroundHasher):
+        def __init__(self, what: str, **kw):
+            super().__init__(what, **kw)
+            hashers.append(self)
+
+    monkeypatch.setattr(archive, "BackgroundHasher", Kept)
+    member = next(iter(TarReader(Source(tar_bytes, name="t"))))
+    with pytest.raises(BrokenPipeError):
+        archive.pass_member(member, [broken_sink], None)
+    assert len(hashers) == 1
+    hashers[0]._thread.join(timeout=5)
+    assert not hashers[0]._thread.is_alive()

@@ -7,7 +7,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
-from .digests import BackgroundHasher, BlobHasher, sniff_compression
+from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
 from .jsonkeys import check_text, refuse_constant, unique_keys
 from .legacy import podman_v1_from_config
@@ -19,7 +19,6 @@ JSON_CAP = 4 << 20          # a JSON member larger than this is refused
 KEPT_JSON_TOTAL = 64 << 20  # all JSON-looking members kept in memory, together
 MAX_JSON_DEPTH = 64
 MAX_LINK_HOPS = 8           # links followed from one name; a longer chain is taken for a loop
-BACKGROUND_HASH_MIN = 4 << 20  # members at least this large are hashed on their own thread when copied
 
 FORMATS = {
     "docker-legacy": "Docker <= 24 (graph drivers): <v1id>/layer.tar, manifest.json, repositories",
@@ -124,17 +123,6 @@ Chunk = Union[bytes, memoryview]  # what a member's data arrives as
 ProgressCallback = Callable[[int], None]   # told the bytes done so far
 
 
-def _hasher_for(member: Member, what: str, copied: bool, want_xxh3: bool) -> BlobHasher | BackgroundHasher | None:
-    """None for a member that is not a regular file. A large member that is also copied somewhere is
-    hashed on a thread of its own, beside the copy; hashing is all the work of a plain scan, and
-    small members would pay more for the thread than they save."""
-    if not member.is_file:
-        return None
-    if copied and member.size >= BACKGROUND_HASH_MIN:
-        return BackgroundHasher(what, want_xxh3=want_xxh3)
-    return BlobHasher(what, want_xxh3=want_xxh3)
-
-
 def pass_member(member: Member, sinks: Sequence[Callable[[Chunk], object]], kept: KeptJson | None, *,
                 what: str | None = None, chunks: Iterable[Chunk] | None = None,
                 want_xxh3: bool = True) -> dict:
@@ -142,20 +130,15 @@ def pass_member(member: Member, sinks: Sequence[Callable[[Chunk], object]], kept
     small; returns its digests ({} for a member that is not a regular file). The header and padding
     are the caller's to copy: not every copy writes them as read. chunks: the data when the caller
     has already read some of it."""
-    hasher = _hasher_for(member, what or f"member {member.name!r}", bool(sinks), want_xxh3)
+    hasher = BlobHasher(what or f"member {member.name!r}", want_xxh3=want_xxh3) if member.is_file else None
     keep = bytearray() if kept is not None and member.is_file and member.size <= JSON_CAP else None
-    try:
-        for chunk in member.iter_data() if chunks is None else chunks:
-            if hasher is not None:
-                hasher.update(chunk)
-            if keep is not None:
-                keep += chunk
-            for sink in sinks:
-                sink(chunk)
-    except BaseException:
-        if isinstance(hasher, BackgroundHasher):
-            hasher.abandon()
-        raise
+    for chunk in member.iter_data() if chunks is None else chunks:
+        if hasher is not None:
+            hasher.update(chunk)
+        if keep is not None:
+            keep += chunk
+        for sink in sinks:
+            sink(chunk)
     if kept is not None and keep is not None:
         kept.offer(member.name, keep)
     return {} if hasher is None else hasher.result()

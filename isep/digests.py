@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 import zlib
 from typing import Any, Iterator, cast
 
@@ -130,48 +128,3 @@ class BlobHasher:
             out["diff_id"] = "sha256:" + self._diff.hexdigest()
             out["uncompressed_size"] = self.uncompressed_size
         return out
-
-
-class BackgroundHasher:
-    """A BlobHasher run on its own thread, fed copies of the chunks: the thread that reads the archive
-    and hands the bytes to the compression workers is then not also the one that hashes them (bench:
-    in pack, the reading thread hashing every byte kept the compression workers idle a third of the
-    time). The copies cost a memcpy (~10 GB/s) against sha256's ~1.7 GB/s; at most QUEUED are held."""
-
-    QUEUED = 8
-
-    def __init__(self, what: str, *, want_diff_id: bool = True, want_sha256: bool = True,
-                 want_xxh3: bool = True):
-        self._hasher = BlobHasher(what, want_diff_id=want_diff_id, want_sha256=want_sha256,
-                                  want_xxh3=want_xxh3)
-        self._chunks: queue.Queue = queue.Queue(self.QUEUED)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="isep-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            chunk = self._chunks.get()
-            if chunk is None:
-                return
-            if self._error is None:
-                try:
-                    self._hasher.update(chunk)
-                except BaseException as exc:  # raised by result(), in the caller's thread
-                    self._error = exc
-
-    def update(self, chunk) -> None:
-        # a chunk may be a view of a buffer its reader reuses as soon as we return: copy it
-        self._chunks.put(bytes(chunk))
-
-    def abandon(self) -> None:
-        """Stop the thread without waiting for the digests (the member's copy failed)."""
-        self._error = self._error or EOFError("abandoned")
-        self._chunks.put(None)
-
-    def result(self) -> dict:
-        self._chunks.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hasher.result()

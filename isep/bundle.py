@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterator, Protocol, Sequence
 from . import __version__
 from .archive import JSON_CAP, load_json
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError
+from .files import open_for_reading
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
@@ -157,11 +158,8 @@ class Store:
         return temp
 
     def open_read(self, name: str) -> BinaryIO:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
-        except OSError as exc:
-            raise os_error(exc, f"cannot open {os.path.join(self.path, name)}") from None
-        return os.fdopen(fd, "rb", buffering=0)
+        """A file of the store, refused unless it is a regular file (a FIFO would block forever)."""
+        return open_for_reading(name, os.path.join(self.path, name), dir_fd=self.fd)
 
     def read_manifest(self) -> dict | None:
         raw = self.read_raw(BUNDLE_MANIFEST, MANIFEST_CAP + 1)
@@ -392,7 +390,7 @@ def isep_part_inputs(bundle: Bundle, image: dict, overrides: dict[str, str],
         role = entry["role"]
         path = overrides.get(role)
         if path:
-            opener = part_opener(path)
+            opener = part_opener(path, named_by_user=True)
         else:
             opener = b.files.get(entry["file"]) or part_opener(safe_join(b.path, entry["file"]))
         out.append(PartInput(label=path or entry["file"], opener=opener, entry=entry,
@@ -518,6 +516,6 @@ def isula_part_inputs(bundle: Bundle, name: str | None, overrides: dict[str, str
         if not file_name and role not in overrides:
             continue  # saved without a lib (isula-build itself cannot load these)
         path = overrides.get(role) or safe_join(bundle.path, file_name)
-        out.append(PartInput(label=path, opener=part_opener(path), entry=None,
+        out.append(PartInput(label=path, opener=part_opener(path, named_by_user=role in overrides), entry=None,
                              expected_sha256=entry.get(hash_key) or None, order=order))
     return out

@@ -28,6 +28,7 @@ from isal import isal_zlib
 
 from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
+from .files import open_for_reading
 from .tarstream import CHUNK
 from .tarwrite import END_OF_ARCHIVE
 
@@ -240,18 +241,12 @@ class PartInput:
     order: int = 0
 
 
-def part_opener(path: str) -> Opener:
-    """Opens a part file without following a symlink in its last component; "-" is stdin."""
+def part_opener(path: str, *, named_by_user: bool = False) -> Opener:
+    """Opens a part file without following a symlink in its last component; "-" is stdin. A part
+    found in a bundle must be a regular file; one the user named (-a/-b/-l) may also be a pipe."""
     if path == "-":  # a part on stdin (isep-join STORE -a -)
         return lambda: os.fdopen(os.dup(0), "rb", buffering=0)
-
-    def open_it() -> BinaryIO:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise EnvironmentFailure(f"cannot open part {path}: {exc.strerror}") from None
-        return os.fdopen(fd, "rb", buffering=0)
-    return open_it
+    return lambda: open_for_reading(path, f"part {path}", allow_pipe=named_by_user)
 
 
 class HashingFile:

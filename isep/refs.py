@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .archive import load_json
 from .errors import BadInput, EnvironmentFailure, UsageError
+from .files import open_for_reading, read_up_to
 from .limits import DOCUMENT_CAP
 from .names import BUNDLE_MANIFEST, same_image_name
 
@@ -24,11 +25,13 @@ class Ref:
         return self.tags[0] if self.tags else None
 
 
-def read_json_file(path: str, what: str, cap: int = DOCUMENT_CAP):
-    """A JSON file given on the command line: an index, a plan or a bundle manifest can be large."""
+def read_json_file(path: str, what: str, cap: int = DOCUMENT_CAP, *, in_bundle: bool = False):
+    """A JSON file given on the command line (an index, a plan or a bundle manifest can be large): a
+    regular file or a pipe such as `<(docker inspect x)`; with IN_BUNDLE a bundle directory's
+    manifest (a regular file, its final link not followed)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(cap + 1)
+        with open_for_reading(path, f"{what} {path}", follow=not in_bundle, allow_pipe=not in_bundle) as fh:
+            data = read_up_to(fh, cap + 1)
     except OSError as exc:
         raise EnvironmentFailure(f"{what}: cannot read {path}: {exc.strerror}") from None
     if data[257:262] == b"ustar":
@@ -90,9 +93,9 @@ def resolve_ref(text: str, what: str, archive_images: list[tuple[list[str], list
     or the name of an image in the input archive."""
     if os.path.isdir(text):
         manifest = os.path.join(text, BUNDLE_MANIFEST)
-        if not os.path.isfile(manifest):
+        if not os.path.lexists(manifest):
             raise UsageError(f"{what}: {text} is a directory without {BUNDLE_MANIFEST}")
-        return _from_bundle(read_json_file(manifest, what), text, what)
+        return _from_bundle(read_json_file(manifest, what, in_bundle=True), text, what)
     if os.path.isfile(text):
         return _from_document(read_json_file(text, what), text, None, what)
     path, sep, selector = text.rpartition(":")
@@ -169,9 +172,9 @@ def resolve_have(text: str) -> list[Held]:
     manifest, an image config; FILE:NAME picks one image. A pipe (`<(docker inspect …)`) works too."""
     if os.path.isdir(text):
         manifest = os.path.join(text, BUNDLE_MANIFEST)
-        if not os.path.isfile(manifest):
+        if not os.path.lexists(manifest):
             raise UsageError(f"--have: {text} is a directory without {BUNDLE_MANIFEST}")
-        return _held_in_document(read_json_file(manifest, "--have"), text, None)
+        return _held_in_document(read_json_file(manifest, "--have", in_bundle=True), text, None)
     if os.path.exists(text):
         return _held_in_document(read_json_file(text, "--have"), text, None)
     path, sep, selector = text.rpartition(":")

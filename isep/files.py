@@ -1,0 +1,119 @@
+"""How isep opens the files it reads and decides what it may write.
+
+Reading: a file found inside a bundle directory (a part, isep-bundle.json, its signature, isula-build's
+`manifest`) must be a regular file; a FIFO would block the reader forever and a device never ends.
+Such files are opened without blocking and without following a final symbolic link, and checked
+with fstat before a byte is read. A file the user names on the command line (an archive, a part given
+with -a/-b/-l) may also be a pipe, as `<(docker save ...)` is.
+
+Writing (`isep-join -o FILE`): output_file says where and how, as cp would: a new path or an existing
+regular file is replaced atomically (a temporary file renamed over it); a character device or a FIFO
+(/dev/null, /dev/stdout, a named pipe) is written in place, never replaced; a symbolic link is
+followed to its target.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import EnvironmentFailure, UsageError
+
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file is, in words, from its st_mode."""
+    return next((word for test, word in _KINDS if test(mode)), "regular file")
+
+
+def open_for_reading(path: str, what: str | None = None, *, dir_fd: int | None = None, follow: bool = False,
+                     allow_pipe: bool = False) -> BinaryIO:
+    """PATH opened for unbuffered binary reading, refused (EnvironmentFailure) unless it is a
+    regular file, or a FIFO when ALLOW_PIPE. The open never blocks (O_NONBLOCK) and does not follow a
+    final symbolic link unless FOLLOW; DIR_FD makes PATH relative to a directory descriptor. WHAT
+    names the file in messages (default: PATH)."""
+    what = what or path
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:  # O_NOFOLLOW met a symbolic link
+            raise EnvironmentFailure(f"cannot open {what}: it is a symbolic link") from None
+        raise EnvironmentFailure(f"cannot open {what}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (allow_pipe and stat.S_ISFIFO(mode))):
+            raise EnvironmentFailure(f"refusing to read {what}: it is a {file_kind(mode)}, "
+                                     f"not a regular file")
+        # blocking again: a pipe named by the user is read like stdin
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def read_up_to(fh: BinaryIO, limit: int) -> bytes:
+    """At most LIMIT bytes, reading on until the end (one read of a pipe returns what is there)."""
+    chunks = []
+    while limit > 0:
+        chunk = fh.read(min(limit, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class OutputFile:
+    """Where `-o FILE` writes, and how."""
+
+    path: str        # the file written: FILE, or the target of the symbolic link FILE
+    in_place: bool   # a character device or FIFO: opened and written directly, never replaced
+    mode: int        # the permission bits of a new or replaced regular file
+
+
+def output_file(path: str) -> OutputFile:
+    """How to write PATH: replace a new path or a regular file atomically (keeping an existing
+    file's permissions, 0666 & ~umask for a new one), write into a character device or FIFO in place,
+    follow a symbolic link to its target (refused when it dangles); refuse anything else."""
+    target = path
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        if not os.path.lexists(target):
+            raise EnvironmentFailure(f"refusing to write {path}: a symbolic link to {target}, which "
+                                     f"does not exist")
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return OutputFile(target, False, 0o666 & ~_umask())
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot write {path}: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        return OutputFile(target, False, stat.S_IMODE(st.st_mode) & 0o777)
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return OutputFile(target, True, 0)
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a directory; name the archive file to write")
+    raise EnvironmentFailure(f"refusing to write {path}: it is a {file_kind(st.st_mode)}")
+
+
+def open_in_place(out: OutputFile) -> BinaryIO:
+    """A character device or FIFO opened for writing (a FIFO waits for its reader, as with cp)."""
+    try:
+        fd = os.open(out.path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EnvironmentFailure(f"cannot write {out.path}: {exc.strerror}") from None
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -15,9 +15,10 @@ import json
 import os
 import secrets
 import stat
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Protocol, Sequence
+from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from . import __version__
 from .archive import JSON_CAP, load_json
@@ -37,6 +38,8 @@ BUNDLE_SCHEMA = "isep-bundle/1"
 DELTA_SCHEMA = "isep-bundle/2"   # some part is a delta part (isep.deltajoin): older isep refuses it by its schema
 TEMP_PREFIX = ".isep-tmp-"
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
+ISULA_RECORD = "isula_manifest"  # isep-bundle.json's sha256 of the isula-build `manifest` isep wrote
+LOCK_WAIT = 60.0  # seconds a pack waits for another pack's lock on the store (--wait)
 
 
 class Writable(Protocol):
@@ -190,18 +193,55 @@ class Store:
         return True
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialises the read-merge-write of the bundle manifest between concurrent packs."""
+    def locked(self, wait: float = LOCK_WAIT, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Serialises the read-merge-write of the bundle manifest between concurrent packs. A lock
+        held by another process is waited for up to WAIT seconds (ON_WAIT hears it once), then the
+        store is reported busy (EnvironmentFailure)."""
         try:
-            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=self.fd)
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o644, dir_fd=self.fd)
         except OSError as exc:
             raise os_error(exc, f"cannot lock {self.path}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise EnvironmentFailure(f"cannot lock {self.path}: {LOCK_FILE} is not a regular file")
+            self._acquire(fd, wait, on_wait)
             yield
         finally:
             os.close(fd)
+
+    def _acquire(self, fd: int, wait: float, on_wait: Callable[[str], None] | None) -> None:
+        deadline = time.monotonic() + max(wait, 0)
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            holder = lock_holder(fd)
+            if time.monotonic() >= deadline:
+                raise EnvironmentFailure(f"{self.path} is busy: its lock is held by {holder} (waited "
+                                         f"{wait:g} s; see --wait)")
+            if not told and on_wait is not None:
+                on_wait(f"waiting for the lock on {self.path}, held by {holder} (up to {wait:g} s)")
+                told = True
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0.01)))
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the flock on FD's file: "pid N" from /proc/locks (Linux), else "another process"."""
+    st = os.fstat(fd)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return f"pid {fields[4]}"
+    except OSError:
+        pass
+    return "another process"
 
 
 def parse_manifest(data: bytes, what: str) -> dict:

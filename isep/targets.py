@@ -2,13 +2,15 @@
 on stdout (isep.stream.StreamTarget)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Callable, Protocol, TypeVar
 
-from .archive import JSON_CAP
-from .bundle import Store, encode_isula_manifest, encode_manifest, merge_manifest, os_error, write_all
-from .errors import EnvironmentFailure
+from .archive import JSON_CAP, load_json
+from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, merge_manifest,
+                     os_error, write_all)
+from .errors import BadInput, EnvironmentFailure
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
 from .parts import Sink, drain
 from .signing import sign_manifest
@@ -79,9 +81,12 @@ class _FileOut:
 class DirTarget:
     """Parts go to temporary names in the store and are renamed when all is done, manifest last."""
 
-    def __init__(self, store: Store, sign_key: str | None = None):
+    def __init__(self, store: Store, sign_key: str | None = None, *, lock_wait: float = LOCK_WAIT,
+                 warn: Callable[[str], None] | None = None):
         self.store = store
         self.sign_key = sign_key
+        self.lock_wait = lock_wait
+        self.warn = warn or (lambda message: None)
         self.existing = store.read_manifest()
         self.spool_dir: str | None = store.path
         self._outs: list[tuple[_FileOut, str | None]] = []
@@ -118,7 +123,7 @@ class DirTarget:
         final = {n: o.temp_name for o, n in self._outs if n is not None}
         committed: list[str] = []
         try:
-            with self.store.locked():
+            with self.store.locked(self.lock_wait, self.warn):
                 return self._commit(parts, images, isula, final, committed)
         except BaseException:
             for name in committed:  # ours, renamed a moment ago: a bundle is complete or absent
@@ -158,9 +163,13 @@ class DirTarget:
             if isula is not None:
                 isula = _rehash_isula(isula, adopted)
         doc = merge_manifest(current, parts, images)
+        isula = None if isula is None else self._isula_to_write(current, isula)
+        if isula is not None:
+            doc[ISULA_RECORD] = "sha256:" + hashlib.sha256(isula).hexdigest()
+        elif self.store.exists(ISULA_MANIFEST) and doc.get(ISULA_RECORD) != self._isula_sha256():
+            doc.pop(ISULA_RECORD, None)  # the `manifest` there now is not the one isep wrote
         # both manifests written in full first (a full disk fails here, changing nothing), then renamed
-        isula_temp = None if isula is None else self.store.prepare_file(
-            ISULA_MANIFEST, _merge_isula(self.store, isula))
+        isula_temp = None if isula is None else self.store.prepare_file(ISULA_MANIFEST, isula)
         data = encode_manifest(doc)
         sig_temp = None if self.sign_key is None else self.store.prepare_file(
             SIGNATURE_FILE, sign_manifest(data, self.sign_key))
@@ -175,6 +184,40 @@ class DirTarget:
         except OSError:
             pass
         return doc
+
+    def _isula_to_write(self, current: dict | None, new: bytes) -> bytes | None:
+        """isula-build's manifest to write: NEW, merged into the store's when isep wrote that one;
+        None (with a warning) when the store holds a `manifest` isep did not write."""
+        old = self._isula_entries(current)
+        if old is None:
+            self.warn(f"{os.path.join(self.store.path, ISULA_MANIFEST)} was not written by isep: left "
+                      f"as it is, without isula-build's entries for this pack")
+            return None
+        return encode_isula_manifest({**old, **json.loads(new)})
+
+    def _isula_entries(self, current: dict | None) -> dict | None:
+        """The entries of the store's isula manifest ({} when there is none); None when the file
+        there is not one isep wrote: its sha256 is not the one isep-bundle.json records, and (for
+        stores packed before the record) it is not an isula manifest whose entries name its parts."""
+        if not self.store.exists(ISULA_MANIFEST):
+            return {}
+        raw = self.store.read_raw(ISULA_MANIFEST, JSON_CAP + 1) or b""
+        try:
+            entries = load_json(raw, os.path.join(self.store.path, ISULA_MANIFEST))
+        except BadInput:
+            return None
+        if not isinstance(entries, dict):
+            return None
+        recorded = (current or {}).get(ISULA_RECORD)
+        if recorded is not None:
+            return entries if recorded == "sha256:" + hashlib.sha256(raw).hexdigest() else None
+        known = {p["file"] for p in (current or {}).get("parts", [])}
+        ours = entries and all(isinstance(e, dict) and e.get("app") in known for e in entries.values())
+        return entries if ours else None
+
+    def _isula_sha256(self) -> str | None:
+        raw = self.store.read_raw(ISULA_MANIFEST, JSON_CAP + 1)
+        return None if raw is None else "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def abort(self) -> None:
         drain()
@@ -196,17 +239,3 @@ def _rehash_isula(isula: bytes, adopted: dict[str, dict]) -> bytes:
             if part is not None:
                 entry[role + "Hash"] = part["sha256"][len("sha256:"):]
     return encode_isula_manifest(entries)
-
-
-def _merge_isula(store: Store, new: bytes) -> bytes:
-    merged = {}
-    if store.exists(ISULA_MANIFEST):
-        with store.open_read(ISULA_MANIFEST) as fh:
-            try:
-                old = json.loads(fh.read(JSON_CAP))
-                if isinstance(old, dict):
-                    merged.update(old)
-            except (ValueError, UnicodeDecodeError):
-                pass
-    merged.update(json.loads(new))
-    return encode_isula_manifest(merged)

@@ -10,7 +10,7 @@ import typer
 
 from .. import __version__
 from ..archive import build_index, scan_metadata
-from ..bundle import Store
+from ..bundle import LOCK_WAIT, Store
 from ..deltapack import DeltaTarget, open_reference_store, parse_size
 from ..errors import EnvironmentFailure, UsageError
 from ..isula import pack_isula, pack_isula_stream
@@ -98,6 +98,7 @@ def pack(
     sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
     delta_from: Optional[str] = typer.Option(None, "--delta-from", metavar="STORE", help="Ship only what the receiver's STORE (a copy of the device's store) lacks: a layer a part in STORE carries is referenced, not shipped; another layer is shipped as a zstd delta against the most similar layer of STORE when that is smaller, else plain. The bundle has the schema isep-bundle/2, which older isep versions refuse."),
     delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use (reference slice plus window); larger layers are cut into segments, and the receiver needs as much (isep-join --delta-memory)."),
+    wait: float = typer.Option(LOCK_WAIT, "--wait", metavar="SECONDS", min=0, help="How long to wait for another pack's lock on the store DIR before giving up (exit 3); 0 gives up at once."),
     layout: Layout = typer.Option(Layout.isep, "--format", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
 ) -> None:
     if (plan_file is None) == (base is None):
@@ -120,7 +121,7 @@ def pack(
         raise UsageError("--delta-from makes isep parts: isula-build cannot load them (leave out --format isula)")
     reference = open_reference_store(delta_from) if delta_from is not None else None
     memory = parse_size(delta_memory)
-    target = _open_target(output, sign)
+    target = _open_target(output, sign, wait, ui)
     if reference is not None:
         target = DeltaTarget(target, reference, level=level, memory=memory)
     try:
@@ -135,10 +136,10 @@ def pack(
         _delta_summary(ui, target.shipped)
 
 
-def _open_target(output: str, sign: Optional[str]):
+def _open_target(output: str, sign: Optional[str], wait: float, ui: Ui):
     if output == "-":
         return StreamTarget(stdout_binary(), {"isep": __version__}, sign_key=sign)
-    return DirTarget(Store(output), sign_key=sign)
+    return DirTarget(Store(output), sign_key=sign, lock_wait=wait, warn=ui.warn)
 
 
 def _run(fh, name, plan, base, lib, target, options):

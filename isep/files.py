@@ -83,22 +83,20 @@ def output_file(path: str) -> OutputFile:
     """How to write PATH: replace a new path or a regular file atomically (keeping an existing
     file's permissions, 0666 & ~umask for a new one), write into a character device or FIFO in place,
     follow a symbolic link to its target (refused when it dangles); refuse anything else."""
-    target = path
-    if os.path.islink(path):
-        target = os.path.realpath(path)
-        if not os.path.lexists(target):
-            raise EnvironmentFailure(f"refusing to write {path}: a symbolic link to {target}, which "
-                                     f"does not exist")
     try:
-        st = os.stat(target)
+        st = os.stat(path)  # through links, /proc's included (/dev/stdout -> /proc/self/fd/1 -> pipe:[N])
     except FileNotFoundError:
-        return OutputFile(target, False, 0o666 & ~_umask())
+        if os.path.islink(path):
+            raise EnvironmentFailure(f"refusing to write {path}: a symbolic link to "
+                                     f"{os.readlink(path)}, which does not exist") from None
+        return OutputFile(path, False, 0o666 & ~_umask())
     except OSError as exc:
         raise EnvironmentFailure(f"cannot write {path}: {exc.strerror}") from None
-    if stat.S_ISREG(st.st_mode):
-        return OutputFile(target, False, stat.S_IMODE(st.st_mode) & 0o777)
     if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-        return OutputFile(target, True, 0)
+        return OutputFile(path, True, 0)
+    if stat.S_ISREG(st.st_mode):
+        target = os.path.realpath(path) if os.path.islink(path) else path
+        return OutputFile(target, False, stat.S_IMODE(st.st_mode) & 0o777)
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path} is a directory; name the archive file to write")
     raise EnvironmentFailure(f"refusing to write {path}: it is a {file_kind(st.st_mode)}")

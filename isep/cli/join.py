@@ -8,6 +8,7 @@ from typing import Optional, cast
 import typer
 
 from ..errors import UsageError
+from ..files import OutputFile, open_in_place, output_file
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
 from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, rebuild_delta_parts
@@ -64,7 +65,7 @@ def join(
     lib_part: Optional[str] = typer.Option(None, "--lib-part", "-l", metavar="PART", help="Lib part file to use."),
     app_part: Optional[str] = typer.Option(None, "--app-part", "-a", metavar="PART", help="App part file to use."),
     image_opt: Optional[str] = typer.Option(None, "--image", "-i", metavar="IMAGE", help="Image name (when IMAGE is -)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE instead of stdout: a new or regular FILE is replaced atomically when complete; a device or FIFO is written in place; a symbolic link is followed."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     have: Optional[list[str]] = typer.Option(None, "--have", metavar="REF", help="What the loading engine already holds (repeatable): `docker inspect` JSON of one or more images, an isep index, a bundle directory or its isep-bundle.json, an image config; FILE:NAME picks one image. The archive leaves out the layer files of every layer whose whole chain REF shows, so base and lib parts need not be at hand; a layer neither a part nor REF covers is refused before anything is written (exit 6). For Docker 20.10+, Docker's containerd store and ctr images import; podman refuses such archives, so podman inspect JSON is refused."),
@@ -208,15 +209,24 @@ def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:
             checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
         out.flush()
     else:
-        directory = os.path.dirname(os.path.abspath(output))
-        fd, temp = scratch_file(".isep-tmp-", directory)
-        with os.fdopen(fd, "wb") as out:
-            checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, output)
+        checks = _write_file(output_file(output), parts, chosen, options, trailer)
     left_out = f", the files of the bottom {options.thin_layers} left out (--have)" if options.thin_layers else ""
     ui.info(f"{len(checks['parts'])} part(s) checked, {checks['layers']} layer diffIDs verified{left_out}")
+
+
+def _write_file(target: OutputFile, parts, chosen, options, trailer) -> dict:
+    """-o FILE: a device or FIFO written in place; a regular file replaced by a complete one."""
+    if target.in_place:
+        with open_in_place(target) as out:
+            return join_parts(parts, out, chosen, options, trailer_size=trailer)
+    fd, temp = scratch_file(".isep-tmp-", os.path.dirname(os.path.abspath(target.path)))
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(fd, target.mode)
+        checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, target.path)
+    return checks
 
 
 def main() -> None:

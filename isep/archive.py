@@ -269,8 +269,9 @@ def symlinks_in(table: dict[str, dict]) -> Callable[[str], str | None]:
     return link_of
 
 
-def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
-    """Follow symlinks and hard links to the regular member holding the bytes."""
+def resolve_link(name: str, table: dict[str, dict], what: str, role: str = "layer") -> dict:
+    """Follow symlinks and hard links to the regular member holding the bytes (ROLE names it in
+    messages: layer or config)."""
     rec = table.get(name)
     hops = 0
     while rec is not None and rec["type"] in ("symlink", "hardlink"):
@@ -279,9 +280,15 @@ def resolve_link(name: str, table: dict[str, dict], what: str) -> dict:
             raise BadInput(f"{what}: {kind} loop at {name!r}")
         hops += 1
         rec = table.get(link_target(rec["name"], str(rec.get("link")), rec["type"]))
-    if rec is None or rec["type"] != "file":
-        raise BadInput(f"{what}: layer member {name!r} is missing from the archive")
+    if rec is None:
+        raise BadInput(f"{what}: {role} member {name!r} is missing from the archive")
+    if rec["type"] != "file":
+        raise BadInput(f"{what}: {role} member {name!r} is a {_KIND_WORDS.get(rec['type'], rec['type'])}, "
+                       f"not a regular file")
     return rec
+
+
+_KIND_WORDS = {"dir": "directory", "char": "character device", "block": "block device", "fifo": "FIFO"}
 
 
 def blob_name(digest: str) -> str:
@@ -301,7 +308,7 @@ def _parse_member_json(scanned: ScannedArchive, name: str, what: str):
         table = scanned.by_name()
         if name not in table:
             raise BadInput(f"{what}: {name!r} is missing from the archive")
-        rec = resolve_link(name, table, what)
+        rec = resolve_link(name, table, what, "JSON")
         data = scanned.blobs.get(rec["name"])
         if data is None:
             raise BadInput(f"{what}: {name!r} is not a JSON document of at most {JSON_CAP} bytes")
@@ -367,7 +374,7 @@ def _image_from_entry(scanned: ScannedArchive, entry, table: dict, n: int) -> Im
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise BadInput(f"{what}: RepoTags is not a list of strings")
     config_name = entry["Config"]
-    config_rec = resolve_link(config_name, table, what)
+    config_rec = resolve_link(config_name, table, what, "config")
     config = _member_json(scanned, config_rec["name"], what)
     diff_ids = _diff_ids(config, f"{what} config {config_name}")
     if len(diff_ids) != len(paths):
@@ -468,7 +475,7 @@ def _image_from_oci_manifest(scanned, table, doc: dict, tag: str | None, owned: 
     if not isinstance(digest, str):
         raise BadInput(f"{what}: an image manifest's config has no digest")
     config_name = blob_name(digest)
-    config_rec = resolve_link(config_name, table, what)
+    config_rec = resolve_link(config_name, table, what, "config")
     config = _member_json(scanned, config_name, what)
     diff_ids = _diff_ids(config, f"{what} config {config_name}")
     descs = _check_list(doc.get("layers"), f"{what} manifest layers")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 from typing import BinaryIO, Callable
@@ -26,6 +27,7 @@ STREAM_SCHEMA = "isep-stream/1"
 STREAM_HEAD = "isep-stream.json"
 STREAM_NEEDS = "isep-needs.json"  # the store layers delta parts read, sent before their bytes
 STREAM_CHUNK = 4 << 20
+_CHUNK_NUMBER = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() and int() also take '²' and '١'
 
 
 class _StreamPart:
@@ -159,7 +161,7 @@ def receive_stream(source: Source, temp_dir: str,
         elif name.startswith("parts/") and member.is_file:
             _, file_name, number = (name.split("/") + ["", ""])[:3]
             problem = check_file_name(file_name, "bundle stream part")
-            if problem or not number.isdigit():
+            if problem or not _CHUNK_NUMBER.fullmatch(number):
                 raise BadInput(problem or f"bundle stream: bad chunk name {name!r}")
             fh, count = files.get(file_name, (None, 0))
             if int(number) != count:

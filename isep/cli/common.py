@@ -133,16 +133,56 @@ _CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == 
 def launch(app: typer.Typer, prog: str) -> None:
     """The console-script entry point: run APP; a bad option or argument is one line and exit 2,
     like every other error."""
+    guard_standard_streams()
     try:
         status = app(prog_name=prog, standalone_mode=False)
     except _CLICK_ERROR as exc:
         ctx = getattr(exc, "ctx", None)
-        print(f"{ctx.command_path if ctx else prog}: error: {one_line(exc.format_message())}",
-              file=sys.stderr, flush=True)
+        where = ctx.command_path.replace(" ", "-") if ctx else prog  # `isep pack` reports as isep-pack
+        print(f"{where}: error: {one_line(exc.format_message())}", file=sys.stderr, flush=True)
         status = exc.exit_code
     except typer.Abort:  # ^C while click parsed the options (click < 8.2)
         status = ExitStatus.INTERRUPTED
+    except BrokenPipeError:  # --help into `head`
+        _silence_stdout()
+        status = ExitStatus.BROKEN_PIPE
+    except OSError as exc:  # --help or --version into a closed or full stdout
+        _silence_stdout()
+        reason = "it is closed" if "stdout" in _closed_streams else exc.strerror or str(exc)
+        print(f"{prog}: error: cannot write to stdout: {reason}", file=sys.stderr, flush=True)
+        status = ExitStatus.ENVIRONMENT
     sys.exit(int(status or 0))
+
+
+_closed_streams: set[str] = set()  # the standard streams the command was started without
+
+
+def guard_standard_streams() -> None:
+    """A standard stream closed by the caller (`<&-`, `>&-`, `2>&-`) gets /dev/null on its
+    descriptor, so that no file isep opens later takes that number (a part read as stdin, messages
+    written into an output). stdin and stdout get it the wrong way round, so that any use fails (EBADF)
+    as on a closed descriptor; the commands check first and say so (exit 3). A closed stderr
+    swallows the messages; the exit status is unchanged."""
+    for fd, name, flags in ((0, "stdin", os.O_WRONLY), (1, "stdout", os.O_RDONLY), (2, "stderr", os.O_WRONLY)):
+        if getattr(sys, name) is not None:  # Python sets None for a descriptor closed at startup
+            continue
+        try:
+            os.fstat(fd)
+            continue  # already taken by something else: leave it
+        except OSError:
+            pass
+        null = os.open(os.devnull, flags)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        setattr(sys, name, open(fd, "r" if name == "stdin" else "w", closefd=False))
+        _closed_streams.add(name)
+
+
+def require_stream(name: str, what: str) -> None:
+    """EnvironmentFailure when the command needs stdin or stdout (NAME) and was started without it."""
+    if name in _closed_streams:
+        raise EnvironmentFailure(f"{name} is closed, and {what} goes through it")
 
 
 class Ui:
@@ -250,7 +290,8 @@ def run_command(prog: str, debug: bool, body: Callable[[], Optional[int]]) -> No
 
 
 def _silence_stdout() -> None:
-    """After EPIPE, point stdout at /dev/null so that the interpreter's final flush stays quiet."""
+    """After EPIPE or a failed write, point stdout at /dev/null so that the interpreter's final
+    flush stays quiet."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -278,6 +319,7 @@ def _report(prog: str, message: str, debug: bool) -> None:
 def open_input(path: str | None, what: str = "input"):
     """A binary file object for PATH, or stdin for '-' / nothing (refused when it is a terminal)."""
     if path in (None, "-"):
+        require_stream("stdin", f"the {what}")
         if sys.stdin.isatty():
             raise UsageError(f"no {what} given and stdin is a terminal; pipe an archive in or name a file")
         return sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer, "stdin"
@@ -313,6 +355,7 @@ def _is_pipe(st) -> bool:
 
 
 def stdout_binary():
+    require_stream("stdout", "the output")
     if sys.stdout.isatty():
         raise UsageError("refusing to write binary data to a terminal; redirect stdout or use -o")
     return sys.stdout.buffer
@@ -321,6 +364,7 @@ def stdout_binary():
 def write_json(doc, *, compact: bool = False, cap: Optional[int] = None, what: str = "the output") -> None:
     """doc on stdout; with cap (an index or a plan: member records one per line), refused before a
     byte is written when its readers would refuse it."""
+    require_stream("stdout", "the JSON output")
     if cap is not None and not compact:
         data: bytes | bytearray = encode_document(doc, cap, what)
     else:

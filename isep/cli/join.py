@@ -23,6 +23,7 @@ from .common import (
     input_source,
     launch,
     new_app,
+    require_stream,
     scratch_dir,
     scratch_file,
     stdout_binary,
@@ -77,6 +78,8 @@ def join(
     if image == "-" and app_part == "-":
         raise UsageError("stdin can carry the bundle stream or the app part, not both")
     overrides = {r: p for r, p in (("base", base_part), ("lib", lib_part), ("app", app_part)) if p}
+    if "-" in overrides.values():
+        require_stream("stdin", "a part given as -")
     if trust is not None and no_verify:
         raise UsageError("--trust relies on the part hashes: leave out --no-verify")
     held = _resolve_have(have or [], normalize)

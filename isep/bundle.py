@@ -555,6 +555,8 @@ def isula_part_inputs(bundle: Bundle, name: str | None, overrides: dict[str, str
             raise BadInput(f"{bundle.path}/manifest: {key!r} has no {role} tarball")
         if not file_name and role not in overrides:
             continue  # saved without a lib (isula-build itself cannot load these)
+        if not isinstance(entry.get(hash_key) or "", str):
+            raise BadInput(f"{bundle.path}/manifest: {hash_key} of {key!r} is not a string")
         path = overrides.get(role) or safe_join(bundle.path, file_name)
         out.append(PartInput(label=path, opener=part_opener(path, named_by_user=role in overrides), entry=None,
                              expected_sha256=entry.get(hash_key) or None, order=order))

@@ -401,3 +401,17 @@ def test_a_config_that_is_a_directory_is_named_so(samples, sb):
     for cmd in (["index", archive], ["pack", *pack_args(samples["docker-oci"])[1:], archive, "-o", sb.out]):
         res = run(*cmd, expect=4, sandbox=sb)
         assert "config member" in res.error and "is a directory" in res.error
+
+
+@pytest.mark.parametrize("value", [[[1]], 5, {"a": 1}])
+def test_an_isula_manifest_hash_that_is_not_a_string(value, stores, sb):
+    """isula-build's manifest with a non-string appHash: bad input (4), a failed check in verify."""
+    sb.out.mkdir()
+    files = part_files(stores["docker-oci"])
+    for role in ("base", "app"):
+        (sb.out / files[role]).write_bytes((stores["docker-oci"] / files[role]).read_bytes())
+    entry = {"app": files["app"], "base": files["base"], "appHash": value}
+    (sb.out / "manifest").write_text(json.dumps({"x:1": entry}))
+    res = run("join", sb.out, expect=4, sandbox=sb)
+    assert "appHash" in res.error
+    run("verify", sb.out, expect=5, report=True, sandbox=sb)

@@ -232,9 +232,12 @@ def _check_images(top: _Fields, parts: list[dict], base: list[str], lib: list[st
 
 
 def _check_legacy(image: _Fields) -> None:
-    for n, pair in enumerate(image.get("legacy_layers", list, optional=True) or []):
+    pairs = image.get("legacy_layers", list, optional=True)
+    for n, pair in enumerate(pairs or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             image.fail(f"legacy_layers[{n}]", "is not a [layer ID, JSON] pair")
+    if pairs is not None and len(pairs) != len(image.doc.get("diff_ids") or []):  # --format isula zips them
+        image.fail("legacy_layers", "does not have one entry per layer")
 
 
 def _check_routing(plan: dict, parts: list[dict], base: list[str], lib: list[str] | None, what: str) -> None:

@@ -415,3 +415,31 @@ def test_an_isula_manifest_hash_that_is_not_a_string(value, stores, sb):
     res = run("join", sb.out, expect=4, sandbox=sb)
     assert "appHash" in res.error
     run("verify", sb.out, expect=5, report=True, sandbox=sb)
+
+
+def _damage(plan: dict, path: tuple, value) -> dict:
+    doc = json.loads(json.dumps(plan))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return doc
+
+
+PLAN_DAMAGE = [(("source",), None), (("base",), {}), (("lib",), "x"), (("parts",), []), (("parts", 0), {}),
+               (("parts", 0, "role"), None), (("parts", 0, "members"), -1), (("parts", 0, "members", 0), []),
+               (("parts", 0, "layers"), []), (("parts", 0, "layers", 0), None), (("parts", 0, "file"), "../x"),
+               (("images",), []), (("images", 0), {}), (("images", 0, "app_part"), None),
+               (("images", 0, "app_part"), "elsewhere"), (("images", 0, "config"), {}),
+               (("images", 0, "layer_paths", 0), []), (("members", 0), {}), (("trailer_size",), "1024"),
+               (("images", 0, "legacy_layers"), [])]
+
+
+@pytest.mark.parametrize("path,value", PLAN_DAMAGE, ids=["/".join(map(str, p)) + f"={v!r}" for p, v in PLAN_DAMAGE])
+def test_a_damaged_plan_is_bad_input(path, value, samples, sb):
+    """A plan is user input: any damage is exit 4 before anything is written, never exit 1."""
+    s = samples["docker-oci"]
+    index = run("index", s["app1"]).stdout
+    plan = json.loads(run("partition", "--base", s["inspect-base"], "--lib", s["inspect-lib"], stdin=index).stdout)
+    damaged = sb.put("plan.json", json.dumps(_damage(plan, path, value)).encode())
+    run("pack", s["app1"], "--plan", damaged, "-o", sb.out, expect=4, sandbox=sb)

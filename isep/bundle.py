@@ -9,7 +9,6 @@ the chosen parts carry every layer in an order the join can merge.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -22,7 +21,7 @@ from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from . import __version__
 from .archive import JSON_CAP, load_json
-from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError
+from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError, os_error
 from .files import open_for_reading
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
@@ -57,13 +56,6 @@ def write_all(fh: Writable, data: bytes | bytearray | memoryview) -> None:
         if written is None:  # a sink that reports nothing took it all
             return
         view = view[written:]
-
-
-def os_error(exc: OSError, what: str) -> EnvironmentFailure:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
-        reason = "no space left on device"
-    return EnvironmentFailure(f"{what}: {reason}")
 
 
 class Store:

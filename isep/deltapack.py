@@ -21,15 +21,15 @@ import base64
 import json
 import re
 import tempfile
-from typing import IO, BinaryIO, Iterable
+from typing import BinaryIO, Iterable
 
-from .bundle import Bundle, open_bundle, os_error, part_for_layers
+from .bundle import Bundle, open_bundle, part_for_layers
 from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, LayerInfo, check_memory_option, decode_layer, encode_layer,
                     peak_memory, plan_segments, rank_references)
 from .deltajoin import StoreLayers, delta_member_name, part_needs
 from .errors import IntegrityError, UsageError
 from .names import split_tag
-from .parts import DecompressingReader, PartWriter, rewound_chunks
+from .parts import DecompressingReader, PartWriter, TemporaryPart, rewound_chunks
 from .targets import OutputTarget
 from .tarstream import CHUNK, Member, Source, TarReader, padded
 from .tarwrite import build_header
@@ -55,25 +55,6 @@ def open_reference_store(path: str) -> Bundle:
     if bundle.kind != "isep":
         raise UsageError(f"--delta-from {path}: an isula-build bundle; name an isep store")
     return bundle
-
-
-class _Spool:
-    """A part packed into an unnamed temporary file, read back when the pack finishes."""
-
-    def __init__(self, directory: str | None):
-        try:
-            self.raw: IO[bytes] = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-delta-")
-        except OSError as exc:
-            raise os_error(exc, "cannot create a temporary file") from None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self.raw.write(data)
-        except OSError as exc:
-            raise os_error(exc, "cannot write a temporary file") from None
-
-    def close(self) -> None:
-        pass
 
 
 def store_candidates(doc: dict) -> list[LayerInfo]:
@@ -115,7 +96,7 @@ class DeltaTarget:
         self.level = level
         self.memory = memory
         self.delta_level = delta_level
-        self._spools: dict[str, _Spool] = {}
+        self._spools: dict[str, TemporaryPart] = {}
         self.shipped: list[dict] = []   # per layer: how it crossed (for the summary)
 
     @property
@@ -129,19 +110,18 @@ class DeltaTarget:
     def holds_part(self, entry: dict) -> bool:
         return self.inner.holds_part(entry)
 
-    def open(self, file_name: str) -> _Spool:
-        spool = _Spool(self.inner.spool_dir)
+    def open(self, file_name: str) -> TemporaryPart:
+        spool = TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
         self._spools[file_name] = spool
         return spool
 
-    def open_section(self) -> _Spool:
-        return _Spool(self.inner.spool_dir)
+    def open_section(self) -> TemporaryPart:
+        return TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
 
-    def reopen(self, out: _Spool) -> BinaryIO:
-        out.raw.seek(0)
-        return out.raw  # type: ignore[return-value]  # a TemporaryFile is a binary file
+    def reopen(self, out: TemporaryPart) -> BinaryIO:
+        return out.rewound()
 
-    def name(self, out: _Spool, file_name: str | None) -> None:
+    def name(self, out: TemporaryPart, file_name: str | None) -> None:
         if file_name is not None:
             self._spools[file_name] = out
 
@@ -174,11 +154,11 @@ class DeltaTarget:
             spool.raw.close()
         self.inner.abort()
 
-    def _delta_part(self, part: dict, spool: _Spool, layer_ids: set[str],
-                   positions: dict[str, tuple[str, int]]) -> tuple[dict, _Spool]:
+    def _delta_part(self, part: dict, spool: TemporaryPart, layer_ids: set[str],
+                   positions: dict[str, tuple[str, int]]) -> tuple[dict, TemporaryPart]:
         """(entry, file) of a part with its layers referenced or delta-compressed where that wins;
         the part as packed when nothing changed."""
-        delta_spool = _Spool(self.inner.spool_dir)
+        delta_spool = TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
         writer = PartWriter(part["file"], delta_spool, part["compression"], self.level)
         members: list[dict] = []
         source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),

@@ -1,6 +1,7 @@
 """One exception hierarchy; the CLI maps each class to one exit code (see ExitStatus)."""
 from __future__ import annotations
 
+import errno
 import signal
 from enum import IntEnum
 
@@ -66,3 +67,10 @@ class Interrupted(IsepError):
         super().__init__(f"interrupted by signal {signum}")
         self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.TERMINATED
 
+
+def os_error(exc: OSError, what: str) -> EnvironmentFailure:
+    """An OSError as one line: what isep was doing and why it failed (a full disk said plainly)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return EnvironmentFailure(f"{what}: {reason}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import tempfile
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ import zstandard
 from isal import isal_zlib
 
 from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
-from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError
+from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError, os_error
 from .files import open_for_reading
 from .tarstream import CHUNK
 from .tarwrite import END_OF_ARCHIVE
@@ -385,6 +386,30 @@ class DecompressingReader:
         buf[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+
+class TemporaryPart:
+    """A part written into an unnamed temporary file (removed when closed) and read back later: the
+    app section of a one-shot pack on a stream, a part spooled to be delta-encoded."""
+
+    def __init__(self, directory: str | None, prefix: str):
+        try:
+            self.raw: BinaryIO = cast(BinaryIO, tempfile.TemporaryFile(dir=directory, prefix=prefix))
+        except OSError as exc:
+            raise os_error(exc, "cannot create a temporary file") from None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            raise os_error(exc, "cannot write a temporary file") from None
+
+    def close(self) -> None:
+        """The part writer is done with it; the file stays open until it has been read back."""
+
+    def rewound(self) -> BinaryIO:
+        self.raw.seek(0)
+        return self.raw
 
 
 def rewound_chunks(fh: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
-from .bundle import MANIFEST_CAP, Bundle, Store, encode_manifest, merge_manifest, os_error, parse_manifest
+from .bundle import MANIFEST_CAP, Bundle, Store, encode_manifest, merge_manifest, parse_manifest
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
-from .parts import drain, part_opener, rewound_chunks
+from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
 from .errors import BadInput, EnvironmentFailure
 from .tarstream import Source, TarReader, padded
@@ -50,25 +49,6 @@ class _StreamPart:
             self.buf.clear()
 
 
-class _TempOut:
-    """The app section of a one-shot pack, spooled until the stream's parts are known."""
-
-    def __init__(self, directory: str | None):
-        try:
-            self.raw = tempfile.TemporaryFile(dir=directory, prefix=".isep-tmp-section-")
-        except OSError as exc:
-            raise os_error(exc, "cannot create a temporary file") from None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self.raw.write(data)
-        except OSError as exc:
-            raise os_error(exc, "cannot write a temporary file") from None
-
-    def close(self) -> None:
-        pass
-
-
 class StreamTarget:
     """A bundle as one tar stream: a head, then each part as numbered chunk members
     (`parts/<file>/<n>`, at most 4 MiB each), then isula's manifest and isep-bundle.json last."""
@@ -83,7 +63,7 @@ class StreamTarget:
         self.sign_key = sign_key
         self.existing: dict | None = None   # a stream starts no store: nothing to reuse
         self._counters: dict[str, int] = {}
-        self._named: list[tuple[_TempOut, str]] = []
+        self._named: list[tuple[TemporaryPart, str]] = []
         self._lock = threading.RLock()  # parts' frames are written from the compression threads
         self._head = json.dumps({"schema": STREAM_SCHEMA, **head}).encode()
         self._started = False  # nothing reaches stdout before the first part bytes: errors leave it empty
@@ -110,14 +90,13 @@ class StreamTarget:
         """Tell the receiver which layers of its store the delta parts that follow read."""
         self._emit(STREAM_NEEDS, json.dumps(needs).encode())
 
-    def open_section(self) -> _TempOut:
-        return _TempOut(None)
+    def open_section(self) -> TemporaryPart:
+        return TemporaryPart(None, ".isep-tmp-section-")
 
-    def reopen(self, out: _TempOut) -> BinaryIO:
-        out.raw.seek(0)
-        return out.raw
+    def reopen(self, out: TemporaryPart) -> BinaryIO:
+        return out.rewound()
 
-    def name(self, out: _TempOut, file_name: str | None) -> None:
+    def name(self, out: TemporaryPart, file_name: str | None) -> None:
         if file_name is not None:
             self._named.append((out, file_name))
 

@@ -9,8 +9,8 @@ from typing import BinaryIO, Callable, Protocol, TypeVar
 
 from .archive import JSON_CAP, load_json
 from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, merge_manifest,
-                     os_error, write_all)
-from .errors import BadInput, EnvironmentFailure
+                     write_all)
+from .errors import BadInput, EnvironmentFailure, os_error
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
 from .parts import Sink, drain
 from .signing import sign_manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from .digests import BlobHasher, sniff_compression
 from .errors import BadInput, IntegrityError
@@ -156,6 +156,16 @@ def scan_member(member: Member, rec: dict, kept: KeptJson | None,
             sink_(member.padding)
 
 
+def recorded_members(reader: TarReader, scanned: ScannedArchive) -> Iterator[tuple[Member, dict]]:
+    """Each member with its record, the record already listed in scanned.members; an archive past
+    the member limit is refused at the member that crosses it, before anything was written."""
+    for seq, member in enumerate(reader):
+        check_member_count(seq + 1, scanned.name)
+        rec = member_record(member, seq)
+        scanned.members.append(rec)
+        yield member, rec
+
+
 def scan_metadata(source: Source) -> ScannedArchive:
     """Headers and small JSON members only (hashed and kept); other members are skipped (by seeking,
     on a file) after their first bytes tell whether they are compressed. Enough to plan, not to
@@ -164,9 +174,7 @@ def scan_metadata(source: Source) -> ScannedArchive:
     scanned = ScannedArchive(name=source.name)
     kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
-    for seq, member in enumerate(reader):
-        check_member_count(seq + 1, source.name)
-        rec = member_record(member, seq)
+    for member, rec in recorded_members(reader, scanned):
         head = member.read_all(JSON_CAP) if member.is_file and member.size <= JSON_CAP else None
         if head is not None and looks_like_json(head):
             rec.update(pass_member(member, [], kept, chunks=[head]))
@@ -178,7 +186,6 @@ def scan_metadata(source: Source) -> ScannedArchive:
             compression = sniff_compression(member.head_then_skip(4))
             if compression:
                 rec["compression"] = compression
-        scanned.members.append(rec)
     scanned.trailer = reader.trailer
     scanned.size = source.offset
     return scanned
@@ -190,13 +197,10 @@ def scan(source: Source, *, sink: Callable | None = None,
     scanned = ScannedArchive(name=source.name)
     kept = KeptJson(source.name, scanned.blobs)
     reader = TarReader(source)
-    for seq, member in enumerate(reader):
-        check_member_count(seq + 1, source.name)
-        rec = member_record(member, seq)
+    for member, rec in recorded_members(reader, scanned):
         scan_member(member, rec, kept, sink)
         if progress is not None:
             progress(source.offset)
-        scanned.members.append(rec)
     if sink is not None:
         sink(reader.trailer)
     scanned.trailer = reader.trailer

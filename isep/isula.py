@@ -13,7 +13,7 @@ import hashlib
 import itertools
 from typing import Iterable
 
-from .archive import Chunk, KeptJson, ScannedArchive, build_index, member_record, pass_member
+from .archive import Chunk, KeptJson, ScannedArchive, build_index, pass_member, recorded_members
 from .digests import BlobHasher, digest_hex, sniff_compression
 from .errors import BadInput, IntegrityError, Misfit
 from .legacy import chain_ids, gojson, sorted_map
@@ -199,9 +199,7 @@ def pack_isula_stream(source: Source, base: Ref, lib: Ref | None, target, option
                            _Spool(target.spool_dir), source.name)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
-    for seq, member in enumerate(reader):
-        rec = member_record(member, seq)
-        scanned.members.append(rec)
+    for member, rec in recorded_members(reader, scanned):
         router.route(member, rec)
         if options.progress:
             options.progress(source.offset)

@@ -21,12 +21,11 @@ from typing import IO, Iterable, Iterator
 import xxhash
 
 from .archive import (JSON_CAP, Chunk, KeptJson, ProgressCallback, ScannedArchive, build_index, link_target, load_json,
-                      member_record, pass_member)
+                      pass_member, recorded_members)
 from .bundle import encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
-from .limits import check_member_count
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
@@ -506,10 +505,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
     shot = OneShot(base, lib, role_writers, target.spool_dir, source.name)
     reader = TarReader(source)
     scanned = ScannedArchive(name=source.name)
-    for seq, member in enumerate(reader):
-        check_member_count(seq + 1, source.name)
-        rec = member_record(member, seq)
-        scanned.members.append(rec)
+    for member, rec in recorded_members(reader, scanned):
         shot.route(member, rec)
         if options.progress:
             options.progress(source.offset)

@@ -31,11 +31,12 @@ INDEX_MEDIA_TYPES = ("application/vnd.oci.image.index.v1+json",
                      "application/vnd.docker.distribution.manifest.list.v2+json")
 
 
-def load_json(data: bytes, what: str, cap: int = JSON_CAP, *, loader_fields: bool = False):
+def load_json(data: bytes, what: str, cap: int = JSON_CAP, *, loader_fields: bool = False,
+              shared_fields: frozenset[str] = frozenset()):
     """Parse a JSON document from an archive or a file: UTF-8, bounded size (cap: isep's own
     documents have theirs in isep.limits) and nesting, keys distinct as Go compares them; with
     loader_fields (an archive's metadata, which loaders decode into Go structs), the fields loaders
-    read spelled exactly."""
+    read spelled exactly. Equal string values of the shared_fields are one object."""
     if len(data) > cap:
         raise BadInput(f"{what}: JSON of {len(data)} bytes is over the {cap}-byte limit")
     try:
@@ -63,7 +64,9 @@ def load_json(data: bytes, what: str, cap: int = JSON_CAP, *, loader_fields: boo
             depth -= 1
     check_text(text, what)
     try:
-        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields),
+        memo: dict[str, str] = {}
+        return json.loads(text, object_pairs_hook=lambda pairs: unique_keys(pairs, what, loader_fields,
+                                                                            shared_fields, memo),
                           parse_constant=refuse_constant(what))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadInput(f"{what}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None

@@ -236,10 +236,15 @@ def lock_holder(fd: int) -> str:
     return "another process"
 
 
+# Member record fields whose values repeat across members (kinds, digests of equal content): one
+# string object each instead of one per member keeps join and verify under their peak (formats.md).
+SHARED_MEMBER_FIELDS = frozenset(("type", "compression", "sha256", "xxh3", "diff_id", "media_type"))
+
+
 def parse_manifest(data: bytes, what: str) -> dict:
     if len(data) > MANIFEST_CAP:
         raise BadInput(f"{what}: larger than {MANIFEST_CAP:,} bytes")
-    doc = load_json(data, what, MANIFEST_CAP)
+    doc = load_json(data, what, MANIFEST_CAP, shared_fields=SHARED_MEMBER_FIELDS)
     if not isinstance(doc, dict) or not isinstance(doc.get("schema"), str):
         raise BadInput(f"{what}: not an isep bundle manifest")
     if doc["schema"] not in (BUNDLE_SCHEMA, DELTA_SCHEMA):

@@ -37,9 +37,12 @@ for _field in LOADER_FIELDS:
     FOLDED_FIELDS.setdefault(_field.casefold(), set()).add(_field)
 
 
-def unique_keys(pairs: list, what: str, loader_fields: bool) -> dict:
+def unique_keys(pairs: list, what: str, loader_fields: bool, shared_fields: frozenset[str] = frozenset(),
+                memo: dict[str, str] | None = None) -> dict:
     """An object whose keys are distinct as Go compares them (case folded), and that spells every
-    field a loader reads exactly: otherwise isep and the loader could read different values."""
+    field a loader reads exactly: otherwise isep and the loader could read different values. The
+    string values of shared_fields are taken from memo, so that a value repeated in many records
+    (a member type, the digest of empty content) is held once."""
     seen: dict[str, str] = {}
     for key, _ in pairs:
         folded = key.casefold()
@@ -50,4 +53,7 @@ def unique_keys(pairs: list, what: str, loader_fields: bool) -> dict:
             raise BadInput(f"{what}: JSON key {key!r} is spelled unlike the field {sorted(FOLDED_FIELDS[folded])[0]!r} "
                            f"that Go's decoder reads it as")
         seen[folded] = key
+    if shared_fields and memo is not None:
+        return {key: memo.setdefault(value, value) if key in shared_fields and isinstance(value, str) else value
+                for key, value in pairs}
     return dict(pairs)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from isep import bundle, limits
+from isep import bundle, join, limits
 from isep.errors import BadInput
 from isep.samples import write_crowded_archive
 from tests.harness import run
@@ -42,6 +42,30 @@ def test_manifest_over_the_cap_is_refused_when_written(monkeypatch):
         bundle.encode_manifest(doc)
 
 
+def test_manifest_records_share_repeated_values():
+    """Equal type and digest values of many member records are one object (join's and verify's
+    memory per member), names are not merged, and every value reads as written."""
+    empty = "sha256:" + "e3" * 32
+    doc = bundle.new_manifest()
+    doc["parts"].append({"file": "a.tar.zst", "role": "app", "compression": "zstd", "size": 1, "raw_size": 1,
+                         "sha256": "sha256:" + "00" * 32,
+                         "members": [{"seq": n, "name": f"m{n}", "type": "file", "size": 0, "sha256": empty}
+                                     for n in range(3)]})
+    members = bundle.parse_manifest(bytes(bundle.encode_manifest(doc)), "t")["parts"][0]["members"]
+    assert members == doc["parts"][0]["members"]
+    assert members[0]["sha256"] is members[2]["sha256"] and members[0]["type"] is members[1]["type"]
+
+
+def test_join_keeps_the_manifest_record_only_when_it_agrees():
+    want = {"seq": 0, "name": "l.tar.gz", "sha256": "sha256:aa", "diff_id": "sha256:bb"}
+    assert join._digests_to_keep({"sha256": "sha256:aa", "diff_id": "sha256:bb"}, want) is want
+    other = {"sha256": "sha256:aa", "diff_id": "sha256:cc"}
+    assert join._digests_to_keep(other, want) is other
+    plain = {"sha256": "sha256:aa"}  # the manifest's diff_id must not stand for an uncompressed member's
+    assert join._digests_to_keep(plain, want) is plain
+    assert join._digests_to_keep(plain, None) is plain
+
+
 def test_20k_members_every_command(samples, tmp_path):
     """index | partition, pack (plan, file, pipe, stream), verify and join all accept 20,000 members."""
     archive = crowded(tmp_path / "crowd.tar", samples, 20_000)
@@ -61,14 +85,19 @@ def test_20k_members_every_command(samples, tmp_path):
 
 @pytest.mark.slow
 def test_100k_members_memory(samples, tmp_path):
-    """pack, verify and join of 100,000 members (a store) stay under the documented peak."""
+    """pack, verify and join of 100,000 members (a store and a stream) stay under the documented peak."""
     archive = crowded(tmp_path / "crowd.tar", samples, 100_000)
     runs = [run("pack", archive, *_refs(samples), "-o", tmp_path / "st", rss=True, timeout=600),
             run("verify", tmp_path / "st", rss=True, timeout=600),
             run("join", tmp_path / "st", "-o", tmp_path / "out.tar", rss=True, timeout=600)]
+    stream = tmp_path / "bundle.stream"
+    stream.write_bytes(run("pack", archive, *_refs(samples), "-o", "-", timeout=600).stdout)
+    runs += [run("verify", "-", stdin=stream, rss=True, timeout=600),
+             run("join", "-", "-o", tmp_path / "out2.tar", stdin=stream, rss=True, timeout=600)]
     for r in runs:
         assert r.maxrss_kb is not None and r.maxrss_kb < PEAK_KIB_100K, r.maxrss_kb
     assert (tmp_path / "out.tar").read_bytes() == archive.read_bytes()
+    assert (tmp_path / "out2.tar").read_bytes() == archive.read_bytes()
 
 
 @pytest.mark.slow

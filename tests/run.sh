@@ -21,13 +21,13 @@ python -m ruff check isep
 python -m mypy isep
 
 # tests/test_differential.py builds tests/godiff (Go's standard library only) to read archives as the
-# loaders do; without go it fails under CI=true.
-if ! command -v go >/dev/null 2>&1; then
+# loaders do; tests/test_delta.py decodes a delta with the zstd CLI. Without them both fail under CI=true.
+if ! command -v go >/dev/null 2>&1 || ! command -v zstd >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q golang-go >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q golang-go zstd >/dev/null
   else
-    echo "go is missing (apt-get install golang-go): the differential tests cannot run" >&2
+    echo "go or zstd is missing (apt-get install golang-go zstd): the differential and delta CLI tests cannot run" >&2
   fi
 fi
 

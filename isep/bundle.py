@@ -26,7 +26,7 @@ from .files import open_for_reading
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
-                    same_image_name)
+                    same_image_name, versioned_part_name)
 from .parts import Opener, PartInput, part_opener
 from .refs import Held
 from .signals import signals_deferred
@@ -322,6 +322,21 @@ def part_for_layers(doc: dict, role: str, diff_ids: list[str]) -> dict | None:
     return next((p for p in doc["parts"] if p["role"] == role and p.get("diff_ids") == diff_ids), None)
 
 
+def coexisting_name(docs: Sequence[dict | None], part: dict) -> str:
+    """The file name for a new base or lib part: its planned one, unless one of the store manifests
+    DOCS lists another version (other diffIDs) under it; then the chainID-suffixed name
+    (names.versioned_part_name), so that both versions stay in the store and the first keeps the
+    name isula-build's tools look for."""
+    name = part["file"]
+    if part["role"] == "app":
+        return name
+    for doc in docs:
+        old = find_part(doc, name) if doc else None
+        if old is not None and old.get("diff_ids") != part["diff_ids"]:
+            return versioned_part_name(name, part["role"], part["diff_ids"])
+    return name
+
+
 def encode_isula_manifest(entries: dict) -> bytes:
     """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
     return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
@@ -447,11 +462,19 @@ def _find_part(docs: list[Bundle], image: dict, order: int, file_name: str, *,
     optional = thin and order < len(image["parts"]) - 1
     for b in docs:
         entry = find_part(b.doc, file_name)
+        if entry is not None and not _stack_fits(entry, image):
+            continue  # another version of a floating tag's base under this name: found by layers below
         if entry is not None:
             if optional and not _at_hand(b, entry):
                 break  # listed in the manifest but deleted from the store to save room
             return b, entry
     return _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name, required=not optional)
+
+
+def _stack_fits(entry: dict, image: dict) -> bool:
+    """Whether a base or lib part found by name carries the bottom of the image's stack."""
+    stack = entry.get("diff_ids")
+    return entry["role"] == "app" or not isinstance(stack, list) or stack == image["diff_ids"][:len(stack)]
 
 
 def _at_hand(bundle: Bundle, entry: dict) -> bool:

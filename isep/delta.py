@@ -549,6 +549,7 @@ class LayerInfo:
     role: str = "app"
     created_by: str = ""      # the config history's step, when known
     name: str = ""            # the layer's path in its save
+    newness: int = 0          # a candidate's part's place in its store's manifest: later is newer
 
 
 def similarity(target: LayerInfo, candidate: LayerInfo) -> float:
@@ -575,9 +576,11 @@ def _meaningful(name: str) -> bool:
 
 
 def rank_references(target: LayerInfo, candidates: Iterable[LayerInfo]) -> list[LayerInfo]:
-    """Candidates best first; none of them is the target itself (that one is not shipped)."""
+    """Candidates best first; none of them is the target itself (that one is not shipped). Equally
+    similar candidates: the newest release first (a store appends the parts each pack adds), as a
+    floating tag's next version is closest to its last."""
     pool = {c.diff_id: c for c in candidates if c.diff_id != target.diff_id and c.size}
-    return sorted(pool.values(), key=lambda c: (-similarity(target, c), c.diff_id))
+    return sorted(pool.values(), key=lambda c: (-similarity(target, c), -c.newness, c.diff_id))
 
 
 def check_memory_option(value: int) -> int:

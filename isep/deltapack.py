@@ -63,14 +63,14 @@ def store_candidates(doc: dict) -> list[LayerInfo]:
     layer_ids |= {d for p in doc.get("parts") or [] for d in p.get("layers") or []}
     where = _positions(doc.get("images") or [])
     out = []
-    for entry in doc.get("parts") or []:
+    for newness, entry in enumerate(doc.get("parts") or []):
         for rec in entry.get("members") or []:
             digest = rec.get("sha256")
             if rec.get("type") == "file" and digest in layer_ids and "from" not in rec \
                     and not rec.get("compression"):
                 repo, position = where.get(digest, ("", -1))
                 out.append(LayerInfo(digest, rec.get("size") or 0, repo, position, entry.get("role") or "app",
-                                     name=rec.get("name") or ""))
+                                     name=rec.get("name") or "", newness=newness))
     return out
 
 
@@ -106,6 +106,10 @@ class DeltaTarget:
     @property
     def spool_dir(self) -> str | None:
         return self.inner.spool_dir
+
+    @property
+    def reference_doc(self) -> dict | None:
+        return self.reference.doc
 
     def holds_part(self, entry: dict) -> bool:
         return self.inner.holds_part(entry)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from .legacy import chain_ids
+
 BUNDLE_MANIFEST = "isep-bundle.json"
 SIGNATURE_FILE = "isep-bundle.json.sig"
 ISULA_MANIFEST = "manifest"         # isula-build's manifest, beside the parts
@@ -53,6 +55,18 @@ def part_stem(tag: str) -> str:
     """isula-build's '<last path component>_<tag>' of a reference."""
     repo, tagpart = split_tag(tag)
     return f"{repo.rsplit('/', 1)[-1]}_{tagpart}"
+
+
+def versioned_part_name(file_name: str, role: str, diff_ids: list[str]) -> str:
+    """The name a base or lib part takes when the store already holds another version under its
+    name (a floating tag rebuilt): the first 12 hex digits of its stack's chainID before the
+    `_<role>_image` suffix (else before the extension): base_bookworm_3c1f0a9e12b4_base_image.tar.zst."""
+    chain = chain_ids(diff_ids)[-1].split(":", 1)[-1][:12] if diff_ids else "empty"
+    marker = f"_{role}_image"
+    at = file_name.rfind(marker)
+    if at < 0:
+        at = file_name.find(".") if file_name.find(".") > 0 else len(file_name)
+    return f"{file_name[:at]}_{chain}{file_name[at:]}"
 
 
 def check_file_name(name: object, what: str) -> str | None:

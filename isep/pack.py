@@ -22,7 +22,7 @@ import xxhash
 
 from .archive import (JSON_CAP, Chunk, KeptJson, ProgressCallback, ScannedArchive, build_index, link_target, load_json,
                       pass_member, recorded_members)
-from .bundle import encode_isula_manifest, part_for_layers
+from .bundle import coexisting_name, encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
@@ -224,6 +224,8 @@ class PackRun:
             self.reused.append(same["file"])
             part["file"] = same["file"]
             wanted = False
+        elif wanted:
+            part["file"] = coexisting_name([existing, self.target.reference_doc], part)
         out = self.target.open(part["file"]) if wanted else None
         if out is not None:
             self.outs[part["file"]] = out

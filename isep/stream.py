@@ -14,7 +14,8 @@ import threading
 from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
-from .bundle import MANIFEST_CAP, Bundle, Store, encode_manifest, merge_manifest, parse_manifest
+from .bundle import (MANIFEST_CAP, Bundle, Store, coexisting_name, encode_manifest, merge_manifest,
+                     parse_manifest)
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
 from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
@@ -54,6 +55,7 @@ class StreamTarget:
     (`parts/<file>/<n>`, at most 4 MiB each), then isula's manifest and isep-bundle.json last."""
 
     spool_dir = None
+    reference_doc = None
 
     def holds_part(self, entry: dict) -> bool:
         return False  # a stream starts no store: nothing to reuse
@@ -186,20 +188,35 @@ def check_keepable(store: Store, received: Bundle) -> None:
     _kept_parts(store, received, store.read_manifest())
 
 
-def _kept_parts(store: Store, received: Bundle, current: dict | None) -> list[str]:
-    """The received part files the store lacks; a different part under the same name is refused,
-    as a pack into the store refuses it."""
+def _store_names(received: Bundle, current: dict | None) -> dict[str, str]:
+    """Each received part's name in the store: its own, or for another version of a base or lib the
+    store holds under that name, the chainID-suffixed one (bundle.coexisting_name)."""
+    return {p["file"]: coexisting_name([current], p) for p in received.doc["parts"]}
+
+
+def _kept_parts(store: Store, received: Bundle, current: dict | None) -> dict[str, str]:
+    """The received part files the store lacks, each with the name it takes there (_store_names).
+    Any other different part under that name is refused, as a pack into the store refuses it."""
+    store_names = _store_names(received, current)
     known = {p["file"]: p for p in (current or {}).get("parts", [])}
-    new = []
+    new = {}
     for part in received.doc["parts"]:
-        old = known.get(part["file"])
+        name = store_names[part["file"]]
+        old = known.get(name)
         if old is not None and old.get("sha256") == part["sha256"]:
             continue  # the store already holds this very part
-        if old is not None or store.exists(part["file"]):
-            raise EnvironmentFailure(f"{os.path.join(store.path, part['file'])} already holds a different "
+        if old is not None or store.exists(name):
+            raise EnvironmentFailure(f"{os.path.join(store.path, name)} already holds a different "
                                      f"part; --keep never replaces one (keep into another store)")
-        new.append(part["file"])
+        new[part["file"]] = name
     return new
+
+
+def _rename_received(received: Bundle, names: dict[str, str]) -> None:
+    """Received parts and the images naming them under the names they take in the store."""
+    received.doc["parts"] = [{**p, "file": names.get(p["file"], p["file"])} for p in received.doc["parts"]]
+    for image in received.doc["images"]:
+        image["parts"] = [names.get(f, f) for f in image["parts"]]
 
 
 def keep_received(store: Store, received: Bundle) -> list[str]:
@@ -214,9 +231,12 @@ def keep_received(store: Store, received: Bundle) -> list[str]:
     try:
         with store.locked():
             current = store.read_manifest()
-            for file_name in _kept_parts(store, received, current):
-                store.commit(os.path.join(inside, file_name), file_name)
-                committed.append(file_name)
+            for file_name, store_name in _kept_parts(store, received, current).items():
+                store.commit(os.path.join(inside, file_name), store_name)
+                committed.append(store_name)
+            names = _store_names(received, current)
+            if any(a != b for a, b in names.items()):
+                _rename_received(received, names)
             _write_kept_manifest(store, received, current)
     except BaseException:
         for name in committed:  # ours, renamed a moment ago: the store is as it was or complete

@@ -33,6 +33,11 @@ class OutputTarget(Protocol[SectionT]):
     def spool_dir(self) -> str | None:
         """Where a one-shot pack may spool a layer (None: the system's temporary directory)."""
 
+    @property
+    def reference_doc(self) -> dict | None:
+        """The manifest of the store the receiver holds (--delta-from), whose part names a new
+        version of a base or lib must not take (None: no such store)."""
+
     def open(self, file_name: str) -> Sink: ...
 
     def holds_part(self, entry: dict) -> bool: ...
@@ -89,6 +94,7 @@ class DirTarget:
         self.warn = warn or (lambda message: None)
         self.existing = store.read_manifest()
         self.spool_dir: str | None = store.path
+        self.reference_doc: dict | None = None
         self._outs: list[tuple[_FileOut, str | None]] = []
 
     def holds_part(self, entry: dict) -> bool:

@@ -1,0 +1,161 @@
+"""Several versions of a base under one floating tag in one store (docs/deltas.md §8): the rebuilt
+base's part takes a chainID-suffixed name beside the first, both apps join byte for byte, and a new
+base ships as a delta against the old one."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+
+import pytest
+
+from isep.delta import LayerInfo, rank_references
+from isep.legacy import chain_ids
+from isep.names import versioned_part_name
+from isep.samples import Image, inspect_json, write_archive
+from isep.tarstream import Source, TarReader
+from tests.harness import bundle_doc, command_argv, copy_store, isep
+from tests.release_samples import base_layer, code_layer, deps_layer
+
+BASE_TAG = "isep-float/base:12"
+OLD_BASE = "base_12_base_image.tar.zst"
+
+
+def floating_saves(out) -> dict:
+    """app:1 on base v1 and app:2 on base v2, both bases tagged BASE_TAG; lib and app layers alike."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for n in (1, 2):
+        base = Image(BASE_TAG, [base_layer(n)])
+        app = Image(f"isep-float/app:{n}", [base_layer(n), deps_layer(1), code_layer(1)])
+        (out / f"base{n}.json").write_text(inspect_json(base, "docker-oci"))
+        with open(out / f"app{n}.tar", "wb") as fh:
+            write_archive(fh, "docker-oci", [app])
+        made[f"base{n}"], made[f"app{n}"] = out / f"base{n}.json", out / f"app{n}.tar"
+        made[f"stack{n}"] = json.loads(made[f"base{n}"].read_text())[0]["RootFS"]["Layers"]
+    return made
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("floating")
+    made = floating_saves(root / "saves")
+    isep("pack", made["app1"], "--base", made["base1"], "-o", root / "v1", check=0)
+    return {**made, "root": root, "v1": root / "v1"}
+
+
+def new_base_name(fl) -> str:
+    return versioned_part_name(OLD_BASE, "base", fl["stack2"])
+
+
+def test_versioned_name_inserts_the_chain_id():
+    ids = ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
+    chain = chain_ids(ids)[-1][7:19]
+    assert versioned_part_name("base_bookworm_base_image.tar.zst", "base", ids) == \
+        f"base_bookworm_{chain}_base_image.tar.zst"
+    assert versioned_part_name("mybase.tar.gz", "base", ids) == f"mybase_{chain}.tar.gz"
+
+
+def test_two_versions_coexist_and_both_join(fl, tmp_path):
+    store = copy_store(fl["v1"], tmp_path / "store")
+    isep("pack", fl["app2"], "--base", fl["base2"], "-o", store, check=0)
+    doc = bundle_doc(store)
+    bases = {p["file"]: p["diff_ids"] for p in doc["parts"] if p["role"] == "base"}
+    assert bases == {OLD_BASE: fl["stack1"], new_base_name(fl): fl["stack2"]}
+    app2 = next(im for im in doc["images"] if im["tags"] == ["isep-float/app:2"])
+    assert app2["parts"][0] == new_base_name(fl)
+    assert (store / OLD_BASE).is_file() and (store / new_base_name(fl)).is_file()
+    assert isep("join", store, "isep-float/app:1", check=0).stdout == fl["app1"].read_bytes()
+    assert isep("join", store, "isep-float/app:2", check=0).stdout == fl["app2"].read_bytes()
+    isep("verify", store, check=0)
+    # isula-build's manifest names each app's own base
+    isula = json.loads((store / "manifest").read_text())
+    assert isula["isep-float/app:1"]["base"] == OLD_BASE
+    assert isula["isep-float/app:2"]["base"] == new_base_name(fl)
+
+
+def test_a_third_pack_of_either_version_reuses_its_part(fl, tmp_path):
+    store = copy_store(fl["v1"], tmp_path / "store")
+    isep("pack", fl["app2"], "--base", fl["base2"], "-o", store, check=0)
+    before = sorted(p.name for p in store.iterdir())
+    for n in (1, 2):
+        isep("pack", fl[f"app{n}"], "--base", fl[f"base{n}"], "-o", store, check=0)
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert isep("join", store, "isep-float/app:2", check=0).stdout == fl["app2"].read_bytes()
+
+
+def _stream_doc(stream: bytes) -> dict:
+    for member in TarReader(Source(io.BytesIO(stream), prefetch=False)):
+        if member.name == "isep-bundle.json":
+            return json.loads(member.read_all(1 << 24))
+        member.skip()
+    raise AssertionError("no manifest in the stream")
+
+
+def test_new_base_ships_as_a_delta_against_the_old_one(fl, tmp_path):
+    stream = isep("pack", fl["app2"], "--base", fl["base2"], "-o", "-", "--delta-from", fl["v1"], check=0).stdout
+    doc = _stream_doc(stream)
+    base = next(p for p in doc["parts"] if p["role"] == "base")
+    assert base["file"] == new_base_name(fl)  # the sender already names it as the device will keep it
+    kinds = {rec["sha256"]: (rec.get("from") or {}).get("kind") for p in doc["parts"] for rec in p["members"]
+             if rec["type"] == "file" and rec["sha256"] in doc["images"][0]["diff_ids"]}
+    assert kinds[fl["stack2"][0]] == "delta"
+    assert base["needs"][0]["part"] == OLD_BASE
+    assert sorted(k for k in kinds.values() if k != "delta") == ["reference", "reference"]
+    assert len(stream) < 150_000
+    device = copy_store(fl["v1"], tmp_path / "device")
+    got = isep("join", device, "-", "--keep", stdin=stream, check=0).stdout
+    assert got == fl["app2"].read_bytes()
+    kept = bundle_doc(device)
+    assert {p["file"] for p in kept["parts"] if p["role"] == "base"} == {OLD_BASE, new_base_name(fl)}
+    for n in (1, 2):
+        assert isep("join", device, f"isep-float/app:{n}", check=0).stdout == fl[f"app{n}"].read_bytes()
+    isep("verify", "--deep", device, check=0)
+
+
+def test_keep_renames_a_plain_stream_base_beside_the_old_one(fl, tmp_path):
+    """A sender that did not know the device's store names the new base as the old one: --keep keeps
+    it under the suffixed name instead of refusing, and the image follows it."""
+    stream = isep("pack", fl["app2"], "--base", fl["base2"], "-o", "-", check=0).stdout
+    assert {p["file"] for p in _stream_doc(stream)["parts"]} >= {OLD_BASE}
+    device = copy_store(fl["v1"], tmp_path / "device")
+    assert isep("join", device, "-", "--keep", stdin=stream, check=0).stdout == fl["app2"].read_bytes()
+    kept = bundle_doc(device)
+    app2 = next(im for im in kept["images"] if im["tags"] == ["isep-float/app:2"])
+    assert app2["parts"][0] == new_base_name(fl)
+    assert (device / new_base_name(fl)).is_file()
+    for n in (1, 2):
+        assert isep("join", device, f"isep-float/app:{n}", check=0).stdout == fl[f"app{n}"].read_bytes()
+    isep("verify", device, check=0)
+
+
+def test_pipe_into_keep_through_real_pipes(fl, tmp_path):
+    device = copy_store(fl["v1"], tmp_path / "device")
+    pack = subprocess.Popen(command_argv("pack", [fl["app2"], "--base", fl["base2"], "-o", "-",
+                                                  "--delta-from", fl["v1"]]), stdout=subprocess.PIPE)
+    join = subprocess.run(command_argv("join", [device, "-", "--keep"]), stdin=pack.stdout,
+                          capture_output=True, timeout=600)
+    pack.stdout.close()
+    assert pack.wait(timeout=600) == 0 and join.returncode == 0, join.stderr
+    assert join.stdout == fl["app2"].read_bytes()
+    assert (device / new_base_name(fl)).is_file() and (device / OLD_BASE).is_file()
+
+
+def test_a_stream_naming_the_old_base_joins_by_layers(fl, tmp_path):
+    """The image names the old base's file but carries the new stack (a store holding both): the part
+    is found by its layers, not taken by name."""
+    store = copy_store(fl["v1"], tmp_path / "store")
+    isep("pack", fl["app2"], "--base", fl["base2"], "-o", store, check=0)
+    doc = bundle_doc(store)
+    for im in doc["images"]:
+        if im["tags"] == ["isep-float/app:2"]:
+            im["parts"][0] = OLD_BASE
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    assert isep("join", store, "isep-float/app:2", check=0).stdout == fl["app2"].read_bytes()
+
+
+def test_ties_in_rank_references_prefer_the_newest():
+    target = LayerInfo("sha256:" + "0" * 64, 1000, "r", 0, "base")
+    old = LayerInfo("sha256:" + "1" * 64, 1000, "r", 0, "base", newness=0)
+    new = LayerInfo("sha256:" + "f" * 64, 1000, "r", 0, "base", newness=3)
+    assert [c.diff_id for c in rank_references(target, [old, new])] == [new.diff_id, old.diff_id]

@@ -69,6 +69,11 @@ def versioned_part_name(file_name: str, role: str, diff_ids: list[str]) -> str:
     return f"{file_name[:at]}_{chain}{file_name[at:]}"
 
 
+def looks_like_part_file(name: str) -> bool:
+    """A file name a part could have (isep's or isula-build's tarballs), not a temporary one."""
+    return name.endswith((".tar.zst", ".tar.gz", ".tar")) and not name.startswith(".isep")
+
+
 def check_file_name(name: object, what: str) -> str | None:
     """Why a name cannot be a part file name in a bundle directory, or None when it can."""
     if not isinstance(name, str) or not name:

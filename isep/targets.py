@@ -8,8 +8,8 @@ import os
 from typing import BinaryIO, Callable, Protocol, TypeVar
 
 from .archive import JSON_CAP, load_json
-from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, merge_manifest,
-                     write_all)
+from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, find_part,
+                     merge_manifest, write_all)
 from .errors import BadInput, EnvironmentFailure, os_error
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
 from .parts import Sink, drain
@@ -161,6 +161,7 @@ class DirTarget:
             committed.append(part["file"])
         for temp in final.values():
             self.store.remove(temp)
+        self._check_reused(current, parts, images)
         if adopted:
             parts = [adopted.get(p["file"], p) for p in parts]
             for image in images:
@@ -190,6 +191,18 @@ class DirTarget:
         except OSError:
             pass
         return doc
+
+    def _check_reused(self, current: dict | None, parts: list[dict], images: list[dict]) -> None:
+        """The store's parts this pack reuses are still there: an isep-prune may have removed them
+        while it ran, and the image would name a part the store lacks."""
+        ours = {p["file"] for p in parts}
+        for name in {n for im in images for n in im["parts"]} - ours:
+            if self.existing is None or find_part(self.existing, name) is None:
+                continue  # not the store's (--parts app into a store without it): nothing was reused
+            now = find_part(current or {"parts": []}, name)
+            if now is None or not self.store.holds_part(now):
+                raise EnvironmentFailure(f"{os.path.join(self.store.path, name)}, which this pack reuses, was "
+                                         f"removed while it ran (isep-prune?); pack again")
 
     def _isula_to_write(self, current: dict | None, new: bytes) -> bytes | None:
         """isula-build's manifest to write: NEW, merged into the store's when isep wrote that one;

@@ -14,7 +14,7 @@ from .deltajoin import StoreLayers, carried_listing, is_delta_part, part_needs, 
 from .digests import BlobHasher
 from .errors import IsepError
 from .join import JoinOptions, join_parts, plan_copies
-from .names import display_name
+from .names import display_name, looks_like_part_file
 from .parts import DecompressingReader, HashingFile, PartInput, part_opener
 from .tarstream import Member, Source, TarReader
 
@@ -277,8 +277,9 @@ def _stray_files(bundle: Bundle, report: Report) -> None:
     for name in sorted(names):
         if name.startswith(TEMP_PREFIX):
             report.note("leftover", f"{name}: temporary file of an interrupted isep run (safe to remove)")
-        elif name.endswith((".tar.zst", ".tar.gz", ".tar")) and name not in listed:
-            report.note("stray", f"{name}: not part of this bundle")
+        elif looks_like_part_file(name) and name not in listed:
+            report.note("stray", f"{name}: not part of this bundle (left by an interrupted isep-prune? the "
+                                 f"next isep-prune removes it)")
 
 
 def _verify_isula(bundle: Bundle, report: Report) -> Report:

@@ -14,12 +14,13 @@ import threading
 from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
-from .bundle import (MANIFEST_CAP, Bundle, Store, coexisting_name, encode_manifest, merge_manifest,
-                     parse_manifest)
-from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name
+from .bundle import (MANIFEST_CAP, Bundle, Store, coexisting_name, encode_manifest, isep_part_inputs,
+                     merge_manifest, parse_manifest)
+from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, display_name
+from .refs import Held
 from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
-from .errors import BadInput, EnvironmentFailure
+from .errors import BadInput, EnvironmentFailure, IsepError
 from .tarstream import Source, TarReader, padded
 from .tarwrite import build_header
 
@@ -212,6 +213,12 @@ def _kept_parts(store: Store, received: Bundle, current: dict | None) -> dict[st
     return new
 
 
+def _renamed_image(received: Bundle, image: dict) -> dict:
+    """IMAGE as the received manifest lists it now (its parts may have been renamed)."""
+    return next((im for im in received.doc["images"] if im["config"] == image["config"]
+                 and im.get("tags") == image.get("tags")), image)
+
+
 def _rename_received(received: Bundle, names: dict[str, str]) -> None:
     """Received parts and the images naming them under the names they take in the store."""
     received.doc["parts"] = [{**p, "file": names.get(p["file"], p["file"])} for p in received.doc["parts"]]
@@ -219,11 +226,32 @@ def _rename_received(received: Bundle, names: dict[str, str]) -> None:
         image["parts"] = [names.get(f, f) for f in image["parts"]]
 
 
-def keep_received(store: Store, received: Bundle) -> list[str]:
+def _check_store_parts(store: Store, received: Bundle, current: dict | None, joined: dict,
+                       have: list[Held] | None) -> None:
+    """The store still holds every part the joined image read from it: an isep-prune may have
+    removed one between the join and this keep, which takes the lock only now."""
+    ours = {p["file"] for p in received.doc["parts"]}
+    doc = {**(current or {}), "parts": [p for p in (current or {}).get("parts", []) if p["file"] not in ours]
+           + received.doc["parts"]}
+    try:
+        parts = isep_part_inputs(Bundle(store.path, "isep", doc=doc), joined, {}, have=have)
+    except IsepError as exc:
+        raise EnvironmentFailure(f"{store.path} changed while {display_name(joined)} was joined (isep-prune?): "
+                                 f"{exc}; nothing kept") from None
+    for part in parts:
+        if part.entry is not None and not store.holds_part(part.entry):
+            raise EnvironmentFailure(f"{os.path.join(store.path, part.entry['file'])}, which "
+                                     f"{display_name(joined)} reads, was removed while it was joined "
+                                     f"(isep-prune?); nothing kept")
+
+
+def keep_received(store: Store, received: Bundle, joined: dict | None = None,
+                  have: list[Held] | None = None) -> list[str]:
     """Move the received parts (in a directory inside the store) into the store, then write its
     manifest last: the received one as it came (signature included) into a store without one, else
     the store's merged with it. Under the store's lock; on failure the parts renamed are removed
-    again. Returns the part files added."""
+    again. JOINED (the image joined, with HAVE as its join had): refused when a store part it read
+    is gone by now. Returns the part files added."""
     inside = os.path.relpath(received.path, store.path)
     if os.sep in inside or inside.startswith(".."):
         raise ValueError("the received parts must be in a directory directly inside the store")
@@ -237,6 +265,8 @@ def keep_received(store: Store, received: Bundle) -> list[str]:
             names = _store_names(received, current)
             if any(a != b for a, b in names.items()):
                 _rename_received(received, names)
+            if joined is not None:
+                _check_store_parts(store, received, current, _renamed_image(received, joined), have)
             _write_kept_manifest(store, received, current)
     except BaseException:
         for name in committed:  # ours, renamed a moment ago: the store is as it was or complete

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import subprocess
 
 import pytest
 
+from isep.bundle import Store, select_image
+from isep.errors import EnvironmentFailure
+from isep.stream import keep_received, receive_stream
+from isep.targets import DirTarget
+from isep.tarstream import Source
 from tests.harness import bundle_doc, copy_store, isep
 from tests.release_samples import write_releases
 from tests.test_versions import OLD_BASE, floating_saves, new_base_name
@@ -202,3 +208,38 @@ def test_not_a_store(tmp_path):
     (tmp_path / "bad" / "isep-bundle.json").write_text("{\"schema\": 7}")
     _one_line(isep("prune", tmp_path / "bad", "--keep-last", "1"), 4)
     assert not (tmp_path / "missing").exists()
+
+
+# --- a prune while another isep run uses the store -----------------------------------------------------
+
+def _prune_app1_away(store) -> None:
+    """What a prune keeping app:2 would leave, done behind another run's back."""
+    isep("prune", store, "--keep", "isep-float/app:2", check=0)
+
+
+def test_a_pack_whose_reused_part_was_pruned_meanwhile_fails(two, tmp_path):
+    store = copy_store(two["store"], tmp_path / "store")
+    target = DirTarget(Store(str(store), create=False))  # read the manifest, as a pack does first
+    _prune_app1_away(store)
+    image = {"tags": ["isep-float/app:3"], "config": {"digest": "sha256:" + "3" * 64, "member": "c"},
+             "parts": [OLD_BASE, "app_3_app_image.tar.zst"], "diff_ids": []}
+    with pytest.raises(EnvironmentFailure, match="removed while it ran"):
+        target.finish([], [image], None)
+    assert [im["tags"] for im in bundle_doc(store)["images"]] == [["isep-float/app:2"]]
+
+
+def test_a_keep_whose_store_base_was_pruned_meanwhile_keeps_nothing(two, tmp_path):
+    """isep-join STORE - --keep of app:1's app part: the join read the store's old base, which a
+    prune removed before the keep took the lock."""
+    store = copy_store(two["store"], tmp_path / "store")
+    stream = isep("pack", two["app1"], "--base", two["base1"], "-o", "-", "--parts", "app", check=0).stdout
+    recv = store / ".isep-tmp-recv-test"
+    recv.mkdir()
+    received = receive_stream(Source(io.BytesIO(stream), prefetch=False), str(recv))
+    joined = select_image(received.doc["images"], None, "the stream")
+    (store / "app_1_app_image.tar.zst").unlink()  # the received app part must be new to the store
+    _prune_app1_away(store)
+    with pytest.raises(EnvironmentFailure, match="isep-prune"):
+        keep_received(Store(str(store), create=False), received, joined)
+    assert "app_1_app_image.tar.zst" not in files(store)
+    assert [im["tags"] for im in bundle_doc(store)["images"]] == [["isep-float/app:2"]]

@@ -134,7 +134,7 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
         if store is not None:
             if work is not None:  # the store keeps each release's part plain: deltas never chain
                 adopt_rebuilt(received, plain, work)
-            added = keep_received(store, received)
+            added = keep_received(store, received, chosen, held)
             ui.info(f"kept {len(added)} new part(s) in {store_dir}")
     except BaseException:
         if store is not None:  # a store this run created goes again with what it received

@@ -17,17 +17,17 @@ from isep.tarstream import Source, TarReader
 from tests.harness import bundle_doc, command_argv, copy_store, isep
 from tests.release_samples import base_layer, code_layer, deps_layer
 
-BASE_TAG = "isep-float/base:12"
 OLD_BASE = "base_12_base_image.tar.zst"
 
 
-def floating_saves(out) -> dict:
-    """app:1 on base v1 and app:2 on base v2, both bases tagged BASE_TAG; lib and app layers alike."""
+def floating_saves(out, prefix: str = "isep-float") -> dict:
+    """PREFIX/app:1 on base v1 and PREFIX/app:2 on base v2, both bases tagged PREFIX/base:12; lib and
+    app layers alike."""
     out.mkdir(parents=True, exist_ok=True)
     made = {}
     for n in (1, 2):
-        base = Image(BASE_TAG, [base_layer(n)])
-        app = Image(f"isep-float/app:{n}", [base_layer(n), deps_layer(1), code_layer(1)])
+        base = Image(f"{prefix}/base:12", [base_layer(n)])
+        app = Image(f"{prefix}/app:{n}", [base_layer(n), deps_layer(1), code_layer(1)])
         (out / f"base{n}.json").write_text(inspect_json(base, "docker-oci"))
         with open(out / f"app{n}.tar", "wb") as fh:
             write_archive(fh, "docker-oci", [app])

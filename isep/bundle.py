@@ -26,7 +26,7 @@ from .files import open_for_reading
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
-                    same_image_name, versioned_part_name)
+                    same_image_name)
 from .parts import Opener, PartInput, part_opener
 from .refs import Held
 from .signals import signals_deferred
@@ -322,21 +322,6 @@ def part_for_layers(doc: dict, role: str, diff_ids: list[str]) -> dict | None:
     return next((p for p in doc["parts"] if p["role"] == role and p.get("diff_ids") == diff_ids), None)
 
 
-def coexisting_name(docs: Sequence[dict | None], part: dict) -> str:
-    """The file name for a new base or lib part: its planned one, unless one of the store manifests
-    DOCS lists another version (other diffIDs) under it; then the chainID-suffixed name
-    (names.versioned_part_name), so that both versions stay in the store and the first keeps the
-    name isula-build's tools look for."""
-    name = part["file"]
-    if part["role"] == "app":
-        return name
-    for doc in docs:
-        old = find_part(doc, name) if doc else None
-        if old is not None and old.get("diff_ids") != part["diff_ids"]:
-            return versioned_part_name(name, part["role"], part["diff_ids"])
-    return name
-
-
 def encode_isula_manifest(entries: dict) -> bytes:
     """Go's json.Marshal of map[string]tarballInfo: keys sorted, fields in struct order, one line."""
     return json.dumps({k: entries[k] for k in sorted(entries)}, separators=(",", ":")).encode()
@@ -460,15 +445,29 @@ def _find_part(docs: list[Bundle], image: dict, order: int, file_name: str, *,
     """The image's part at `order`: by file name, else by layers. None only in a thin join, for a
     base or lib part that is not at hand (the engine's layers may stand in for it)."""
     optional = thin and order < len(image["parts"]) - 1
+    misfit = None
     for b in docs:
         entry = find_part(b.doc, file_name)
         if entry is not None and not _stack_fits(entry, image):
-            continue  # another version of a floating tag's base under this name: found by layers below
+            misfit = misfit or (b, entry)  # another version of a floating tag's base under this name?
+            continue
         if entry is not None:
             if optional and not _at_hand(b, entry):
                 break  # listed in the manifest but deleted from the store to save room
             return b, entry
+    if misfit is not None:
+        # the version that fits; else the part of that name as it is (the join's checks of every
+        # layer decide, as for any part)
+        return _other_version(docs, image, misfit[1]) or misfit
     return _part_by_layers(docs, image, order == len(image["parts"]) - 1, file_name, required=not optional)
+
+
+def _other_version(docs: list[Bundle], image: dict, named: dict) -> tuple[Bundle, dict] | None:
+    """The part of NAMED's role whose stack is the longest bottom of the image's."""
+    fits = [(b, e) for b in docs for e in b.doc["parts"]
+            if e["role"] == named["role"] and isinstance(e.get("diff_ids"), list) and e["diff_ids"]
+            and _stack_fits(e, image)]
+    return max(fits, key=lambda hit: len(hit[1]["diff_ids"]), default=None)
 
 
 def _stack_fits(entry: dict, image: dict) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 from .legacy import chain_ids
 
@@ -67,6 +68,21 @@ def versioned_part_name(file_name: str, role: str, diff_ids: list[str]) -> str:
     if at < 0:
         at = file_name.find(".") if file_name.find(".") > 0 else len(file_name)
     return f"{file_name[:at]}_{chain}{file_name[at:]}"
+
+
+def coexisting_name(docs: Sequence[dict | None], part: dict) -> str:
+    """The file name for a new base or lib part: its planned one, unless one of the store manifests
+    DOCS lists another version (other diffIDs) under it; then the chainID-suffixed name
+    (versioned_part_name), so that both versions stay in the store and the first keeps the
+    name isula-build's tools look for."""
+    name = part["file"]
+    if part["role"] == "app":
+        return name
+    for doc in docs:
+        old = next((p for p in doc["parts"] if p["file"] == name), None) if doc else None
+        if old is not None and old.get("diff_ids") != part["diff_ids"]:
+            return versioned_part_name(name, part["role"], part["diff_ids"])
+    return name
 
 
 def looks_like_part_file(name: str) -> bool:

@@ -22,10 +22,11 @@ import xxhash
 
 from .archive import (JSON_CAP, Chunk, KeptJson, ProgressCallback, ScannedArchive, build_index, link_target, load_json,
                       pass_member, recorded_members)
-from .bundle import coexisting_name, encode_isula_manifest, part_for_layers
+from .bundle import encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
+from .names import coexisting_name
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref

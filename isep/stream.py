@@ -14,9 +14,9 @@ import threading
 from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
-from .bundle import (MANIFEST_CAP, Bundle, Store, coexisting_name, encode_manifest, isep_part_inputs,
-                     merge_manifest, parse_manifest)
-from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, display_name
+from .bundle import (MANIFEST_CAP, Bundle, Store, encode_manifest, isep_part_inputs, merge_manifest,
+                     parse_manifest)
+from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, coexisting_name, display_name
 from .refs import Held
 from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
@@ -191,7 +191,7 @@ def check_keepable(store: Store, received: Bundle) -> None:
 
 def _store_names(received: Bundle, current: dict | None) -> dict[str, str]:
     """Each received part's name in the store: its own, or for another version of a base or lib the
-    store holds under that name, the chainID-suffixed one (bundle.coexisting_name)."""
+    store holds under that name, the chainID-suffixed one (names.coexisting_name)."""
     return {p["file"]: coexisting_name([current], p) for p in received.doc["parts"]}
 
 

@@ -58,6 +58,10 @@ class IntegrityError(IsepError):
     status = ExitStatus.INTEGRITY
 
 
+class BlobUnknown(IntegrityError):
+    """A blob that a registry manifest names is missing from the registry (a GC removed it)."""
+
+
 class Misfit(IsepError):
     status = ExitStatus.MISFIT
 

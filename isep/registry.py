@@ -441,47 +441,51 @@ class RegistryClient:
         the partial file is removed and IntegrityError raised."""
         _check_digest(digest)
         partial = dest + ".partial"
-        moved = [0]
+        moved = 0
 
         def read(site: _Site) -> int:
-            try:
-                self._fetch_into(site, repository, digest, size, partial, moved)
-            except IntegrityError:
-                _remove(partial)
-                raise
+            nonlocal moved
+            descriptor = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+            with os.fdopen(descriptor, "r+b") as f:
+                download = _Download(f, digest, size)
+                try:
+                    self._fetch_into(site, repository, download)
+                except IntegrityError:
+                    _remove(partial)
+                    raise
+                finally:
+                    moved += download.moved
             os.replace(partial, dest)
-            return moved[0]
+            return moved
 
         found = self._from_sites(True, read)
         assert isinstance(found, int)
         return found
 
-    def _fetch_into(self, site: _Site, repository: str, digest: str, size: int, partial: str,
-                    moved: list[int]) -> None:
-        descriptor = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-        with os.fdopen(descriptor, "r+b") as f:
-            hasher, offset = _hash_existing(f, size)
-            failures = 0
-            while True:
-                try:
-                    hasher, offset = self._fetch_range(site, repository, digest, size, f, hasher, offset, moved)
-                    if offset >= size:
-                        break
-                    raise NetworkError(f"registry {site.host}: the download of {digest} ended at byte {offset}")
-                except NetworkError:
-                    failures += 1
-                    if failures > RETRIES:
-                        raise
-                    time.sleep(0.2 * failures)
-            f.flush()
-            if offset != size or "sha256:" + hasher.hexdigest() != digest:
-                raise IntegrityError(f"registry {site.host}: blob {digest} of {repository}: got {offset} bytes "
-                                     f"with sha256:{hasher.hexdigest()}, expected {size} bytes with that digest")
+    def _fetch_into(self, site: _Site, repository: str, download: _Download) -> None:
+        failures = 0
+        while True:
+            try:
+                self._fetch_range(site, repository, download)
+                if download.offset >= download.size:
+                    break
+                raise NetworkError(f"registry {site.host}: the download of {download.digest} ended at byte "
+                                   f"{download.offset}")
+            except NetworkError:
+                failures += 1
+                if failures > RETRIES:
+                    raise
+                time.sleep(0.2 * failures)
+        download.f.flush()
+        found = "sha256:" + download.hasher.hexdigest()
+        if download.offset != download.size or found != download.digest:
+            raise IntegrityError(f"registry {site.host}: blob {download.digest} of {repository}: got "
+                                 f"{download.offset} bytes with {found}, expected {download.size} bytes")
 
-    def _fetch_range(self, site: _Site, repository: str, digest: str, size: int, f: IO[bytes],
-                     hasher: hashlib._Hash, offset: int, moved: list[int]) -> tuple[hashlib._Hash, int]:
-        """One GET from OFFSET on: 206 appends, 200 starts over (a pull-through cache may not honour
-        Range), 416 at the full size means there was nothing left to fetch."""
+    def _fetch_range(self, site: _Site, repository: str, download: _Download) -> None:
+        """One GET from the download's offset on: 206 appends, 200 starts over (a pull-through cache may
+        not honour Range), 416 at the full size means there was nothing left to fetch."""
+        digest, offset, size = download.digest, download.offset, download.size
         headers = {"Range": f"bytes={offset}-", "If-Range": f'"{digest}"'} if offset else {}
         response, url = self._request(site, "GET", f"/v2/{repository}/blobs/{digest}", _pull(repository),
                                       headers, follow=True)
@@ -490,23 +494,20 @@ class RegistryClient:
             raise BlobUnknown(f"registry {site.host}: blob {digest} of {repository} is missing")
         if response.status == 416 and offset == size:
             self.http.release(response, url)
-            return hasher, offset
-        if response.status == 200 and offset:
-            offset, hasher = 0, hashlib.sha256()
-        elif response.status == 206 and offset:
+            return
+        if response.status == 206 and offset:
             expected = f"bytes {offset}-{size - 1}/{size}"
             if (response.getheader("Content-Range") or "").replace("*", str(size)) != expected:
                 self.http.release(response, url, 0)
                 raise IntegrityError(f"registry {site.host}: blob {digest} answered a Range from {offset} with "
                                      f"Content-Range {response.getheader('Content-Range')!r}")
-        elif response.status != 200:
+        elif response.status == 200:
+            download.restart()
+        else:
             raise self._unexpected(site, response, url, f"blob {digest}")
-        f.seek(offset)
-        f.truncate()
-        return hasher, self._copy_body(site, response, url, f, hasher, offset, size, moved)
+        self._copy_body(site, response, url, download)
 
-    def _copy_body(self, site: _Site, response: http.client.HTTPResponse, url: str, f: IO[bytes],
-                   hasher: hashlib._Hash, offset: int, size: int, moved: list[int]) -> int:
+    def _copy_body(self, site: _Site, response: http.client.HTTPResponse, url: str, download: _Download) -> None:
         buffer = bytearray(READ_BLOCK)
         view = memoryview(buffer)
         try:
@@ -514,39 +515,51 @@ class RegistryClient:
                 count = response.readinto(buffer)
                 if not count:
                     break
-                offset += count
-                if offset > size:
+                if download.offset + count > download.size:
                     self.http.release(response, url, 0)
-                    raise IntegrityError(f"registry {site.host}: {url.rsplit('/', 1)[-1]} is longer than "
-                                         f"{size} bytes")
-                f.write(view[:count])
-                hasher.update(view[:count])
-                moved[0] += count
+                    raise IntegrityError(f"registry {site.host}: blob {download.digest} is longer than "
+                                         f"{download.size} bytes")
+                download.append(view[:count])
                 if self.progress:
                     self.progress(count)
         except (OSError, http.client.HTTPException) as exc:
             self.http.drop(url)
-            f.flush()
-            raise NetworkError(f"registry {site.host}: the download dropped at byte {offset}") from exc
+            raise NetworkError(f"registry {site.host}: the download dropped at byte {download.offset}") from exc
         if response.length:  # http.client returns a short body when the connection closes early
             self.http.drop(url)
-            f.flush()
-            raise NetworkError(f"registry {site.host}: the download dropped at byte {offset}")
+            raise NetworkError(f"registry {site.host}: the download dropped at byte {download.offset}")
         if response.will_close:
             self.http.drop(url)
-        return offset
 
 
-def _hash_existing(f: IO[bytes], size: int) -> tuple[hashlib._Hash, int]:
-    """The sha256 of what a partial file already holds, read back once; too long a file starts over."""
-    hasher = hashlib.sha256()
-    f.seek(0, os.SEEK_END)
-    if f.tell() > size:
-        f.truncate(0)
-    f.seek(0)
-    for block in _blocks(f):
-        hasher.update(block)
-    return hasher, f.tell()
+class _Download:
+    """A blob being written to its partial file: what it holds so far, hashed as it grows."""
+
+    def __init__(self, f: IO[bytes], digest: str, size: int):
+        self.f = f
+        self.digest = digest
+        self.size = size
+        self.moved = 0
+        self.hasher = hashlib.sha256()
+        f.seek(0, os.SEEK_END)
+        if f.tell() > size:
+            f.truncate(0)
+        f.seek(0)
+        for block in _blocks(f):  # what an earlier call left, read back once
+            self.hasher.update(block)
+        self.offset = f.tell()
+
+    def restart(self) -> None:
+        self.f.seek(0)
+        self.f.truncate()
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+
+    def append(self, data: memoryview) -> None:
+        self.f.write(data)
+        self.hasher.update(data)
+        self.offset += len(data)
+        self.moved += len(data)
 
 
 def _blocks(f: IO[bytes]) -> Iterator[bytes]:

@@ -77,8 +77,11 @@ class RegistryRef:
         if len(text) > 1024 or not text.isascii() or not text.isprintable() or " " in text:
             raise UsageError(f"{text[:80]!r}: not a registry reference (oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX])")
         host, slash, rest = text[len(SCHEME):].partition("/")
-        if not slash or "@" in host:
-            raise UsageError(f"{text}: give oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX] (no user name in the host)")
+        if "@" in host:  # user:password@host: not echoed, credentials come from the environment
+            raise UsageError("a registry reference names no user (credentials: ISEP_REGISTRY_USERNAME and "
+                             "ISEP_REGISTRY_PASSWORD, or the docker config file)")
+        if not slash:
+            raise UsageError(f"{text}: give oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]")
         _check_host(host, text)
         rest, at, digest = rest.partition("@")
         repository, colon, tag = rest.partition(":")

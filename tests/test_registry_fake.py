@@ -1,0 +1,254 @@
+"""isep/registry.py against small fake registries (no registry needed): the bearer-token path, redirects,
+oversized and mismatching manifests, Range answers a real registry does not give, TLS and plain-HTTP
+rules, network failures. The real registry is the registry tier's (tests/registry/)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import pytest
+
+from isep.errors import BadInput, EnvironmentFailure, ExitStatus, IntegrityError
+from isep.registry import MANIFEST_LIMIT, RegistryClient
+
+BLOB = os.urandom(300_000)
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent-isep-test"}
+CREDENTIALS = {**NO_CONFIG, "ISEP_REGISTRY_USERNAME": "u", "ISEP_REGISTRY_PASSWORD": "pw"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.server.seen.append((self.command, self.path, dict(self.headers)))
+        self.server.app(self)
+
+    do_HEAD = do_PUT = do_POST = do_PATCH = do_GET
+
+
+class Fake:
+    def __init__(self, app: Callable[[Handler], None], address: str = "127.0.0.1"):
+        self.server = ThreadingHTTPServer((address, 0), Handler)
+        self.server.daemon_threads = True
+        self.server.app = app
+        self.server.seen = []
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def seen(self) -> list:
+        return self.server.seen
+
+    def __enter__(self) -> Fake:
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def blob_with_range(h: Handler, body: bytes = BLOB) -> None:
+    """A blob GET as distribution answers it: Range honoured, the digest as ETag."""
+    wanted = h.headers.get("Range")
+    if wanted:
+        start = int(wanted.split("=")[1].rstrip("-"))
+        h.reply(206, body[start:], {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
+    else:
+        h.reply(200, body, {"ETag": f'"{BLOB_DIGEST}"'})
+
+
+def test_bearer_token_from_the_challenge_cached_per_scope():
+    def app(h: Handler) -> None:
+        if h.path.startswith("/token"):
+            if h.headers.get("Authorization") != "Basic " + base64.b64encode(b"u:pw").decode():
+                return h.reply(401, b"{}")
+            return h.reply(200, json.dumps({"token": "tok-" + h.path.split("scope=")[1]}).encode())
+        if not (h.headers.get("Authorization") or "").startswith("Bearer tok-repository%3Ar%3Apull"):
+            challenge = (f'Bearer realm="http://127.0.0.1:{h.server.server_address[1]}/token",'
+                         'service="fake",scope="repository:r:pull"')
+            return h.reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge})
+        return blob_with_range(h)
+
+    with Fake(app) as fake:
+        with RegistryClient(fake.host, environ=CREDENTIALS) as client:
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+        token_requests = [path for _, path, _ in fake.seen if path.startswith("/token")]
+        assert token_requests == ["/token?service=fake&scope=repository%3Ar%3Apull"]
+        with RegistryClient(fake.host, environ={**CREDENTIALS, "ISEP_REGISTRY_PASSWORD": "bad"}) as client:
+            with pytest.raises(EnvironmentFailure, match="access denied for user 'u'") as caught:
+                client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+            assert "bad" not in str(caught.value)
+
+
+def test_redirect_to_another_host_carries_no_credentials():
+    def app(h: Handler) -> None:
+        if h.path.startswith("/storage"):
+            return blob_with_range(h)
+        if h.headers.get("Authorization") is None:
+            return h.reply(401, b"", {"WWW-Authenticate": 'Basic realm="fake"'})
+        # the same server under another name: another host as far as credentials go
+        h.reply(307, b"", {"Location": f"http://localhost:{h.server.server_address[1]}/storage/blob"})
+
+    with Fake(app, "0.0.0.0") as fake, RegistryClient(fake.host, environ=CREDENTIALS) as client:
+        assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+        storage = [headers for _, path, headers in fake.seen if path.startswith("/storage")]
+        assert storage and all("Authorization" not in headers for headers in storage)
+        assert any("Authorization" in headers for _, path, headers in fake.seen if path.startswith("/v2/"))
+
+
+def test_redirect_to_plain_http_elsewhere_is_refused():
+    def app(h: Handler) -> None:
+        h.reply(307, b"", {"Location": "http://storage.example/blob"})
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        with pytest.raises(EnvironmentFailure, match="plain HTTP only for a loopback host or with --insecure"):
+            client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_manifest_over_the_limit_is_bad_input(chunked):
+    def app(h: Handler) -> None:
+        if not chunked:
+            return h.reply(200, b"{}", length=MANIFEST_LIMIT + 1)
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        block = b"x" * (1 << 20)
+        try:
+            for _ in range(5):
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        with pytest.raises(BadInput, match="limit") as caught:
+            client.get_manifest("r", "1")
+        assert caught.value.status == ExitStatus.BAD_INPUT
+
+
+def test_manifest_digest_mismatch_is_integrity_error():
+    body = b'{"schemaVersion": 2}'
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def app(h: Handler) -> None:
+        h.reply(200, body + b" ", {"Docker-Content-Digest": digest})
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        with pytest.raises(IntegrityError):
+            client.get_manifest("r", digest)
+        with pytest.raises(IntegrityError):
+            client.get_manifest("r", "tag")  # the registry's own Docker-Content-Digest disagrees
+
+
+def test_range_answered_200_starts_over(tmp_path):
+    with Fake(lambda h: h.reply(200, BLOB)) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        (tmp_path / "out.partial").write_bytes(BLOB[:1000])
+        assert client.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out")) == len(BLOB)
+    assert (tmp_path / "out").read_bytes() == BLOB
+    assert fake.seen[0][2].get("If-Range") == f'"{BLOB_DIGEST}"' and fake.seen[0][2]["Range"] == "bytes=1000-"
+
+
+def test_wrong_content_range_fails_and_leaves_nothing(tmp_path):
+    def app(h: Handler) -> None:
+        h.reply(206, BLOB[10:], {"Content-Range": f"bytes 10-{len(BLOB) - 1}/{len(BLOB)}"})
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        (tmp_path / "out.partial").write_bytes(BLOB[:1000])
+        with pytest.raises(IntegrityError, match="Content-Range"):
+            client.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_dropped_download_resumes_from_where_it_stopped(tmp_path):
+    state = {"cut": False}
+
+    def app(h: Handler) -> None:
+        if not state["cut"]:
+            state["cut"] = True
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(BLOB)))
+            h.end_headers()
+            h.wfile.write(BLOB[:100_000])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        blob_with_range(h)
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        assert client.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out")) == len(BLOB)
+    assert (tmp_path / "out").read_bytes() == BLOB
+    assert [headers.get("Range") for _, _, headers in fake.seen] == [None, "bytes=100000-"]
+
+
+def test_longer_body_than_the_size_is_integrity_error(tmp_path):
+    with Fake(lambda h: h.reply(200, BLOB + b"extra")) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as c:
+        with pytest.raises(IntegrityError, match="longer"):
+            c.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def outbound_address() -> str | None:
+    """This machine's address on its default route (not loopback), if it has one."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+def test_tls_unless_loopback_or_insecure(tmp_path):
+    address = outbound_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to test the TLS rule with")
+    with Fake(blob_with_range, "0.0.0.0") as fake:
+        host = f"{address}:{fake.port}"
+        with RegistryClient(host, environ=NO_CONFIG, timeout=10) as client:
+            with pytest.raises(EnvironmentFailure, match="TLS") as caught:
+                client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+            assert caught.value.status == ExitStatus.ENVIRONMENT
+        assert fake.seen == []  # the plain-HTTP server never saw a request: the client spoke TLS
+        with RegistryClient(host, insecure=True, environ=NO_CONFIG) as client:
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+
+
+def test_unreachable_registry_and_server_errors_are_one_line():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with RegistryClient(f"127.0.0.1:{port}", environ=NO_CONFIG) as client:
+        with pytest.raises(EnvironmentFailure, match="refused") as caught:
+            client.blob_size("r", BLOB_DIGEST)
+        assert "\n" not in str(caught.value)
+
+    def app(h: Handler) -> None:
+        h.reply(500, b'{"errors": [{"code": "UNKNOWN", "message": "storage\\nbroken"}]}')
+
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        with pytest.raises(EnvironmentFailure, match=r"HTTP 500 \(UNKNOWN: storage\?broken\)"):
+            client.get_manifest("r", "1")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need (a venv from pyproject.toml; Debian packages and real engines for the
 # engine tier) and run every tier. This is the README's test command and what .ci/run calls.
-#   bash tests/run.sh              all tiers: fast, faults, engines
+#   bash tests/run.sh              all tiers: fast, faults, registry, engines
 #   bash tests/run.sh --no-engines the tiers that need no container engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +48,16 @@ if [ "${ISEP_SKIP_PY39:-0}" != 1 ]; then
     python -m pytest -q -p no:cacheprovider tests --ignore=tests/engines --ignore=tests/faults/test_fuzz.py
   )
 fi
+
+# The registry tier: Debian's docker-registry (open, Basic auth, token auth, pull-through cache) run
+# as plain processes on 127.0.0.1 with private storage under /tmp/isep-registry, stopped by pid.
+echo "== registry tier: docker-registry (distribution 2.8), tests/registry"
+bash tests/registry/registry.sh install
+bash tests/registry/registry.sh start
+status=0
+ISEP_REGISTRY=1 python -m pytest -q -p no:cacheprovider -m registry tests/registry || status=$?
+bash tests/registry/registry.sh stop || true
+[ "$status" = 0 ] || exit "$status"
 
 if [ "$engines" = 1 ]; then
   echo "== engine tier: real docker (20.10, 26, 28 containerd store), podman, containerd, sshd"

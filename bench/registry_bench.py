@@ -144,13 +144,13 @@ def main() -> None:
         measure("curl push (monolithic PUT)", lambda i: ["bash", "-c", CURL_PUSH, "-", registry["url"],
                 f"bench/curl-{tag}-{i}", digest, blob], opts.runs, size, env, results)
     if wanted("isep"):
-        measure("isep push_blob (32 MiB PATCH)", lambda i: [sys.executable, "-c", ISEP_PUSH, registry["host"],
+        measure("isep push_blob (128 MiB PATCHes)", lambda i: [sys.executable, "-c", ISEP_PUSH, registry["host"],
                 f"bench/isep-{tag}-{i}", digest, str(size), blob], opts.runs, size, env, results)
-    if not results.get("curl push (monolithic PUT)") and not results.get("isep push_blob (32 MiB PATCH)"):
+    if not results.get("curl push (monolithic PUT)") and not results.get("isep push_blob (128 MiB PATCHes)"):
         subprocess.run([sys.executable, "-c", ISEP_PUSH, registry["host"], f"bench/isep-{tag}-0", digest,
                         str(size), blob], env=env, check=True)
     url = f"{registry['url']}/v2/bench/isep-{tag}-0/blobs/{digest}"
-    if wanted("curl") and not results.get("isep push_blob (32 MiB PATCH)"):
+    if wanted("curl") and not results.get("isep push_blob (128 MiB PATCHes)"):
         url = f"{registry['url']}/v2/bench/curl-{tag}-0/blobs/{digest}"
 
     if wanted("curl"):

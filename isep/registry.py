@@ -1,12 +1,12 @@
 """The OCI distribution protocol, as much of it as isep needs: references (oci://HOST/REPO:TAG), manifests,
 blobs pushed by chunked resumable upload or cross-repository mount, and blobs fetched with resumable
 ranged GETs, verified before they are renamed into place. Memory stays flat: blobs stream between
-files and sockets in blocks. Authentication: isep/registryauth.py; HTTP and TLS: isep/registryhttp.py."""
+files and sockets in blocks. References: isep/registryref.py; authentication: isep/registryauth.py;
+HTTP and TLS: isep/registryhttp.py."""
 from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Mapping, Optional, Sequence
 from urllib.parse import quote, urljoin
 
-from .errors import BadInput, BlobUnknown, EnvironmentFailure, IntegrityError, IsepError, UsageError
+from .errors import BadInput, BlobUnknown, EnvironmentFailure, IntegrityError, IsepError, UsageError, os_error
 from .registryauth import Authorizer
 from .registryhttp import Body, Http, NetworkError, origin
+from .registryref import SCHEME, RegistryRef, check_digest, is_registry_ref
+
+__all__ = ["DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "MANIFEST_LIMIT", "OCI_INDEX", "OCI_MANIFEST", "SCHEME",
+           "RegistryClient", "RegistryRef", "check_digest", "is_registry_ref"]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -28,87 +32,6 @@ MANIFEST_LIMIT = 4 << 20  # distribution refuses larger manifests
 UPLOAD_CHUNK = 128 << 20  # one PATCH; larger chunks push faster here (bench/RESULTS.md, "Registry")
 READ_BLOCK = 1 << 20
 RETRIES = 5  # dropped connections tolerated per blob, each one resumed where it stopped
-SCHEME = "oci://"
-
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
-def is_registry_ref(text: str) -> bool:
-    return text.startswith(SCHEME)
-
-
-def _check_host(host: str, text: str) -> None:
-    name, port = host, ""
-    if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise UsageError(f"{text}: bad registry host {host!r}")
-        port = rest[1:]
-        try:
-            ipaddress.IPv6Address(name)
-        except ValueError:
-            raise UsageError(f"{text}: bad IPv6 address {name!r}") from None
-    else:
-        name, colon, port = host.partition(":")
-        if colon and not port or not _HOSTNAME.fullmatch(name):
-            raise UsageError(f"{text}: bad registry host {host!r}")
-    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise UsageError(f"{text}: bad port {port!r}")
-
-
-@dataclass(frozen=True)
-class RegistryRef:
-    """oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]; TAG is "latest" when neither is given."""
-
-    host: str
-    repository: str
-    tag: Optional[str]
-    digest: Optional[str]
-
-    @classmethod
-    def parse(cls, text: str) -> RegistryRef:
-        if not is_registry_ref(text):
-            raise UsageError(f"{text!r}: a registry reference starts with {SCHEME}")
-        if len(text) > 1024 or not text.isascii() or not text.isprintable() or " " in text:
-            raise UsageError(f"{text[:80]!r}: not a registry reference (oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX])")
-        host, slash, rest = text[len(SCHEME):].partition("/")
-        if "@" in host:  # user:password@host: not echoed, credentials come from the environment
-            raise UsageError("a registry reference names no user (credentials: ISEP_REGISTRY_USERNAME and "
-                             "ISEP_REGISTRY_PASSWORD, or the docker config file)")
-        if not slash:
-            raise UsageError(f"{text}: give oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]")
-        _check_host(host, text)
-        rest, at, digest = rest.partition("@")
-        repository, colon, tag = rest.partition(":")
-        if at and colon:
-            raise UsageError(f"{text}: give a tag or a digest, not both")
-        if at and not _DIGEST.fullmatch(digest):
-            raise UsageError(f"{text}: a digest is sha256: and 64 lower-case hex digits")
-        if colon and not _TAG.fullmatch(tag):
-            raise UsageError(f"{text}: bad tag {tag!r} (letters, digits, _ . -, at most 128, not first . or -)")
-        if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
-            raise UsageError(f"{text}: bad repository {repository!r} (lower-case letters and digits, "
-                             "separated by / . _ -)")
-        return cls(host, repository, None if at else (tag if colon else "latest"), digest if at else None)
-
-    @property
-    def reference(self) -> str:
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        return f"{SCHEME}{self.host}/{self.repository}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
-
-
-def _check_digest(digest: str) -> None:
-    if not _DIGEST.fullmatch(digest):
-        raise UsageError(f"{digest!r} is not a sha256 digest")
-
-
 def _pull(repository: str) -> list[str]:
     return [f"repository:{repository}:pull"]
 
@@ -245,7 +168,7 @@ class RegistryClient:
         """The manifest's bytes and their digest. A digest reference is checked against the bytes."""
         by_digest = reference.startswith("sha256:")
         if by_digest:
-            _check_digest(reference)
+            check_digest(reference)
 
         def read(site: _Site) -> tuple[bytes, str]:
             path = f"/v2/{repository}/manifests/{quote(reference)}"
@@ -286,7 +209,7 @@ class RegistryClient:
     # -- blobs: push ------------------------------------------------------------------------------------
 
     def blob_size(self, repository: str, digest: str) -> Optional[int]:
-        _check_digest(digest)
+        check_digest(digest)
         path = f"/v2/{repository}/blobs/{digest}"
         response, url = self._request(self.site, "HEAD", path, _pull(repository), follow=True)
         if response.status == 404:
@@ -310,7 +233,7 @@ class RegistryClient:
         return response.status, urljoin(url, location) if location else None
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
-        _check_digest(digest)
+        check_digest(digest)
         scopes = _push(repository) + _pull(from_repository)
         status, location = self._start_upload(repository, f"?mount={digest}&from={quote(from_repository)}", scopes)
         if status == 202 and location:
@@ -325,7 +248,7 @@ class RegistryClient:
             pass  # an abandoned upload is purged by the registry in time
 
     def push_bytes(self, repository: str, digest: str, data: bytes) -> str:
-        _check_digest(digest)
+        check_digest(digest)
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"the bytes to push as {digest} have another sha256")
         if self.blob_size(repository, digest) is not None:
@@ -339,26 +262,36 @@ class RegistryClient:
                   *, mount_from: Sequence[str] = ()) -> str:
         """'present', 'mounted' or 'uploaded'. The upload goes in PATCH chunks of UPLOAD_CHUNK bytes and
         resumes after a dropped connection where the registry says it stands."""
-        _check_digest(digest)
+        check_digest(digest)
         if self.blob_size(repository, digest) is not None:
             return "present"
         for source in mount_from:
             if source != repository and self.mount_blob(repository, digest, source):
                 return "mounted"
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise os_error(exc, f"reading {path}") from exc
+        with f:
             self._upload(repository, digest, size, f)
         return "uploaded"
 
     def _upload(self, repository: str, digest: str, size: int, f: IO[bytes]) -> None:
-        _, location = self._start_upload(repository)
-        assert location
+        _, started = self._start_upload(repository)
+        assert started
+        location: Optional[str] = started
         offset = failures = 0
         while True:
             try:
+                if location is None:  # after a drop: the answer to the final PUT may be what was lost
+                    if self.blob_size(repository, digest) is not None:
+                        return
+                    started, offset = self._upload_status(repository, started)
+                    location = started
                 while offset < size:
                     length = min(UPLOAD_CHUNK, size - offset)
                     f.seek(offset)
-                    location = self._patch(repository, location, f, offset, length)
+                    location = started = self._patch(repository, location, f, offset, length)
                     offset += length
                     if self.progress:
                         self.progress(length)
@@ -369,7 +302,7 @@ class RegistryClient:
                 if failures > RETRIES:
                     raise
                 time.sleep(0.2 * failures)
-                location, offset = self._upload_status(repository, location)
+                location = None
 
     def _patch(self, repository: str, location: str, f: IO[bytes], offset: int, length: int) -> str:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length),
@@ -419,7 +352,7 @@ class RegistryClient:
     # -- blobs: fetch -----------------------------------------------------------------------------------
 
     def fetch_bytes(self, repository: str, digest: str, limit: int) -> bytes:
-        _check_digest(digest)
+        check_digest(digest)
 
         def read(site: _Site) -> bytes:
             response, url = self._request(site, "GET", f"/v2/{repository}/blobs/{digest}", _pull(repository),
@@ -442,23 +375,27 @@ class RegistryClient:
         """Stream a blob into DEST + '.partial' (resuming what an earlier call left there), check its
         size and sha256, rename it to DEST. Returns the bytes transferred by this call. On a mismatch
         the partial file is removed and IntegrityError raised."""
-        _check_digest(digest)
+        check_digest(digest)
         partial = dest + ".partial"
         moved = 0
 
         def read(site: _Site) -> int:
             nonlocal moved
-            descriptor = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-            with os.fdopen(descriptor, "r+b") as f:
-                download = _Download(f, digest, size)
-                try:
-                    self._fetch_into(site, repository, download)
-                except IntegrityError:
-                    _remove(partial)
-                    raise
-                finally:
-                    moved += download.moved
-            os.replace(partial, dest)
+            try:
+                # never through a link planted in the store: the partial file is isep's own
+                descriptor = os.open(partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                with os.fdopen(descriptor, "r+b") as f:
+                    download = _Download(f, digest, size)
+                    try:
+                        self._fetch_into(site, repository, download)
+                    except IntegrityError:
+                        _remove(partial)
+                        raise
+                    finally:
+                        moved += download.moved
+                os.replace(partial, dest)
+            except OSError as exc:
+                raise os_error(exc, f"writing {partial}") from exc
             return moved
 
         found = self._from_sites(True, read)
@@ -513,21 +450,21 @@ class RegistryClient:
     def _copy_body(self, site: _Site, response: http.client.HTTPResponse, url: str, download: _Download) -> None:
         buffer = bytearray(READ_BLOCK)
         view = memoryview(buffer)
-        try:
-            while True:
+        while True:
+            try:
                 count = response.readinto(buffer)
-                if not count:
-                    break
-                if download.offset + count > download.size:
-                    self.http.release(response, url, 0)
-                    raise IntegrityError(f"registry {site.host}: blob {download.digest} is longer than "
-                                         f"{download.size} bytes")
-                download.append(view[:count])
-                if self.progress:
-                    self.progress(count)
-        except (OSError, http.client.HTTPException) as exc:
-            self.http.drop(url)
-            raise NetworkError(f"registry {site.host}: the download dropped at byte {download.offset}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.http.drop(url)
+                raise NetworkError(f"registry {site.host}: the download dropped at byte {download.offset}") from exc
+            if not count:
+                break
+            if download.offset + count > download.size:
+                self.http.release(response, url, 0)
+                raise IntegrityError(f"registry {site.host}: blob {download.digest} is longer than "
+                                     f"{download.size} bytes")
+            download.append(view[:count])
+            if self.progress:
+                self.progress(count)
         if response.length:  # http.client returns a short body when the connection closes early
             self.http.drop(url)
             raise NetworkError(f"registry {site.host}: the download dropped at byte {download.offset}")

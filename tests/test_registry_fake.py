@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 
+from isep import registry as registry_module
 from isep.errors import BadInput, EnvironmentFailure, ExitStatus, IntegrityError
 from isep.registry import MANIFEST_LIMIT, RegistryClient
 
@@ -35,7 +36,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def do_GET(self):
         self.server.seen.append((self.command, self.path, dict(self.headers)))
@@ -252,3 +254,75 @@ def test_unreachable_registry_and_server_errors_are_one_line():
     with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
         with pytest.raises(EnvironmentFailure, match=r"HTTP 500 \(UNKNOWN: storage\?broken\)"):
             client.get_manifest("r", "1")
+
+
+class UploadRegistry:
+    """Just enough of the upload protocol, behind bearer tokens that the test can expire."""
+
+    def __init__(self):
+        self.uploads: dict[str, bytearray] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.issued = 0
+        self.patches = 0
+        self.expire_after_patches = 1
+
+    def __call__(self, h: Handler) -> None:
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if h.command in ("PATCH", "PUT") else b""
+        port = h.server.server_address[1]
+        if h.path.startswith("/token"):
+            self.issued += 1
+            return h.reply(200, json.dumps({"token": f"tok-{self.issued}"}).encode())
+        if h.headers.get("Authorization") != f"Bearer tok-{self.issued}" or not self.issued:
+            challenge = f'Bearer realm="http://127.0.0.1:{port}/token",service="fake"'
+            return h.reply(401, b"{}", {"WWW-Authenticate": challenge})
+        path, _, query = h.path.partition("?")
+        if h.command == "HEAD":
+            digest = path.rsplit("/", 1)[1]
+            return h.reply(200 if digest in self.blobs else 404, length=len(self.blobs.get(digest, b"")))
+        if h.command == "POST":
+            name = f"u{len(self.uploads)}"
+            self.uploads[name] = bytearray()
+            return h.reply(202, b"", {"Location": f"/v2/r/blobs/uploads/{name}"})
+        data = self.uploads[path.rsplit("/", 1)[1]]
+        if h.command == "PATCH":
+            start = int(h.headers["Content-Range"].split("-")[0])
+            if start != len(data):
+                return h.reply(416)
+            data += body
+            self.patches += 1
+            if self.patches == self.expire_after_patches:
+                self.issued += 1  # every token issued so far has expired
+        if h.command in ("PATCH", "GET"):
+            return h.reply(202 if h.command == "PATCH" else 204, b"",
+                           {"Location": path, "Range": f"0-{max(len(data) - 1, 0)}"})
+        digest = query.split("digest=")[1]
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return h.reply(400, b'{"errors": [{"code": "DIGEST_INVALID", "message": "digest mismatch"}]}')
+        self.blobs[digest] = bytes(data)
+        h.reply(201)
+
+
+def test_token_expired_in_the_middle_of_an_upload_is_refreshed(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry_module, "UPLOAD_CHUNK", 100_000)
+    (tmp_path / "blob").write_bytes(BLOB)
+    app = UploadRegistry()
+    with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        assert client.push_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "blob")) == "uploaded"
+        assert app.blobs[BLOB_DIGEST] == BLOB
+        assert app.patches == 3  # the refused chunk was not counted: resumed at the right offset
+        assert app.issued == 4  # pull, push, (expired), the push token fetched again
+        # a file that is not the blob it claims to be: the registry's digest check, exit 5
+        (tmp_path / "other").write_bytes(BLOB[::-1])
+        with pytest.raises(IntegrityError, match="DIGEST_INVALID"):
+            client.push_blob("r", "sha256:" + "0" * 64, len(BLOB), str(tmp_path / "other"))
+
+
+def test_partial_file_that_is_a_link_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (tmp_path / "out.partial").symlink_to(target)
+    with Fake(blob_with_range) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
+        with pytest.raises(EnvironmentFailure, match="out.partial") as caught:
+            client.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out"))
+    assert caught.value.status == ExitStatus.ENVIRONMENT
+    assert target.read_bytes() == b"" and not (tmp_path / "out").exists()

@@ -1,14 +1,18 @@
 """HTTP for the registry client, over the standard library's http.client (bench/RESULTS.md, "Registry":
-as fast as curl and urllib3 here, flat memory, no dependency): one kept-alive connection per origin,
-the TLS rule, redirects that never carry credentials to another host, network failures as one line."""
+the fastest Python candidate here, flat memory, no dependency): one kept-alive connection per origin,
+the TLS rule, HTTPS_PROXY/HTTP_PROXY/NO_PROXY, redirects that never carry credentials to another host,
+network failures as one line."""
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import socket
 import ssl
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Protocol, Union
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass
 
 from .errors import EnvironmentFailure, UsageError
 
@@ -68,6 +72,32 @@ def origin(host: str, insecure: bool) -> str:
     return ("http" if plain_http_allowed(host, insecure) else "https") + "://" + host
 
 
+@dataclass(frozen=True)
+class Proxy:
+    address: str  # host:port of the proxy
+    headers: dict[str, str] = field(repr=False)  # Proxy-Authorization when its URL names a user
+
+
+def proxy_for(scheme: str, netloc: str) -> Optional[Proxy]:
+    """The proxy of HTTPS_PROXY/HTTP_PROXY (either case) for a registry, unless NO_PROXY names it or it
+    is a loopback host. Only http:// proxies (as docker and curl use them)."""
+    if is_loopback(netloc):
+        return None
+    proxies = getproxies_environment()
+    name = split_host(netloc)[0]
+    if scheme not in proxies or proxy_bypass(name):
+        return None
+    parts = urlsplit(proxies[scheme] if "://" in proxies[scheme] else "http://" + proxies[scheme])
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(f"{scheme}_proxy: only an http:// proxy is supported")
+    headers = {}
+    if parts.username is not None:
+        secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret).decode()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return Proxy(f"{host}:{parts.port or 80}", headers)
+
+
 def describe(exc: BaseException) -> str:
     """A network failure in a few words (no URL: an upload URL carries the registry's state token)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -95,6 +125,7 @@ class Http:
         self.timeout = timeout
         self.insecure = insecure
         self._connections: dict[tuple[str, str], http.client.HTTPConnection] = {}
+        self._plain_proxies: dict[tuple[str, str], Optional[Proxy]] = {}  # plain HTTP through a proxy
         self._tls = ssl.create_default_context()
 
     def close(self) -> None:
@@ -105,12 +136,18 @@ class Http:
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         key = (scheme, netloc)
         if key not in self._connections:
+            proxy = proxy_for(scheme, netloc)
+            address = proxy.address if proxy else netloc
             if scheme == "https":
-                self._connections[key] = http.client.HTTPSConnection(
-                    netloc, timeout=self.timeout, context=self._tls, blocksize=SEND_BLOCK)
+                connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    address, timeout=self.timeout, context=self._tls, blocksize=SEND_BLOCK)
+                if proxy:  # CONNECT through the proxy; TLS with the registry inside the tunnel
+                    name, port = split_host(netloc)
+                    connection.set_tunnel(name, port, headers=proxy.headers)
             else:
-                self._connections[key] = http.client.HTTPConnection(netloc, timeout=self.timeout,
-                                                                    blocksize=SEND_BLOCK)
+                connection = http.client.HTTPConnection(address, timeout=self.timeout, blocksize=SEND_BLOCK)
+            self._connections[key] = connection
+            self._plain_proxies[key] = proxy if proxy and scheme == "http" else None
         return self._connections[key]
 
     def drop(self, url: str) -> None:
@@ -139,8 +176,11 @@ class Http:
         for attempt in (0, 1):
             reused = (parts.scheme, parts.netloc) in self._connections
             connection = self._connection(parts.scheme, parts.netloc)
+            proxy = self._plain_proxies.get((parts.scheme, parts.netloc))
+            sent = {**all_headers, **proxy.headers} if proxy else all_headers
             try:
-                connection.request(method, target, body=body, headers=all_headers)
+                connection.request(method, f"http://{parts.netloc}{target}" if proxy else target, body=body,
+                                   headers=sent)
                 return connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 self.drop(url)

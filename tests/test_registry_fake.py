@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from isep import registry as registry_module
-from isep.errors import BadInput, EnvironmentFailure, ExitStatus, IntegrityError
+from isep.errors import BadInput, EnvironmentFailure, ExitStatus, IntegrityError, UsageError
 from isep.registry import MANIFEST_LIMIT, RegistryClient
 
 BLOB = os.urandom(300_000)
@@ -328,3 +328,105 @@ def test_partial_file_that_is_a_link_is_refused(tmp_path):
             client.fetch_blob("r", BLOB_DIGEST, len(BLOB), str(tmp_path / "out"))
     assert caught.value.status == ExitStatus.ENVIRONMENT
     assert target.read_bytes() == b"" and not (tmp_path / "out").exists()
+
+
+class ForwardProxy:
+    """An HTTP proxy: CONNECT tunnels, and absolute-form requests passed on in origin form. Records the
+    request lines and Proxy-Authorization headers it saw."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str | None]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(1)
+        lines = head.decode().split("\r\n")
+        method, target, version = lines[0].split(" ")
+        auth = next((line.split(": ", 1)[1] for line in lines if line.lower().startswith("proxy-authorization")), None)
+        self.seen.append((lines[0], auth))
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            rest = target.split("://", 1)[1]
+            hostport, _, path = rest.partition("/")
+            host, port = hostport.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            kept = [line for line in lines[1:] if not line.lower().startswith("proxy-authorization")]
+            upstream.sendall("\r\n".join([f"{method} /{path} {version}", *kept]).encode())
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(1 << 16)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in (source, sink):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ForwardProxy()
+    yield proxy, monkeypatch
+    proxy.close()
+
+
+def test_proxy_from_the_environment(proxy_env):
+    proxy, monkeypatch = proxy_env
+    address = outbound_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address: every registry here bypasses a proxy")
+    monkeypatch.setenv("http_proxy", proxy.url.replace("://", "://user:p%40ss@"))
+    monkeypatch.setenv("https_proxy", proxy.url)
+    with Fake(blob_with_range, "0.0.0.0") as fake:
+        host = f"{address}:{fake.port}"
+        with RegistryClient(host, insecure=True, environ=NO_CONFIG) as client:
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+        assert proxy.seen == [(f"GET http://{host}/v2/r/blobs/{BLOB_DIGEST} HTTP/1.1",
+                               "Basic " + base64.b64encode(b"user:p@ss").decode())]
+        # TLS through a CONNECT tunnel (to a plain-HTTP server here, so the handshake fails)
+        with RegistryClient(host, environ=NO_CONFIG, timeout=10) as client:
+            with pytest.raises(EnvironmentFailure, match="TLS"):
+                client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+        assert proxy.seen[1] == (f"CONNECT {host} HTTP/1.0", None)
+        # NO_PROXY and loopback hosts go direct
+        monkeypatch.setenv("no_proxy", address)
+        with RegistryClient(host, insecure=True, environ=NO_CONFIG) as client:
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+        monkeypatch.delenv("no_proxy")
+        with RegistryClient(fake.host, environ=NO_CONFIG) as client:
+            assert client.fetch_bytes("r", BLOB_DIGEST, len(BLOB)) == BLOB
+        assert len(proxy.seen) == 2
+    monkeypatch.setenv("https_proxy", "https://proxy.example:3128")
+    with RegistryClient("registry.example", environ=NO_CONFIG) as client:
+        with pytest.raises(UsageError, match="only an http:// proxy"):
+            client.blob_size("r", BLOB_DIGEST)

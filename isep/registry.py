@@ -12,16 +12,17 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, Iterator, Mapping, Optional, Sequence
+from typing import IO, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import quote, urljoin
 
 from .errors import BadInput, BlobUnknown, EnvironmentFailure, IntegrityError, IsepError, UsageError, os_error
 from .registryauth import Authorizer
 from .registryhttp import Body, Http, NetworkError, origin
-from .registryref import SCHEME, RegistryRef, check_digest, is_registry_ref
+from .registryref import SCHEME, RegistryRef, check_digest, check_repository, is_registry_ref
 
 __all__ = ["DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "MANIFEST_LIMIT", "OCI_INDEX", "OCI_MANIFEST", "SCHEME",
-           "RegistryClient", "RegistryRef", "check_digest", "is_registry_ref"]
+           "RegistryClient", "RegistryRef", "check_digest", "check_repository", "is_registry_ref"]
+T = TypeVar("T")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -33,10 +34,12 @@ UPLOAD_CHUNK = 128 << 20  # one PATCH; larger chunks push faster here (bench/RES
 READ_BLOCK = 1 << 20
 RETRIES = 5  # dropped connections tolerated per blob, each one resumed where it stopped
 def _pull(repository: str) -> list[str]:
+    check_repository(repository)
     return [f"repository:{repository}:pull"]
 
 
 def _push(repository: str) -> list[str]:
+    check_repository(repository)
     return [f"repository:{repository}:pull,push"]
 
 
@@ -152,7 +155,7 @@ class RegistryClient:
             raise BadInput(f"registry {site.host}: {what} is over the limit of {limit} bytes")
         return body
 
-    def _from_sites(self, by_digest: bool, read: Callable[[_Site], object]) -> object:
+    def _from_sites(self, by_digest: bool, read: Callable[[_Site], T]) -> T:
         """READ from the mirror first (any failure there falls back to the registry), then the registry."""
         for site in self._read_sites(by_digest):
             try:
@@ -187,9 +190,7 @@ class RegistryClient:
                                      f"not {reference if by_digest else claimed}")
             return body, digest
 
-        found = self._from_sites(by_digest, read)
-        assert isinstance(found, tuple)
-        return found
+        return self._from_sites(by_digest, read)
 
     def put_manifest(self, repository: str, tag: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
         if len(body) > MANIFEST_LIMIT:
@@ -367,15 +368,14 @@ class RegistryClient:
                 raise IntegrityError(f"registry {site.host}: blob {digest} of {repository} has another sha256")
             return data
 
-        found = self._from_sites(True, read)
-        assert isinstance(found, bytes)
-        return found
+        return self._from_sites(True, read)
 
     def fetch_blob(self, repository: str, digest: str, size: int, dest: str) -> int:
         """Stream a blob into DEST + '.partial' (resuming what an earlier call left there), check its
         size and sha256, rename it to DEST. Returns the bytes transferred by this call. On a mismatch
         the partial file is removed and IntegrityError raised."""
         check_digest(digest)
+        check_repository(repository)
         partial = dest + ".partial"
         moved = 0
 
@@ -398,9 +398,7 @@ class RegistryClient:
                 raise os_error(exc, f"writing {partial}") from exc
             return moved
 
-        found = self._from_sites(True, read)
-        assert isinstance(found, int)
-        return found
+        return self._from_sites(True, read)
 
     def _fetch_into(self, site: _Site, repository: str, download: _Download) -> None:
         failures = 0

@@ -88,3 +88,10 @@ class RegistryRef:
 def check_digest(digest: str) -> None:
     if not _DIGEST.fullmatch(digest):
         raise UsageError(f"{digest!r} is not a sha256 digest")
+
+
+def check_repository(repository: str) -> None:
+    """A repository name as distribution accepts it (it goes into URL paths)."""
+    if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
+        raise UsageError(f"{repository[:80]!r} is not a repository name (lower-case letters and digits, "
+                         "separated by / . _ -)")

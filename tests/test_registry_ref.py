@@ -7,7 +7,7 @@ import json
 import pytest
 
 from isep.errors import UsageError
-from isep.registry import RegistryRef, is_registry_ref
+from isep.registry import RegistryClient, RegistryRef, is_registry_ref
 from isep.registryauth import Credentials, find_credentials, parse_challenge
 from isep.registryhttp import is_loopback, origin, split_host
 
@@ -112,3 +112,15 @@ def test_credentials_missing_say_why(tmp_path):
     assert "base64" in find_credentials("h", env)[1]
     env = write_config(tmp_path, ["not", "an", "object"])
     assert find_credentials("h", env)[0] is None
+
+
+@pytest.mark.parametrize("repository", ["../v2", "a/../../b", "A", "a?x=1", "a#b", "a b", "", "a/", "x" * 256])
+def test_client_refuses_hostile_repository_names_before_any_request(repository, tmp_path):
+    # port 9 on loopback: nothing listens there, so any request would fail with exit 3, not 2
+    with RegistryClient("127.0.0.1:9", environ={"DOCKER_CONFIG": str(tmp_path)}) as client:
+        for call in (lambda: client.get_manifest(repository, "1"), lambda: client.blob_size(repository, DIGEST),
+                     lambda: client.fetch_blob(repository, DIGEST, 1, str(tmp_path / "out")),
+                     lambda: client.mount_blob("ok", DIGEST, repository)):
+            with pytest.raises(UsageError):
+                call()
+    assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,8 @@ open_port=$port auth_port=$((port + 1)) cache_port=$((port + 2)) token_port=$((p
 python=${PYTHON:-python3}
 
 install() {
-  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null && command -v openssl >/dev/null && return
+  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null && command -v openssl >/dev/null \
+    && command -v curl >/dev/null && return
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "registry.sh: docker-registry is missing (apt-get install docker-registry apache2-utils openssl)" >&2
     exit 3
@@ -97,9 +98,10 @@ start() {
   for name in auth cache token; do
     launch "$name" docker-registry serve "$root/$name/config.yml"
   done
-  launch realm "$python" "$here/token_server.py" --port "$realm_port" --key "$root/realm/key.pem" \
-    --cert "$root/realm/cert.pem" --issuer isep-test-issuer --service isep-test-registry \
-    --htpasswd-user "$user" --htpasswd-password "$password"
+  # the password goes by the environment, not the command line (ps shows that)
+  ISEP_TOKEN_PASSWORD=$password launch realm "$python" "$here/token_server.py" --port "$realm_port" \
+    --key "$root/realm/key.pem" --cert "$root/realm/cert.pem" --issuer isep-test-issuer \
+    --service isep-test-registry --user "$user"
   wait_up auth "http://127.0.0.1:$auth_port/v2/"
   wait_up cache "http://127.0.0.1:$cache_port/v2/"
   wait_up token "http://127.0.0.1:$token_port/v2/"

@@ -1,12 +1,13 @@
 """A tiny bearer-token server for the registry tier: docker-registry's `auth: token:` points its realm
 here. It answers GET /token?service=..&scope=.. with a JWT (RS256, signed by `openssl dgst`, the
 self-signed certificate in the x5c header, which the registry trusts through rootcertbundle), granting
-every requested action, but only to the one user and password it was started with (Basic)."""
+every requested action, but only to the one user it was started with and the password in $ISEP_TOKEN_PASSWORD (Basic)."""
 from __future__ import annotations
 
 import argparse
 import base64
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -76,12 +77,12 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name in ("--key", "--cert", "--issuer", "--service", "--htpasswd-user", "--htpasswd-password"):
+    for name in ("--key", "--cert", "--issuer", "--service", "--user"):
         parser.add_argument(name, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--lifetime", type=int, default=300)
     opts = parser.parse_args()
-    opts.user, opts.password = opts.htpasswd_user, opts.htpasswd_password
+    opts.password = os.environ["ISEP_TOKEN_PASSWORD"]
     Handler.opts = opts
     ThreadingHTTPServer(("127.0.0.1", opts.port), Handler).serve_forever()
 

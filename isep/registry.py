@@ -54,16 +54,20 @@ def _registry_message(body: bytes) -> str:
 
 
 class _Window:
-    """LENGTH bytes of a file from its current position, as a body http.client streams in blocks."""
+    """LENGTH bytes of a file from its current position, as a body http.client streams in blocks; each
+    block counted as it goes (a chunk is 128 MiB: too coarse a step for a progress bar)."""
 
-    def __init__(self, f: IO[bytes], length: int):
+    def __init__(self, f: IO[bytes], length: int, progress: Optional[Callable[[int], None]]):
         self.f = f
         self.left = length
+        self.progress = progress
 
     def read(self, size: int = -1) -> bytes:
         size = self.left if size < 0 else min(size, self.left)
         data = self.f.read(size)
         self.left -= len(data)
+        if self.progress and data:
+            self.progress(len(data))
         return data
 
 
@@ -294,8 +298,6 @@ class RegistryClient:
                     f.seek(offset)
                     location = started = self._patch(repository, location, f, offset, length)
                     offset += length
-                    if self.progress:
-                        self.progress(length)
                 self._finish_upload(repository, digest, location, b"")
                 return
             except NetworkError:
@@ -308,7 +310,8 @@ class RegistryClient:
     def _patch(self, repository: str, location: str, f: IO[bytes], offset: int, length: int) -> str:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length),
                    "Content-Range": f"{offset}-{offset + length - 1}"}
-        response, url = self._request(self.site, "PATCH", location, _push(repository), headers, _Window(f, length))
+        response, url = self._request(self.site, "PATCH", location, _push(repository), headers,
+                                      _Window(f, length, self.progress))
         if response.status == 202 and response.getheader("Location"):
             self.http.release(response, url)
             return urljoin(url, response.getheader("Location") or "")

@@ -5,8 +5,11 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -292,3 +295,36 @@ def test_docker_config_credentials(auth_registry, repository, tmp_path):
     with RegistryClient(auth_registry.host, environ={"DOCKER_CONFIG": str(config)}) as client:
         with pytest.raises(EnvironmentFailure, match="credential helper"):
             client.blob_size(repository, "sha256:" + "1" * 64)
+
+
+FLAT_MEMORY = """
+import resource, sys
+from isep.registry import RegistryClient
+host, repository, path, digest, size, dest = sys.argv[1:]
+moved = []
+with RegistryClient(host, environ={"DOCKER_CONFIG": "/nonexistent"}, progress=moved.append) as client:
+    assert client.push_blob(repository, digest, int(size), path) == "uploaded"
+    assert client.fetch_blob(repository, digest, int(size), dest) == int(size)
+assert sum(moved) == 2 * int(size), sum(moved)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_push_and_fetch_in_flat_memory(registry, repository, tmp_path):
+    size = 256 << 20
+    path = tmp_path / "zeros"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    hasher = hashlib.sha256()
+    block = bytes(1 << 20)
+    for _ in range(size >> 20):
+        hasher.update(block)
+    digest = "sha256:" + hasher.hexdigest()
+    done = subprocess.run([sys.executable, "-c", FLAT_MEMORY, registry.host, repository, str(path), digest, str(size),
+                           str(tmp_path / "out")], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    peak_kib = int(done.stdout.split()[-1])
+    # the interpreter and isep's imports take ~20 MiB; a blob held in memory would add 256
+    assert peak_kib < 64 << 10, f"peak RSS {peak_kib} KiB for a 256 MiB push and fetch"
+    assert (tmp_path / "out").stat().st_size == size

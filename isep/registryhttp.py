@@ -62,6 +62,9 @@ def plain_http_allowed(host: str, insecure: bool) -> bool:
 def origin(host: str, insecure: bool) -> str:
     """The base URL of a registry named by HOST[:PORT] or by a URL (a mirror may be given as either).
     TLS unless plain HTTP is allowed; an explicit http:// to another host is refused."""
+    if "@" in host:
+        raise UsageError("a registry or mirror address names no user (credentials: ISEP_REGISTRY_USERNAME and "
+                         "ISEP_REGISTRY_PASSWORD, or the docker config file)")
     if "://" in host:
         parts = urlsplit(host)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
@@ -96,6 +99,11 @@ def proxy_for(scheme: str, netloc: str) -> Optional[Proxy]:
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret).decode()
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return Proxy(f"{host}:{parts.port or 80}", headers)
+
+
+def _where(url: str) -> str:
+    """The host:port of a URL for a message, without any user:password@."""
+    return urlsplit(url).netloc.rpartition("@")[2] or "?"
 
 
 def describe(exc: BaseException) -> str:
@@ -158,10 +166,12 @@ class Http:
 
     def check_scheme(self, url: str) -> None:
         parts = urlsplit(url)
+        if "@" in parts.netloc:  # a redirect to user:password@host: refused, and never echoed
+            raise EnvironmentFailure(f"refusing a URL with credentials in it (to {_where(url)})")
         if parts.scheme == "https":
             return
         if parts.scheme != "http" or not plain_http_allowed(parts.netloc, self.insecure):
-            raise EnvironmentFailure(f"refusing {parts.scheme or 'a relative'} URL to {parts.netloc or '?'}: "
+            raise EnvironmentFailure(f"refusing {parts.scheme or 'a relative'} URL to {_where(url)}: "
                                      "plain HTTP only for a loopback host or with --insecure")
 
     def send(self, method: str, url: str, headers: Mapping[str, str], body: Body = None) -> http.client.HTTPResponse:
@@ -187,7 +197,7 @@ class Http:
                 stale = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
                 if attempt == 0 and reused and stale and not hasattr(body, "read"):
                     continue
-                raise NetworkError(f"registry {parts.netloc}: {describe(exc)}") from exc
+                raise NetworkError(f"registry {_where(url)}: {describe(exc)}") from exc
         raise AssertionError("unreachable")
 
     def follow(self, method: str, url: str, headers: Mapping[str, str]) -> tuple[http.client.HTTPResponse, str]:
@@ -204,7 +214,7 @@ class Http:
             if urlsplit(target).netloc != urlsplit(url).netloc:
                 headers.pop("Authorization", None)
             url = target
-        raise EnvironmentFailure(f"registry {urlsplit(url).netloc}: more than {MAX_REDIRECTS} redirects")
+        raise EnvironmentFailure(f"registry {_where(url)}: more than {MAX_REDIRECTS} redirects")
 
     def release(self, response: http.client.HTTPResponse, url: str, keep_limit: int = 1 << 16) -> bytes:
         """Read a small rest of the body so that the connection can be used again; drop it otherwise.

@@ -118,13 +118,18 @@ def test_redirect_to_another_host_carries_no_credentials():
         assert any("Authorization" in headers for _, path, headers in fake.seen if path.startswith("/v2/"))
 
 
-def test_redirect_to_plain_http_elsewhere_is_refused():
+def test_redirect_to_plain_http_elsewhere_or_with_credentials_is_refused():
+    targets = ["http://storage.example/blob", "https://u:secret@storage.example/blob"]
+
     def app(h: Handler) -> None:
-        h.reply(307, b"", {"Location": "http://storage.example/blob"})
+        h.reply(307, b"", {"Location": targets[len(h.server.seen) - 1]})
 
     with Fake(app) as fake, RegistryClient(fake.host, environ=NO_CONFIG) as client:
         with pytest.raises(EnvironmentFailure, match="plain HTTP only for a loopback host or with --insecure"):
             client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+        with pytest.raises(EnvironmentFailure, match="credentials in it") as caught:
+            client.fetch_bytes("r", BLOB_DIGEST, len(BLOB))
+        assert "secret" not in str(caught.value)
 
 
 @pytest.mark.parametrize("chunked", [False, True])

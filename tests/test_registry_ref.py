@@ -57,7 +57,8 @@ def test_loopback_and_scheme_rules():
     assert origin("https://mirror.example:5000", False) == "https://mirror.example:5000"
     assert origin("http://127.0.0.1:5001", False) == "http://127.0.0.1:5001"
     assert origin("http://mirror.example", True) == "http://mirror.example"
-    for bad in ("http://mirror.example", "ftp://mirror.example", "https://mirror.example/path", "https://"):
+    for bad in ("http://mirror.example", "ftp://mirror.example", "https://mirror.example/path", "https://",
+                "https://u:secret@mirror.example", "u:secret@mirror.example"):
         with pytest.raises(UsageError):
             origin(bad, False)
     assert split_host("[::1]:5000") == ("::1", 5000)

@@ -18,7 +18,7 @@ from isep.cli.manpage import (
 from isep.errors import ExitStatus
 from tests.harness import REAL, ROOT, isep, pipeline
 
-COMMANDS = ["index", "partition", "pack", "verify", "join", "prune", "demo"]
+COMMANDS = ["index", "partition", "pack", "verify", "join", "prune", "push", "demo"]
 
 
 @pytest.mark.parametrize("name", PAGES)

@@ -78,6 +78,12 @@ RenameOption = typer.Option(None, "--rename", "-r", metavar="FILE",
                             help="isula-build rename file: [{\"name\": default, \"rename\": new}].")
 CompressOption = typer.Option(Compression.zstd, "--compress", "-c",
                               help="Compression of the parts (zstd level 3 multi-threaded by default).")
+InsecureOption = typer.Option(False, "--insecure",
+                              help="oci://: plain HTTP (and no TLS certificate check) for a registry that is not on a "
+                                   "loopback address; loopback registries are always reached over plain HTTP.")
+MirrorOption = typer.Option(None, "--mirror", metavar="HOST[:PORT]",
+                            help="oci://: a registry mirror or pull-through cache tried first for blobs and for the "
+                                 "manifest by digest.")
 
 
 def input_argument(metavar: str, what: str):

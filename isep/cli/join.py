@@ -8,6 +8,8 @@ from typing import Optional, cast
 import typer
 
 from ..errors import UsageError
+from ..pull import open_release, pull_directory, pull_parts, remove_pull_directory
+from ..registry import RegistryClient, RegistryRef, is_registry_ref
 from ..files import OutputFile, open_in_place, output_file
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
@@ -18,6 +20,8 @@ from ..refs import Held, resolve_have
 from ..thin import covered_layers
 from ..stream import check_keepable, keep_received, receive_stream
 from .common import (
+    InsecureOption,
+    MirrorOption,
     Ui,
     command,
     input_source,
@@ -73,6 +77,8 @@ def join(
     delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use while it is applied (as given to isep-pack --delta-memory)."),
     keep: bool = typer.Option(False, "--keep", help="With a bundle stream (STORE -): after a successful join, move the received parts into STORE (created if missing) and merge its isep-bundle.json, written last, so that it holds what the next release's app part needs. A different part under the same name is never replaced: another version of a base or lib (a floating tag rebuilt) is kept beside it, its name suffixed with its chainID. Without --keep STORE is only read."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
+    insecure: bool = InsecureOption,
+    mirror: Optional[str] = MirrorOption,
 ) -> None:
     name = image_opt if image == "-" else image
     if image == "-" and app_part == "-":
@@ -85,10 +91,17 @@ def join(
     held = _resolve_have(have or [], normalize)
     if no_verify:
         ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
-    if keep and image != "-":
-        raise UsageError("--keep needs a bundle stream joined against a store: isep-join STORE - --keep")
     options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
     memory = parse_size(delta_memory)
+    if is_registry_ref(bundle):
+        if overrides or image == "-":
+            raise UsageError("oci:// joins a release's own parts: no -b/-l/-a, and no stream on stdin")
+        ref = RegistryRef.parse(bundle)
+        client = RegistryClient(ref.host, insecure=insecure, mirror=mirror)
+        _join_registry(client, ref, image, image_opt, trust, held, output, options, ui, memory)
+        return
+    if keep and image != "-":
+        raise UsageError("--keep needs a bundle stream joined against a store: isep-join STORE - --keep")
     if image == "-" and bundle != "-":
         _join_stream(bundle, name, overrides, trust, held, keep, output, options, ui, memory)
         return
@@ -141,6 +154,36 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
             shutil.rmtree(recv_dir, ignore_errors=True)
             store.remove_if_created_empty()
         raise
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional[str], name: Optional[str],
+                   trust: Optional[str], held: Optional[list[Held]], output: Optional[str], options: JoinOptions,
+                   ui: Ui, memory: int) -> None:
+    """isep-join oci://... [STORE]: what STORE lacks fetched (into STORE, resumably, else TMPDIR),
+    joined, and kept in STORE as --keep keeps a bundle stream."""
+    release = open_release(client, ref, trust, ui.warn)
+    chosen = select_image(_images(release.bundle), name, str(ref))
+    store = Store(store_dir, create=True) if store_dir else None
+    try:
+        local = open_local_store(store_dir) if store_dir else None
+        pull_dir = pull_directory(store, release.digest) if store else scratch_dir("isep-pull-")
+        pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn)
+        ui.info(f"{ref} ({release.digest[:19]}…): {len(pulled.files)} blob(s) needed, {pulled.moved:,} bytes fetched")
+        if store is not None:
+            check_keepable(store, pulled.received)
+        parts = isep_part_inputs(pulled.received, chosen, {}, [local] if local else [], have=held)
+        _thin(options, chosen, held)
+        plain, work = _rebuild(parts, store_dir, memory)
+        _write(output, plain, chosen, options, chosen.get("trailer_size", 1024), ui)
+        if store is not None:
+            pulled.settle()
+            if work is not None:
+                adopt_rebuilt(pulled.received, plain, work)
+            ui.info(f"kept {len(keep_received(store, pulled.received))} new part(s) in {store_dir}")
+            remove_pull_directory(pull_dir)
     finally:
         if store is not None:
             store.close()

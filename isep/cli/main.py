@@ -1,11 +1,11 @@
 """isep: the umbrella command; `isep pack ...` is `isep-pack ...`."""
 from __future__ import annotations
 
-from . import demo, index, join, pack, partition, prune, verify
+from . import demo, index, join, pack, partition, prune, push, verify
 from .common import launch, new_app
 
 COMMANDS = {"index": index, "partition": partition, "pack": pack, "verify": verify, "join": join,
-            "prune": prune, "demo": demo}
+            "prune": prune, "push": push, "demo": demo}
 
 app = new_app("Split container image archives into base, lib and app parts, and join them back.",
               "Each subcommand is also installed as isep-<subcommand>; see isep <subcommand> --help.")

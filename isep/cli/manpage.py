@@ -20,7 +20,7 @@ from .. import __version__
 from ..errors import ExitStatus
 from .common import EXIT_CODES_HELP
 
-PAGES = ("index", "partition", "pack", "verify", "join", "prune", "demo")
+PAGES = ("index", "partition", "pack", "verify", "join", "prune", "push", "demo")
 README_TABLE_HEADING = "## Exit codes"
 
 

@@ -9,10 +9,12 @@ import typer
 
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
 from ..bundle import open_bundle
+from ..pull import verify_release
+from ..registry import RegistryClient, RegistryRef, is_registry_ref
 from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
-from .common import Ui, command, launch, new_app, open_input, scratch_dir, write_json
+from .common import InsecureOption, MirrorOption, Ui, command, launch, new_app, open_input, scratch_dir, write_json
 
 PROG = "isep-verify"
 app = new_app(
@@ -36,16 +38,20 @@ EXAMPLES = (
 @command(app, PROG, EXAMPLES)
 def verify(
     ui: Ui,
-    target: Optional[str] = typer.Argument(None, metavar="BUNDLE|ARCHIVE|-", help="Bundle directory, archive file, or - (stdin: an archive or a bundle stream)."),
+    target: Optional[str] = typer.Argument(None, metavar="BUNDLE|ARCHIVE|-", help="Bundle directory, archive file, - (stdin: an archive or a bundle stream), or oci://HOST/REPO:TAG (a release artifact in a registry)."),
     fast: bool = typer.Option(False, "--fast", help="xxh3-128 instead of sha256 for part files."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every member with sha256 and recompute diffIDs."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Require isep-bundle.json to be signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file; parts are then checked with sha256, never --fast."),
+    insecure: bool = InsecureOption,
+    mirror: Optional[str] = MirrorOption,
 ) -> ExitStatus:
     mode = "fast" if fast else "deep" if deep else "standard"
     if trust is not None and fast:
         raise UsageError("--trust needs sha256 part checks: leave out --fast")
     path = target or "-"
-    if path != "-" and os.path.isdir(path):
+    if is_registry_ref(path):
+        report = _check_registry(path, trust, mode, insecure, mirror)
+    elif path != "-" and os.path.isdir(path):
         report = _check_directory(path, trust, mode)
     else:
         report = _check_input(path, trust, mode)
@@ -86,6 +92,16 @@ def _check_input(path: str, trust: Optional[str], mode: str) -> Report:
     if trust is not None:
         raise UsageError("--trust applies to bundles (an image archive carries no isep signature)")
     return verify_archive(source, Report(name, "archive", mode))
+
+
+def _check_registry(text: str, trust: Optional[str], mode: str, insecure: bool, mirror: Optional[str]) -> Report:
+    if mode == "fast":
+        raise UsageError("--fast applies to local parts; an artifact's blobs are checked by size, or by sha256 with --deep")
+    ref = RegistryRef.parse(text)
+    report = Report(text, "registry artifact", mode)
+    client = RegistryClient(ref.host, insecure=insecure, mirror=mirror)
+    verify_release(client, ref, trust, mode == "deep", report, scratch_dir("isep-verify-"))
+    return report
 
 
 def _check_signature(bundle, trust: Optional[str], report: Report) -> None:

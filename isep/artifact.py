@@ -16,10 +16,9 @@ from .deltajoin import StoreLayers, is_delta_part, part_needs
 from .errors import BadInput
 from .limits import MANIFEST_CAP
 from .names import check_file_name
+from .registry import MANIFEST_LIMIT, OCI_MANIFEST
 from .signing import MAX_SIGNATURE
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MANIFEST_LIMIT = 4 << 20  # distribution refuses larger manifests
 ARTIFACT_TYPE = "application/vnd.isep.bundle.v1"
 CONFIG_TYPE = "application/vnd.isep.bundle.manifest.v1+json"
 SIGNATURE_TYPE = "application/vnd.isep.bundle.signature.v1"

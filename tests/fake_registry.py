@@ -7,7 +7,7 @@ import hashlib
 import os
 from typing import Optional, Sequence
 
-from isep.errors import BadInput, IntegrityError, UsageError
+from isep.errors import BadInput, BlobUnknown, IntegrityError, UsageError
 
 
 def digest_of(data: bytes) -> str:
@@ -108,5 +108,5 @@ class FakeClient:
     def _blob(self, repository: str, digest: str) -> bytes:
         data = self.r.blobs.get(repository, {}).get(digest)
         if data is None:
-            raise UsageError(f"blob {digest} not found in {repository}")
+            raise BlobUnknown(f"blob {digest} not found in {repository}")
         return data

@@ -23,15 +23,17 @@ from isep.artifact import (
 )
 from isep.bundle import open_bundle, open_local_store
 from isep.errors import BadInput, IntegrityError
+from isep.names import check_file_name
 from isep.pull import open_release, plan_fetches
 from isep.push import push_release
 from isep.registry import RegistryRef
 from tests.fake_registry import FakeRegistry
+from tests.harness import isep
 from tests.release_chain import build_chain
 
 HEX = st.text("0123456789abcdef", min_size=64, max_size=64).map(lambda h: "sha256:" + h)
 TITLES = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=40).filter(
-    lambda t: t not in (".", "..") and not t.startswith(".isep") and t not in ("manifest",))
+    lambda t: check_file_name(t, "title") is None)
 
 
 def _ref(repo: str, tag: str) -> RegistryRef:
@@ -198,3 +200,61 @@ def test_trust_is_checked_before_any_part(pushed, tmp_path):
     body, _ = registry.client().get_manifest("fleet/app1", "1")
     parts = {d["digest"] for d in json.loads(body)["layers"] if d["mediaType"] in PART_TYPES.values()}
     assert registry.fetched and not parts & {d for d, _ in registry.fetched}
+
+
+def _join_in_process(monkeypatch, registry, *args) -> tuple[int, bytes, str]:
+    """isep-join run in this process with the fake registry in place of the network client."""
+    import io
+    import sys
+
+    from typer.testing import CliRunner
+
+    from isep.cli import join as join_cli
+    monkeypatch.setattr(join_cli, "RegistryClient", registry.client)
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
+    result = CliRunner().invoke(join_cli.app, list(map(str, args)))
+    return result.exit_code, out.getvalue(), result.output
+
+
+def _part_digests(bundle) -> set[str]:
+    return {p["sha256"] for p in json.loads((bundle / "isep-bundle.json").read_text())["parts"]}
+
+
+@pytest.mark.parametrize("app", ["app1", "app2"])
+def test_a_device_chain_through_the_fake_registry_is_byte_exact_and_kept(pushed, chain, tmp_path, monkeypatch, app):
+    """Release 1 whole into an empty store, then only each release's delta part; the store keeps them."""
+    registry, _ = pushed
+    store = tmp_path / "store"
+    for n in (1, 2, 3):
+        registry.fetched.clear()
+        rc, _, err = _join_in_process(monkeypatch, registry, f"oci://fake/fleet/{app}:{n}", store,
+                                      "-o", tmp_path / "out.tar")
+        assert rc == 0, err
+        assert (tmp_path / "out.tar").read_bytes() == chain[f"{app}/save{n}"].read_bytes()
+        wanted = _part_digests(chain[f"{app}/r1"]) if n == 1 else _part_digests(chain[f"{app}/d{n - 1}{n}"])
+        assert {d for d, _ in registry.fetched} - {d for d, _ in registry.fetched if d not in _every_part(chain)} \
+            == wanted
+    assert sorted(p.name for p in store.iterdir() if p.name.endswith(".zst")) == \
+        sorted(["base_1_base_image.tar.zst"] + [f"{app}_{n}_app_image.tar.zst" for n in (1, 2, 3)])
+
+
+def _every_part(chain) -> set[str]:
+    return {d for key, path in chain.items() if "/r" in key or "/d" in key for d in _part_digests(path)}
+
+
+@pytest.mark.parametrize("args, rc, message", [
+    (["join", "oci://127.0.0.1:1/fleet/app:1"], 3, "isep-join: error: registry 127.0.0.1:1: "),
+    (["join", "oci://Bad_Host/fleet/app"], 2, "bad registry host"),
+    (["join", "oci://127.0.0.1:1/fleet/app:1", "-"], 2, "no stream on stdin"),
+    (["join", "oci://127.0.0.1:1/fleet/app:1", "-b", "base.tar.zst"], 2, "no -b/-l/-a"),
+    (["verify", "oci://127.0.0.1:1/fleet/app:1"], 3, "isep-verify: error: registry 127.0.0.1:1: "),
+    (["verify", "--fast", "oci://127.0.0.1:1/fleet/app:1"], 2, "--fast applies to local parts"),
+    (["push", "{r1}", "oci://127.0.0.1:1/fleet/app@sha256:" + "0" * 64], 2, "push to a tag"),
+    (["push", "{r1}", "oci://127.0.0.1:1/fleet/app:1"], 3, "isep-push: error: registry 127.0.0.1:1: "),
+    (["push", "{missing}", "oci://127.0.0.1:1/fleet/app:1"], 3, "cannot open"),
+])
+def test_registry_commands_fail_in_one_line(chain, tmp_path, args, rc, message):
+    cmd, *rest = [a.format(r1=chain["app1/r1"], missing=tmp_path / "missing") for a in args]
+    res = isep(cmd, *rest)
+    assert res.rc == rc and len(res.error_lines) == 1 and message in res.error and not res.stdout, res

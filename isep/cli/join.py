@@ -43,7 +43,10 @@ app = new_app(
     "that carries every part the image needs joins alone (STORE may be missing or empty: a device's "
     "first delivery), and --keep moves the received parts into STORE for the next release. IMAGE may be "
     "omitted when the bundle holds one image; names match as Docker normalises them. -b/-l/-a name "
-    "the part files explicitly (as isula-build's load -b/-l).",
+    "the part files explicitly (as isula-build's load -b/-l). `isep-join oci://HOST/REPO:TAG [STORE]` "
+    "pulls a release pushed by isep-push: only the parts (or delta parts) STORE lacks are fetched, "
+    "resumably, and kept in STORE (created if missing); without STORE into a temporary directory; "
+    "-i names the image.",
     "A bundle from a single-image save joins into the original save byte for byte. Every part's size "
     "and sha256 and every layer's diffID are checked while streaming; the archive's final metadata "
     "and end-of-archive marker are written only after all checks passed, so a failed join leaves an "
@@ -56,6 +59,8 @@ EXAMPLES = (
     ("a device's first delivery as a stream, kept for the next release",
      "isep-pack app.tar --base base.json -o - | isep-join /var/lib/isep/store - --keep | docker load"),
     ("write the archive to a file (atomically) instead of stdout", "isep-join store/ apps/web:2 -o web.tar"),
+    ("on a device: a release from a registry, fetching only what its store lacks",
+     "isep-join oci://registry.example:5000/fleet/web:2 /var/lib/isep/store | docker load"),
     ("on a device that keeps no parts: only the layers docker lacks",
      "isep-join - --have <(docker inspect os/base:1 rt/jre:17) < app.stream | docker load"),
 )
@@ -64,12 +69,12 @@ EXAMPLES = (
 @command(app, PROG, EXAMPLES, progress=True)
 def join(
     ui: Ui,
-    bundle: str = typer.Argument(..., metavar="BUNDLE|-", help="Store directory, or - for a bundle stream on stdin."),
-    image: Optional[str] = typer.Argument(None, metavar="IMAGE|-", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store)."),
+    bundle: str = typer.Argument(..., metavar="BUNDLE|-", help="Store directory, - for a bundle stream on stdin, or oci://HOST/REPO:TAG for a release in a registry."),
+    image: Optional[str] = typer.Argument(None, metavar="IMAGE|-", help="Image name; - reads a bundle stream on stdin (with BUNDLE as the local store); after oci://..., the local STORE."),
     base_part: Optional[str] = typer.Option(None, "--base-part", "-b", metavar="PART", help="Base part file to use."),
     lib_part: Optional[str] = typer.Option(None, "--lib-part", "-l", metavar="PART", help="Lib part file to use."),
     app_part: Optional[str] = typer.Option(None, "--app-part", "-a", metavar="PART", help="App part file to use."),
-    image_opt: Optional[str] = typer.Option(None, "--image", "-i", metavar="IMAGE", help="Image name (when IMAGE is -)."),
+    image_opt: Optional[str] = typer.Option(None, "--image", "-i", metavar="IMAGE", help="Image name (when IMAGE is -, or with oci://)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to FILE instead of stdout: a new or regular FILE is replaced atomically when complete; a device or FIFO is written in place; a symbolic link is followed."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the part hash check (isula's --no-check); diffIDs are still checked."),
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),

@@ -25,13 +25,18 @@ app = new_app(
     "holding exactly the listed members, each matching its recorded xxh3 (sha256 and recomputed "
     "diffIDs with --deep); every image's layers are present with their diffIDs and its config matches "
     "its digest. --fast uses xxh3 for the parts too. For an image archive (docker save ... | "
-    "isep-verify -): it is a complete archive and every layer's diffID matches its config.",
+    "isep-verify -): it is a complete archive and every layer's diffID matches its config. For a "
+    "release in a registry (oci://HOST/REPO:TAG, from isep-push): its manifest and bundle manifests, "
+    "signatures with --trust, every blob present with its size; with --deep every blob fetched into a "
+    "temporary directory and its sha256 checked.",
     "Exit 0 only when every check passed, 5 otherwise.")
 EXAMPLES = (
     ("check a store before shipping it", "isep-verify store/ > report.json"),
     ("check a save before packing it", "docker save apps/web:2 | isep-verify -"),
     ("accept only a bundle signed by a known key",
      "isep-verify --trust ~/.config/isep/allowed_signers /srv/isep"),
+    ("check a release in a registry, every blob's sha256 included",
+     "isep-verify --deep oci://registry.example:5000/fleet/web:2 > report.json"),
 )
 
 

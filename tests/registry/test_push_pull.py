@@ -194,8 +194,7 @@ def own_repo(registry, chain):
 
 def _delete_blob(registry, digest: str) -> None:
     """What a garbage collection does to a blob: its data gone from the storage."""
-    path = Path(registry.storage) / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:]
-    shutil.rmtree(path)
+    shutil.rmtree(registry.blob_file(digest).parent)
 
 
 def test_a_garbage_collected_delta_part_falls_back_to_the_plain_part(registry, chain, devices, own_repo, tmp_path):
@@ -252,3 +251,15 @@ def test_a_join_through_a_pull_through_cache(fleet, chain, cache_registry, tmp_p
     """--mirror: blobs from the cache (which fetches them from the registry behind it)."""
     res = isep("join", _ref(fleet, "app2", 2), tmp_path / "store", "--mirror", cache_registry.host, check=0)
     assert res.stdout == chain["app2/save2"].read_bytes() and is_complete_archive(res.stdout)
+
+
+def test_push_and_join_with_basic_auth_from_the_environment(auth_registry, chain, tmp_path):
+    ref = f"oci://{auth_registry.host}/isep-artifact/{uuid.uuid4().hex[:12]}/app1:1"
+    env = {**os.environ, **auth_registry.environ()}
+    isep("push", chain["app1/r1"], ref, check=0, env=env)
+    res = isep("join", ref, tmp_path / "store", check=0, env=env)
+    assert res.stdout == chain["app1/save1"].read_bytes()
+    anonymous = {k: v for k, v in env.items() if not k.startswith("ISEP_REGISTRY_")}
+    res = isep("join", ref, tmp_path / "other", env={**anonymous, "DOCKER_CONFIG": str(tmp_path / "none")})
+    assert res.rc == 3 and len(res.error_lines) == 1 and not res.stdout, res
+    assert auth_registry.password not in res.stderr

@@ -228,6 +228,18 @@ class Ui:
         finally:
             bar.close()
 
+    @staticmethod
+    def adding(tick: Optional[Callable[[int], None]]) -> Optional[Callable[[int], None]]:
+        """A bar's callable(bytes_done) fed by increments (as the registry client reports them)."""
+        if tick is None:
+            return None
+        done = [0]
+
+        def add(count: int) -> None:
+            done[0] += count
+            tick(done[0])
+        return add
+
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 

@@ -175,7 +175,9 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
     try:
         local = open_local_store(store_dir) if store_dir else None
         pull_dir = pull_directory(store, release.digest) if store else scratch_dir("isep-pull-")
-        pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn)
+        with ui.bar(None, "fetch") as tick:
+            client.progress = ui.adding(tick)
+            pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn)
         ui.info(f"{ref} ({release.digest[:19]}…): {len(pulled.files)} blob(s) needed, {pulled.moved:,} bytes fetched")
         if store is not None:
             check_keepable(store, pulled.received)

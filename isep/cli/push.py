@@ -36,7 +36,7 @@ EXAMPLES = (
 )
 
 
-@command(app, PROG, EXAMPLES)
+@command(app, PROG, EXAMPLES, progress=True)
 def push(
     ui: Ui,
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="Bundle directory to push."),
@@ -56,7 +56,9 @@ def push(
         d = upload.descriptor
         moved[outcome] = moved.get(outcome, 0) + d.size
         ui.info(f"{outcome}: {d.title or d.media_type} ({d.size:,} bytes, {d.digest[7:19]})")
-    digest = push_release(client, target, release, deltas, mount_from or [], report)
+    with ui.bar(None, "push") as tick:
+        client.progress = ui.adding(tick)
+        digest = push_release(client, target, release, deltas, mount_from or [], report)
     sys.stdout.write(digest + "\n")
     ui.info(f"pushed {target} as {digest}: " + ", ".join(f"{n:,} bytes {k}" for k, n in moved.items()))
 

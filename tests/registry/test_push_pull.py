@@ -263,3 +263,19 @@ def test_push_and_join_with_basic_auth_from_the_environment(auth_registry, chain
     res = isep("join", ref, tmp_path / "other", env={**anonymous, "DOCKER_CONFIG": str(tmp_path / "none")})
     assert res.rc == 3 and len(res.error_lines) == 1 and not res.stdout, res
     assert auth_registry.password not in res.stderr
+
+
+def test_a_tampered_blob_in_the_registry_is_one_line_and_no_image(registry, chain, own_repo, tmp_path):
+    """The registry's storage altered behind its back (same size): the fetch's sha256 check refuses it."""
+    isep("push", chain["app1/r1"], f"{own_repo}:1", check=0)
+    data = registry.blob_file(_entry(chain["app1/r1"], BASE)["sha256"])
+    original = data.read_bytes()
+    data.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
+    try:
+        res = isep("join", f"{own_repo}:1", tmp_path / "store", "-o", tmp_path / "out.tar")
+        assert res.rc == 5 and len(res.error_lines) == 1 and "sha256" in res.error, res
+        assert not (tmp_path / "out.tar").exists() and not (tmp_path / "store" / BASE).exists()
+        report = isep("verify", "--deep", f"{own_repo}:1")
+        assert report.rc == 5 and [c["check"] for c in report.failed_checks()] == ["blob sha256"]
+    finally:
+        data.write_bytes(original)

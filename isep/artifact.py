@@ -223,11 +223,13 @@ class Fetch:
     delta: bool
 
 
-def plan_pull(release: dict, image: dict, deltas: Sequence[dict], store: Optional[Bundle]) -> list[Fetch]:
+def plan_pull(release: dict, image: dict, deltas: Sequence[dict], store: Optional[Bundle],
+              engine_holds: int = 0) -> list[Fetch]:
     """The parts of IMAGE (in RELEASE, a bundle manifest) the device must fetch: nothing for a part
     STORE holds (its file as a join finds it: by file name and sha256 or layers, a base or lib part
-    by its layers); else the smallest of the release's part and each delta bundle's delta part for
-    it whose every need STORE holds."""
+    by its layers), nor for a base or lib part whose layers are all among the bottom ENGINE_HOLDS
+    (--have: the archive leaves them out); else the smallest of the release's part and each delta
+    bundle's delta part for it whose every need STORE holds."""
     held = _present(store)
     layers = StoreLayers([store] if store is not None else [])
     plan = []
@@ -235,7 +237,7 @@ def plan_pull(release: dict, image: dict, deltas: Sequence[dict], store: Optiona
         entry = find_part(release, file_name)
         if entry is None:
             raise BadInput(f"the release's manifest lists no part {file_name} for its image")
-        if _holds(held, entry):
+        if _holds(held, entry) or _left_out(entry, engine_holds):
             continue
         options = [Fetch(entry, entry["sha256"], entry["size"], False)]
         for doc in deltas:
@@ -261,6 +263,12 @@ def _holds(held: list[dict], entry: dict) -> bool:
     if same_name:
         return any(p["sha256"] == entry["sha256"] or _same_layers(p, entry) for p in same_name)
     return entry["role"] != "app" and any(_same_layers(p, entry) for p in held)
+
+
+def _left_out(entry: dict, engine_holds: int) -> bool:
+    """A base or lib part a thin join (--have) does without: the engine holds all its layers."""
+    stack = entry.get("diff_ids") or []
+    return entry["role"] != "app" and 0 < len(stack) <= engine_holds
 
 
 def _same_layers(a: dict, b: dict) -> bool:

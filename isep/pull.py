@@ -64,12 +64,12 @@ def _read_bundle(client: RegistryClient, ref: RegistryRef, manifest: Descriptor,
 
 
 def plan_fetches(client: RegistryClient, release: Release, image: dict, store: Optional[Bundle],
-                 warn: Warn) -> list[Fetch]:
+                 warn: Warn, engine_holds: int = 0) -> list[Fetch]:
     """plan_pull, with each chosen delta part's presence checked first (HEAD): a delta bundle the
     registry lost a part of is dropped and the plan made again without it."""
     deltas = list(release.deltas)
     while True:
-        plan = plan_pull(release.bundle.doc, image, [d.doc for d in deltas], store)
+        plan = plan_pull(release.bundle.doc, image, [d.doc for d in deltas], store, engine_holds)
         lost = next((f for f in plan if f.delta
                      and client.blob_size(release.ref.repository, f.digest) is None), None)
         if lost is None:
@@ -119,9 +119,9 @@ class Pulled:
 
 
 def pull_parts(client: RegistryClient, release: Release, image: dict, store: Optional[Bundle], pull_dir: str,
-               warn: Warn) -> Pulled:
+               warn: Warn, engine_holds: int = 0) -> Pulled:
     """The parts of IMAGE that STORE lacks (plan_fetches), fetched into pull_dir."""
-    plan = plan_fetches(client, release, image, store, warn)
+    plan = plan_fetches(client, release, image, store, warn, engine_holds)
     files, moved = fetch_parts(client, release.ref.repository, plan, pull_dir)
     return Pulled(received_bundle(release, image, plan, files, pull_dir), files, moved)
 

@@ -258,3 +258,20 @@ def test_registry_commands_fail_in_one_line(chain, tmp_path, args, rc, message):
     cmd, *rest = [a.format(r1=chain["app1/r1"], missing=tmp_path / "missing") for a in args]
     res = isep(cmd, *rest)
     assert res.rc == rc and len(res.error_lines) == 1 and message in res.error and not res.stdout, res
+
+
+def test_a_thin_join_does_not_fetch_the_base_the_engine_holds(pushed, chain, tmp_path, monkeypatch):
+    """--have: the engine holds the base's layers, so its part is neither fetched nor needed."""
+    registry, _ = pushed
+    registry.fetched.clear()
+    rc, _, err = _join_in_process(monkeypatch, registry, "oci://fake/fleet/app1:1", "--have", chain["base"],
+                                  "-o", tmp_path / "thin.tar")
+    assert rc == 0, err
+    fetched = {d for d, _ in registry.fetched}
+    assert _part_digests(chain["app1/r1"]) & fetched == {_part_sha(chain["app1/r1"], "app1_1_app_image.tar.zst")}
+    assert 0 < (tmp_path / "thin.tar").stat().st_size < chain["app1/save1"].stat().st_size - 500_000
+
+
+def _part_sha(bundle, file_name: str) -> str:
+    return next(p["sha256"] for p in json.loads((bundle / "isep-bundle.json").read_text())["parts"]
+                if p["file"] == file_name)

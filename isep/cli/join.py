@@ -175,14 +175,14 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
     try:
         local = open_local_store(store_dir) if store_dir else None
         pull_dir = pull_directory(store, release.digest) if store else scratch_dir("isep-pull-")
+        _thin(options, chosen, held)
         with ui.bar(None, "fetch") as tick:
             client.progress = ui.adding(tick)
-            pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn)
+            pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn, options.thin_layers)
         ui.info(f"{ref} ({release.digest[:19]}…): {len(pulled.files)} blob(s) needed, {pulled.moved:,} bytes fetched")
         if store is not None:
             check_keepable(store, pulled.received)
         parts = isep_part_inputs(pulled.received, chosen, {}, [local] if local else [], have=held)
-        _thin(options, chosen, held)
         plain, work = _rebuild(parts, store_dir, memory)
         _write(output, plain, chosen, options, chosen.get("trailer_size", 1024), ui)
         if store is not None:

@@ -253,9 +253,13 @@ def _every_part(chain) -> set[str]:
     (["push", "{r1}", "oci://127.0.0.1:1/fleet/app@sha256:" + "0" * 64], 2, "push to a tag"),
     (["push", "{r1}", "oci://127.0.0.1:1/fleet/app:1"], 3, "isep-push: error: registry 127.0.0.1:1: "),
     (["push", "{missing}", "oci://127.0.0.1:1/fleet/app:1"], 3, "cannot open"),
+    (["pack", "{save}", "--base", "{base}", "--parts", "app", "-o", "oci://127.0.0.1:1/fleet/app:1"], 2,
+     "-o oci:// pushes a whole release"),
+    (["pack", "{save}", "--base", "{base}", "-o", "oci://127.0.0.1:1/fleet/app:1"], 3, "registry 127.0.0.1:1: "),
 ])
 def test_registry_commands_fail_in_one_line(chain, tmp_path, args, rc, message):
-    cmd, *rest = [a.format(r1=chain["app1/r1"], missing=tmp_path / "missing") for a in args]
+    cmd, *rest = [a.format(r1=chain["app1/r1"], missing=tmp_path / "missing", save=chain["app1/save1"],
+                           base=chain["base"]) for a in args]
     res = isep(cmd, *rest)
     assert res.rc == rc and len(res.error_lines) == 1 and message in res.error and not res.stdout, res
 

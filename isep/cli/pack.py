@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import sys
 from typing import Optional
 
 import typer
@@ -18,6 +19,8 @@ from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..limits import PLAN_CAP
 from ..partition import make_plan
 from ..plancheck import check_plan
+from ..push import open_release_bundle, push_release
+from ..registry import RegistryClient, RegistryRef, is_registry_ref
 from ..refs import read_json_file
 from ..stream import StreamTarget
 from ..targets import DirTarget
@@ -34,7 +37,9 @@ from .common import (
     new_app,
     open_input,
     read_renames,
+    require_stream,
     resolve_refs,
+    scratch_dir,
     stdout_binary,
 )
 
@@ -57,6 +62,8 @@ EXAMPLES = (
     ("pack a save into a store; only parts it lacks are written",
      "docker save apps/web:2 | isep-pack --base base.json --lib lib.json -o store/"),
     ("execute a plan made by isep-partition", "isep-pack web.tar --plan plan.json -o store/"),
+    ("pack and push a release to a registry (isep-join oci://... on the devices)",
+     "docker save apps/web:2 | isep-pack --base base.json -o oci://registry.example:5000/fleet/web:2"),
     ("a release update: only the app part, as a stream to a device that holds base and lib",
      "isep-pack web.tar --base store/ --lib store/ --parts app -o - | ssh device 'isep-join /srv/isep - | docker load'"),
 )
@@ -86,7 +93,7 @@ def _seekable_file(fh) -> bool:
 def pack(
     ui: Ui,
     archive: Optional[str] = ArchiveArgument,
-    output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), or - for a bundle stream on stdout."),
+    output: str = typer.Option(..., "--output", "-o", metavar="DIR|-", help="Store directory (created if missing; its parent must exist), - for a bundle stream on stdout, or oci://HOST/REPO:TAG: the bundle packed into a temporary directory and pushed as isep-push pushes it (its digest on stdout; for delta bundles and --mount-from use isep-push)."),
     plan_file: Optional[str] = typer.Option(None, "--plan", "-p", metavar="PLAN", help="A plan from isep-partition."),
     base: Optional[str] = typer.Option(None, "--base", "-b", metavar="REF", help="The base image (as for isep-partition)."),
     lib: Optional[str] = typer.Option(None, "--lib", "-l", metavar="REF", help="The lib image, built on the base."),
@@ -120,7 +127,15 @@ def pack(
     if delta_from is not None and layout == Layout.isula:
         raise UsageError("--delta-from makes isep parts: isula-build cannot load them (leave out --format isula)")
     reference = open_reference_store(delta_from) if delta_from is not None else None
+    push_to = None
     memory = parse_size(delta_memory)
+    if is_registry_ref(output):
+        push_to = RegistryRef.parse(output)
+        if reference is not None or len(roles) < len(ROLES) or layout == Layout.isula:
+            raise UsageError("-o oci:// pushes a whole release: no --delta-from, --parts or --format isula "
+                             "(pack into a directory, then isep-push it with --delta)")
+        require_stream("stdout", "the pushed manifest's digest")
+        output = scratch_dir("isep-pack-push-")
     target = _open_target(output, sign, wait, ui)
     if reference is not None:
         target = DeltaTarget(target, reference, level=level, memory=memory)
@@ -134,6 +149,11 @@ def pack(
     _summary(ui, result)
     if isinstance(target, DeltaTarget):
         _delta_summary(ui, target.shipped)
+    if push_to is not None:
+        digest = push_release(RegistryClient(push_to.host), push_to, open_release_bundle(output, "the packed bundle"),
+                              [], [], lambda upload, outcome: None)
+        sys.stdout.write(digest + "\n")
+        ui.info(f"pushed {push_to} as {digest}")
 
 
 def _open_target(output: str, sign: Optional[str], wait: float, ui: Ui):

@@ -279,3 +279,10 @@ def test_a_tampered_blob_in_the_registry_is_one_line_and_no_image(registry, chai
         assert report.rc == 5 and [c["check"] for c in report.failed_checks()] == ["blob sha256"]
     finally:
         data.write_bytes(original)
+
+
+def test_pack_straight_into_a_registry(registry, chain, own_repo, tmp_path):
+    res = isep("pack", chain["app2/save3"], "--base", chain["base"], "-o", f"{own_repo}:3", check=0)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", res.stdout.decode())
+    res = isep("join", f"{own_repo}:3", tmp_path / "store", check=0)
+    assert res.stdout == chain["app2/save3"].read_bytes()

@@ -79,11 +79,11 @@ RenameOption = typer.Option(None, "--rename", "-r", metavar="FILE",
 CompressOption = typer.Option(Compression.zstd, "--compress", "-c",
                               help="Compression of the parts (zstd level 3 multi-threaded by default).")
 InsecureOption = typer.Option(False, "--insecure",
-                              help="oci://: plain HTTP (and no TLS certificate check) for a registry that is not on a "
-                                   "loopback address; loopback registries are always reached over plain HTTP.")
+                              help="oci://: reach a registry that is not on a loopback address over plain HTTP "
+                                   "(without it: TLS; a loopback registry is always reached over plain HTTP).")
 MirrorOption = typer.Option(None, "--mirror", metavar="HOST[:PORT]",
-                            help="oci://: a registry mirror or pull-through cache tried first for blobs and for the "
-                                 "manifest by digest.")
+                            help="oci://: a registry mirror or pull-through cache (HOST[:PORT] or an http(s) URL) "
+                                 "tried first for every blob; the tag is still resolved by the registry itself.")
 
 
 def input_argument(metavar: str, what: str):

@@ -17,6 +17,7 @@ import pytest
 
 from isep.artifact import DELTA_BUNDLE, DELTA_PART_TYPES, PART_TYPES
 from tests.harness import copy_store, is_complete_archive, isep
+from tests.registry.proxy import CuttingProxy
 from tests.release_chain import APPS, RELEASES, build_chain
 
 pytestmark = pytest.mark.registry
@@ -286,3 +287,16 @@ def test_pack_straight_into_a_registry(registry, chain, own_repo, tmp_path):
     assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", res.stdout.decode())
     res = isep("join", f"{own_repo}:3", tmp_path / "store", check=0)
     assert res.stdout == chain["app2/save3"].read_bytes()
+
+
+def test_a_connection_cut_in_the_middle_of_a_part_resumes_and_verifies(fleet, chain, tmp_path):
+    """The registry reached through a proxy that drops the connection once, halfway through the
+    release's bytes: the join resumes the part with a Range request and is still byte for byte."""
+    total = _expected_bytes(chain, "app1", 1, 0)
+    with CuttingProxy(fleet["host"], cut_after=total // 2 + 300_000, direction="down") as proxy:
+        ref = f"oci://{proxy.host}/{fleet['prefix']}/app1:1"
+        res = isep("join", ref, tmp_path / "store", check=0)
+    assert proxy.cuts == 1
+    assert res.stdout == chain["app1/save1"].read_bytes()
+    assert _fetched(res) == total  # nothing fetched twice
+    assert proxy.bytes["down"] < total + (64 << 10)

@@ -169,6 +169,8 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
                    ui: Ui, memory: int) -> None:
     """isep-join oci://... [STORE]: what STORE lacks fetched (into STORE, resumably, else TMPDIR),
     joined, and kept in STORE as --keep keeps a bundle stream."""
+    if output is None:
+        stdout_binary()  # a terminal or closed stdout is refused before anything is fetched
     release = open_release(client, ref, trust, ui.warn)
     chosen = select_image(_images(release.bundle), name, str(ref))
     store = Store(store_dir, create=True) if store_dir else None

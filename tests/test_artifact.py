@@ -3,11 +3,14 @@ input, and the plan of a pull (which blobs a device fetches), through an in-memo
 (tests/fake_registry.py) and the release chain of tests/release_chain.py."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from isep.artifact import (
     ARTIFACT_TYPE,
@@ -21,7 +24,9 @@ from isep.artifact import (
     parse_artifact,
     plan_pull,
 )
-from isep.bundle import open_bundle, open_local_store
+from isep.bundle import Bundle, open_bundle, open_local_store
+from isep.cli import join as join_cli
+from isep.deltajoin import StoreLayers, part_needs
 from isep.errors import BadInput, IntegrityError
 from isep.names import check_file_name
 from isep.pull import open_release, plan_fetches
@@ -70,8 +75,10 @@ def _layer(**changes) -> dict:
     (_manifest(schemaVersion=1), "schemaVersion 2"),
     (_manifest(artifactType="application/vnd.other"), "not an isep release"),
     (_manifest(mediaType="application/vnd.docker.distribution.manifest.v2+json"), "is not an OCI image manifest"),
-    (_manifest(config={"mediaType": "application/json", "digest": "sha256:" + "1" * 64, "size": 1}), "config media type"),
-    (_manifest(config={"mediaType": CONFIG_TYPE, "digest": "sha256:" + "1" * 64, "size": 1 << 30}), "over the bundle manifest limit"),
+    (_manifest(config={"mediaType": "application/json", "digest": "sha256:" + "1" * 64, "size": 1}),
+     "config media type"),
+    (_manifest(config={"mediaType": CONFIG_TYPE, "digest": "sha256:" + "1" * 64, "size": 1 << 30}),
+     "over the bundle manifest limit"),
     (_manifest(layers=[_layer(digest="sha256:abc")]), "is not sha256:<64 hex digits>"),
     (_manifest(layers=[_layer(digest="md5:" + "2" * 64)]), "is not sha256:<64 hex digits>"),
     (_manifest(layers=[_layer(size=-1)]), "is not a byte count"),
@@ -204,12 +211,6 @@ def test_trust_is_checked_before_any_part(pushed, tmp_path):
 
 def _join_in_process(monkeypatch, registry, *args) -> tuple[int, bytes, str]:
     """isep-join run in this process with the fake registry in place of the network client."""
-    import io
-    import sys
-
-    from typer.testing import CliRunner
-
-    from isep.cli import join as join_cli
     monkeypatch.setattr(join_cli, "RegistryClient", registry.client)
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
@@ -279,3 +280,45 @@ def test_a_thin_join_does_not_fetch_the_base_the_engine_holds(pushed, chain, tmp
 def _part_sha(bundle, file_name: str) -> str:
     return next(p["sha256"] for p in json.loads((bundle / "isep-bundle.json").read_text())["parts"]
                 if p["file"] == file_name)
+
+
+@pytest.fixture(scope="module")
+def store_parts(chain, tmp_path_factory):
+    """Every part of app1's bundles (full and delta) as files of one directory, for stores made of
+    any subset of them."""
+    root = tmp_path_factory.mktemp("any-store")
+    entries = {}
+    for key in ("app1/r1", "app1/r2", "app1/r3", "app1/d12", "app1/d23"):
+        for entry in json.loads((chain[key] / "isep-bundle.json").read_text())["parts"]:
+            if "needs" not in entry:  # a store holds plain parts only (it keeps the rebuilt ones)
+                (root / entry["file"]).write_bytes(b"")
+                entries[(entry["file"], entry["sha256"])] = entry
+    return root, list(entries.values())
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_any_store_gets_a_plan_that_completes_it_at_most_at_the_plain_cost(chain, store_parts, data):
+    root, entries = store_parts
+    chosen = data.draw(st.lists(st.sampled_from(entries), unique_by=lambda e: e["file"]))
+    store = Bundle(str(root), "isep", doc={"parts": chosen, "images": []}) if chosen else None
+    n = data.draw(st.sampled_from([2, 3]))
+    release = json.loads((chain[f"app1/r{n}"] / "isep-bundle.json").read_text())
+    delta = json.loads((chain[f"app1/d{n - 1}{n}"] / "isep-bundle.json").read_text())
+    image = release["images"][0]
+    plan = plan_pull(release, image, [delta], store)
+    by_name = {p["file"]: p for p in release["parts"]}
+    fetched = {f.entry["file"]: f for f in plan}
+    assert len(fetched) == len(plan) and set(fetched) <= set(image["parts"])
+    layers = StoreLayers([store] if store else [])
+    for name in image["parts"]:
+        same = [e for e in chosen if e["file"] == name and e["sha256"] == by_name[name]["sha256"]]
+        if same:
+            assert name not in fetched  # the store's own copy is never fetched again
+        if name in fetched:
+            f = fetched[name]
+            assert f.size <= by_name[name]["size"]
+            assert not f.delta or not layers.missing(part_needs(f.entry))
+        else:  # held: a join finds it in the store by name, or (base, lib) by its layers
+            assert any(e["file"] == name or e["role"] != "app" and e["diff_ids"] == by_name[name]["diff_ids"]
+                       for e in chosen)

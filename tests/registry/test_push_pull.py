@@ -129,7 +129,8 @@ def test_a_device_joins_each_release_byte_for_byte_fetching_only_what_it_lacks(f
 
 
 def test_a_join_without_a_store_fetches_everything_into_a_temporary_directory(fleet, chain, tmp_path):
-    res = isep("join", _ref(fleet, "app2", 3), "-o", tmp_path / "out.tar", check=0, env={**os.environ, "TMPDIR": str(tmp_path)})
+    res = isep("join", _ref(fleet, "app2", 3), "-o", tmp_path / "out.tar", check=0,
+               env={**os.environ, "TMPDIR": str(tmp_path)})
     assert (tmp_path / "out.tar").read_bytes() == chain["app2/save3"].read_bytes()
     assert _fetched(res) == _expected_bytes(chain, "app2", 3, 0)
     assert sorted(os.listdir(tmp_path)) == ["out.tar"]
@@ -157,7 +158,8 @@ def test_an_interrupted_download_resumes_where_it_stopped(fleet, chain, tmp_path
 
 def _digest_of(fleet, app: str, n: int) -> str:
     res = subprocess.run(["curl", "-sfI", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
-                          f"http://{fleet['host']}/v2/{fleet['prefix']}/{app}/manifests/{n}"], capture_output=True, text=True)
+                          f"http://{fleet['host']}/v2/{fleet['prefix']}/{app}/manifests/{n}"],
+                         capture_output=True, text=True)
     return re.search(r"(?i)docker-content-digest: (sha256:[0-9a-f]{64})", res.stdout).group(1)
 
 

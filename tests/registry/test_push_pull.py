@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from isep.artifact import DELTA_BUNDLE, DELTA_PART_TYPES, PART_TYPES
-from tests.harness import copy_store, is_complete_archive, isep
+from isep.samples import Image, Layer, write_archive
+from tests.release_samples import base_layer
+from tests.harness import copy_store, is_complete_archive, isep, run
 from tests.registry.proxy import CuttingProxy
 from tests.release_chain import APPS, RELEASES, build_chain
 
@@ -302,3 +304,18 @@ def test_a_connection_cut_in_the_middle_of_a_part_resumes_and_verifies(fleet, ch
     assert res.stdout == chain["app1/save1"].read_bytes()
     assert _fetched(res) == total  # nothing fetched twice
     assert proxy.bytes["down"] < total + (64 << 10)
+
+
+def test_push_and_pull_of_a_large_release_in_flat_memory(registry, chain, own_repo, tmp_path):
+    """128 MiB of incompressible layer data: push and join (fetch, join, keep) stay far below it."""
+    big = Layer(files=[(f"data/{i}", os.urandom(8 << 20)) for i in range(16)], mtime=1700000000, created_by="ADD")
+    save = tmp_path / "big.tar"
+    with open(save, "wb") as fh:
+        write_archive(fh, "docker-oci", [Image("isep-artifact/big:1", [base_layer(1), big])])
+    isep("pack", save, "--base", chain["base"], "-o", tmp_path / "bundle", check=0)
+    pushed = run("push", tmp_path / "bundle", f"{own_repo}:big", rss=True, timeout=300)
+    with open(tmp_path / "out.tar", "wb") as fh:
+        joined = run("join", f"{own_repo}:big", tmp_path / "store", stdout=fh, rss=True, timeout=300)
+    assert (tmp_path / "out.tar").read_bytes() == save.read_bytes()
+    print(f"peak RSS: push {pushed.maxrss_kb} kB, join {joined.maxrss_kb} kB")
+    assert pushed.maxrss_kb < 80 << 10 and joined.maxrss_kb < 100 << 10, (pushed.maxrss_kb, joined.maxrss_kb)

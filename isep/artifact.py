@@ -248,6 +248,12 @@ def plan_pull(release: dict, image: dict, deltas: Sequence[dict], store: Optiona
     return plan
 
 
+def leads_to(delta: dict, release: dict) -> bool:
+    """Whether some part of a delta bundle rebuilds into a part of the release (else pushing it
+    with the release would only cost room: no pull would ever choose it)."""
+    return any(_same_content(entry, other) for entry in release["parts"] for other in delta["parts"])
+
+
 def _present(store: Optional[Bundle]) -> list[dict]:
     if store is None:
         return []

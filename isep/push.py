@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-from .artifact import Upload, artifact_blobs, artifact_manifest
+from .artifact import Upload, artifact_blobs, artifact_manifest, leads_to
 from .bundle import Bundle, open_bundle
 from .errors import IntegrityError, UsageError, os_error
 from .registry import RegistryClient, RegistryRef
@@ -26,6 +26,10 @@ def push_release(client: RegistryClient, ref: RegistryRef, bundle: Bundle, delta
     is in the registry. Returns the manifest's digest."""
     if ref.tag is None:
         raise UsageError(f"{ref}: push to a tag (oci://HOST/REPO:TAG), not to a digest")
+    for delta in deltas:
+        if not leads_to(delta.doc, bundle.doc):
+            raise UsageError(f"--delta {delta.path}: none of its parts is a part of {bundle.path} "
+                             f"(a delta bundle is isep-pack of the same save with --delta-from an earlier release)")
     config, layers = artifact_blobs(bundle, deltas)
     body = artifact_manifest(config.descriptor, [u.descriptor for u in layers])  # too big: refused before a byte
     for upload in layers:

@@ -27,7 +27,7 @@ from isep.artifact import (
 from isep.bundle import Bundle, open_bundle, open_local_store
 from isep.cli import join as join_cli
 from isep.deltajoin import StoreLayers, part_needs
-from isep.errors import BadInput, IntegrityError
+from isep.errors import BadInput, IntegrityError, UsageError
 from isep.names import check_file_name
 from isep.pull import open_release, plan_fetches
 from isep.push import push_release
@@ -322,3 +322,11 @@ def test_any_store_gets_a_plan_that_completes_it_at_most_at_the_plain_cost(chain
         else:  # held: a join finds it in the store by name, or (base, lib) by its layers
             assert any(e["file"] == name or e["role"] != "app" and e["diff_ids"] == by_name[name]["diff_ids"]
                        for e in chosen)
+
+
+def test_push_refuses_a_delta_bundle_of_another_release(chain):
+    registry = FakeRegistry()
+    with pytest.raises(UsageError, match="none of its parts is a part of"):
+        push_release(registry.client(), _ref("fleet/app1", "3"), open_bundle(str(chain["app1/r3"])),
+                     [open_bundle(str(chain["app1/d12"]))], [], lambda u, outcome: None)
+    assert registry.blobs == {} and registry.manifest_puts == 0

@@ -191,7 +191,8 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
             pulled.settle()
             if work is not None:
                 adopt_rebuilt(pulled.received, plain, work)
-            ui.info(f"kept {len(keep_received(store, pulled.received))} new part(s) in {store_dir}")
+            added = keep_received(store, pulled.received, chosen, held)
+            ui.info(f"kept {len(added)} new part(s) in {store_dir}")
             remove_pull_directory(pull_dir)
     finally:
         if store is not None:

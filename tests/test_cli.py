@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 
@@ -150,3 +151,11 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_umbrella_man_page_is_generated():
     assert (ROOT / "man" / "isep.1").read_text() == render_umbrella()
+
+
+def test_every_man_page_is_installed_by_pyproject():
+    # pyproject's data-files list is written by hand: a new command's page was once left out of it
+    listed = re.search(r'"share/man/man1" = \[(.*?)\]', (ROOT / "pyproject.toml").read_text()).group(1)
+    installed = sorted(re.findall(r'"(man/[^"]+)"', listed))
+    on_disk = sorted(f"man/{p.name}" for p in (ROOT / "man").glob("*.1"))
+    assert installed == on_disk

@@ -372,3 +372,15 @@ X11Forwarding no
             p.wait()
         log.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def running_docker26(work_dir: Path) -> Engines:
+    """Docker 26 (engine "oci") of a running engine tier, for tests that load into that engine only;
+    skips (fails under ISEP_ENGINES=1 or CI) when it is not running."""
+    st = run(["bash", str(ENGINES_SH), "status"], env={"ISEP_ENGINES_WORK": str(WORK)}, timeout=120)
+    if "oci: running" not in st.stdout.decode(errors="replace") or not (WORK / "engines.json").exists():
+        message = f"dockerd 26 (oci) is not running: {tail(st.stdout, 3)}"
+        if strict_mode():
+            pytest.fail(message + "; start it with bash tests/engines/engines.sh start", pytrace=False)
+        pytest.skip(message)
+    return Engines(json.loads((WORK / "engines.json").read_text()), WORK, work_dir)

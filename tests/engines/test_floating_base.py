@@ -21,15 +21,7 @@ ENGINE = "oci"  # dockerd 26
 
 @pytest.fixture(scope="module")
 def docker26(tmp_path_factory):
-    st = lib.run(["bash", str(lib.ENGINES_SH), "status"], env={"ISEP_ENGINES_WORK": str(lib.WORK)}, timeout=120)
-    running = f"{ENGINE}: running" in st.stdout.decode(errors="replace")
-    if not running or not (lib.WORK / "engines.json").exists():
-        message = f"dockerd 26 ({ENGINE}) is not running: {lib.tail(st.stdout, 3)}"
-        if lib.strict_mode():
-            pytest.fail(message + "; start it with bash tests/engines/engines.sh start", pytrace=False)
-        pytest.skip(message)
-    state = json.loads((lib.WORK / "engines.json").read_text())
-    return lib.Engines(state, lib.WORK, tmp_path_factory.mktemp("floating-base"))
+    return lib.running_docker26(tmp_path_factory.mktemp("floating-base"))
 
 
 def _isep(*args) -> subprocess.CompletedProcess:

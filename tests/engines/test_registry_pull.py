@@ -38,11 +38,7 @@ def _unavailable(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def docker26(tmp_path_factory):
-    st = lib.run(["bash", str(lib.ENGINES_SH), "status"], env={"ISEP_ENGINES_WORK": str(lib.WORK)}, timeout=120)
-    if f"{ENGINE}: running" not in st.stdout.decode(errors="replace") or not (lib.WORK / "engines.json").exists():
-        _unavailable(f"dockerd 26 ({ENGINE}) is not running: {lib.tail(st.stdout, 3)}")
-    state = json.loads((lib.WORK / "engines.json").read_text())
-    return lib.Engines(state, lib.WORK, tmp_path_factory.mktemp("registry-pull"))
+    return lib.running_docker26(tmp_path_factory.mktemp("registry-pull"))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Fixtures of the registry tier: the registries that tests/registry/registry.sh started (read from
-$ISEP_REGISTRY_ENV, default /tmp/isep-registry/env.json). Every test here is marked `registry`. When
+$ISEP_REGISTRY_ENV, else $ISEP_REGISTRY_ROOT/env.json as registry.sh writes it, default
+/tmp/isep-registry/env.json). Every test here is marked `registry`. When
 the registries are not running the tests skip with the reason, but fail under CI (CI=true) or
 ISEP_REGISTRY=1, where tests/run.sh has started them."""
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 from isep.registry import RegistryClient
 
 HERE = Path(__file__).parent
-ENV_JSON = Path(os.environ.get("ISEP_REGISTRY_ENV", "/tmp/isep-registry/env.json"))
+ENV_JSON = Path(os.environ.get("ISEP_REGISTRY_ENV")
+                or Path(os.environ.get("ISEP_REGISTRY_ROOT", "/tmp/isep-registry")) / "env.json")
 
 
 def _required() -> bool:

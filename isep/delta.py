@@ -422,10 +422,13 @@ def to_plain(record: DeltaRecord, delta_chunks: Chunks, reference: Reference | N
 # --- decoding ------------------------------------------------------------------------------------
 
 def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference | None, *,
-                 memory: int = DEFAULT_MEMORY, what: str = "layer") -> Iterator[memoryview | bytes]:
+                 memory: int = DEFAULT_MEMORY, what: str = "layer",
+                 hashed_by_caller: bool = False) -> Iterator[memoryview | bytes]:
     """The layer rebuilt from its delta, in pieces of at most PIECE bytes. Raises IntegrityError
     (after the last piece at the latest) when anything does not match: the caller must not
-    declare the output good before this generator is exhausted."""
+    declare the output good before this generator is exhausted. hashed_by_caller: the caller
+    checks the pieces' sha256 against record.target_diff_id itself (a join hashes every member
+    anyway), so they are not hashed twice."""
     check_segments(record, f"{what}: delta record")
     if record.memory() > memory:
         raise EnvironmentFailure(f"{what}: its delta needs {_mib(record.memory())} of memory, "
@@ -439,16 +442,17 @@ def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference
                                  f"({record.reference_size} bytes), not {reference.diff_id}")
         ref = ReferenceReader(reference, record.segments)
     feed = _Feed(delta_chunks, what)
-    sha = _HashingThread()
+    sha = None if hashed_by_caller else _HashingThread()
     try:
         for seg in record.segments:
             prefix = ref.next_prefix() if ref is not None and seg.method == "prefix" else None
             for piece in _decode_segment(seg, feed, prefix, what):
-                sha.update(piece)
+                if sha is not None:
+                    sha.update(piece)
                 yield piece
             del prefix
     finally:
-        digest = "sha256:" + sha.hexdigest()
+        digest = "sha256:" + sha.hexdigest() if sha is not None else record.target_diff_id
     if not feed.at_end():
         raise IntegrityError(f"{what}: data after the delta's last frame")
     if ref is not None:

@@ -1,5 +1,5 @@
 """Delta parts, the receiving side: a part whose layers come from deltas or from a store's parts,
-rebuilt into the plain part `isep-pack` would have written, before anything is joined.
+read by the join as the plain part `isep-pack` would have written.
 
 A delta part (bundle schema isep-bundle/2) is a part file like any other, holding only some of its
 members' bytes: every member its manifest entry lists without `from` is in it verbatim; a member
@@ -9,25 +9,29 @@ at all. Either way the manifest keeps the member's original tar header (`header`
 the reference (part file, its sha256, member, diffID, size, xxh3), so that a receiver knows what it
 needs from its store before reading any data.
 
-rebuild_delta_parts turns each delta part an image needs into its plain part (level 1, in a work
-directory), checking every delta's record, reference and rebuilt diffID and every referenced
-member's sha256 (IntegrityError, exit 5, naming the layer and the part it needs); the join then runs
-on plain parts and checks everything again, so a failure anywhere leaves no archive a loader takes.
+prepare_delta_parts checks every need and record before anything is written (IntegrityError, exit 5,
+naming the layer and the part it needs) and sets each delta part to be rebuilt while the join reads
+it (DeltaRebuild): carried members from the part, referenced ones from the store part carrying them,
+deltas decoded against their reference, every byte going to the output once while the join hashes
+it. The join holds the archive's final metadata until every sha256 and diffID checked out, so a
+failure anywhere leaves no archive a loader takes. With --keep the plain part is written beside the
+join and adopted only after it succeeded (adopt_rebuilt).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import io
 import os
-from dataclasses import replace
-from typing import BinaryIO, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
 from .bundle import Bundle, encode_manifest, safe_join
-from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, decode_layer
-from .errors import BadInput, IntegrityError
-from .parts import DecompressingReader, PartInput, PartWriter, part_opener
-from .tarstream import Member, Source, TarReader, padded
+from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
+from .errors import BadInput, EnvironmentFailure, IntegrityError
+from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
+from .tarstream import Member, NameTable, Source, TarReader, padded
 
 DELTA_MEMBER = "isep-delta/"
 MAX_HEADER = 64 << 10       # a member's tar header kept in a manifest (PAX records included)
@@ -92,13 +96,14 @@ class StoreLayers:
     def missing(self, needs: list[dict]) -> list[dict]:
         return [n for n in needs if self.find(n) is None]
 
-    def chunks(self, need: dict, what: str) -> Iterator[bytes]:
-        """The bytes of a needed layer, from the part carrying it (decompressed, as a stream)."""
+    def chunks(self, need: dict, what: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:
+        """The bytes of a needed layer, from the part carrying it (decompressed, as a stream);
+        copy False: views of reused buffers, each valid until the next is asked for."""
         hit = self.find(need)
         if hit is None:
             raise needs_error(what, need)
         bundle, entry, rec = hit
-        yield from member_chunks(bundle, entry, rec["name"])
+        yield from member_chunks(bundle, entry, rec["name"], copy=copy)
 
     def reference(self, need: dict, what: str) -> Reference:
         hit = self.find(need)
@@ -126,8 +131,9 @@ def check_needs(needs: list, stores: Sequence[Bundle], what: str) -> None:
         raise needs_error(what, missing[0])
 
 
-def member_chunks(bundle: Bundle, entry: dict, name: str) -> Iterator[bytes]:
-    """One member's data from a part file (the members before it are decompressed and skipped)."""
+def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:
+    """One member's data from a part file (the members before it are decompressed and skipped);
+    copy False: views of the reader's reused buffers."""
     opener = bundle.files.get(entry["file"]) or part_opener(safe_join(bundle.path, entry["file"]))
     fh = opener()
     source = Source(DecompressingReader(fh, entry.get("compression"), entry.get("raw_size"), entry["file"]),
@@ -136,7 +142,7 @@ def member_chunks(bundle: Bundle, entry: dict, name: str) -> Iterator[bytes]:
         for member in TarReader(source):
             if member.name == name and member.is_file:
                 for chunk in member.iter_data():
-                    yield bytes(chunk)  # the reader reuses its buffers; callers keep chunks
+                    yield bytes(chunk) if copy else chunk  # the reader reuses its buffers
                 return
             member.skip()
         raise IntegrityError(f"{entry['file']} does not hold {name!r}, which its manifest lists")
@@ -145,11 +151,14 @@ def member_chunks(bundle: Bundle, entry: dict, name: str) -> Iterator[bytes]:
         fh.close()
 
 
-# --- rebuilding ----------------------------------------------------------------------------------
+# --- rebuilding, while the join reads ------------------------------------------------------------
 
-def rebuild_delta_parts(parts: list[PartInput], bundles: Sequence[Bundle], work_dir: str, *,
-                       memory: int = DEFAULT_MEMORY) -> list[PartInput]:
-    """The image's parts with every delta part replaced by its rebuilt plain part (in work_dir)."""
+def prepare_delta_parts(parts: list[PartInput], bundles: Sequence[Bundle], *, memory: int = DEFAULT_MEMORY,
+                        keep_dir: str | None = None) -> list[PartInput]:
+    """The image's parts, each delta part set to be rebuilt while the join reads it (PartInput.rebuild):
+    carried members from the part, referenced ones from the store part carrying them, deltas decoded
+    against their reference. Every need and every record is checked here, before anything is written.
+    keep_dir: each rebuilt part is also written there, plain (DeltaRebuild.kept), for --keep."""
     delta_parts = [p for p in parts if p.entry is not None and is_delta_part(p.entry)]
     if not delta_parts:
         return parts
@@ -158,7 +167,11 @@ def rebuild_delta_parts(parts: list[PartInput], bundles: Sequence[Bundle], work_
         missing = layers.missing(part_needs(p.entry or {}))
         if missing:  # before reading any data
             raise needs_error(_layer_of(p.entry or {}, missing[0]), missing[0])
-    return [rebuild_part(p, layers, work_dir, memory) if p in delta_parts else p for p in parts]
+    try:
+        return [replace(p, rebuild=DeltaRebuild(p, layers, memory, keep_dir)) if p in delta_parts else p
+                for p in parts]
+    except BadInput as exc:  # a delta part's manifest entry is damaged
+        raise IntegrityError(str(exc)) from None
 
 
 def _layer_of(entry: dict, need: dict) -> str:
@@ -169,79 +182,200 @@ def _layer_of(entry: dict, need: dict) -> str:
     return entry["file"]
 
 
-def rebuild_part(part: PartInput, layers: StoreLayers, work_dir: str, memory: int) -> PartInput:
-    entry = part.entry or {}
-    path = rebuilt_path(work_dir, entry["file"])
-    with open(path, "xb") as out:
-        writer = PartWriter(entry["file"], out, entry["compression"], STORE_LEVEL
-                            if entry["compression"] == "zstd" else None)
-        _rebuild_into(part, layers, writer, memory)
-        info = writer.finish()
-    rebuilt = {**entry, "size": info["size"], "sha256": info["sha256"], "xxh3": info["xxh3"],
-               "raw_size": info["raw_size"], "compression": entry["compression"]}
-    return replace(part, opener=part_opener(path), entry=rebuilt, expected_sha256=info["sha256"],
-                   expected_size=info["size"])
+@dataclass
+class _Planned:
+    """One member of a delta part as the archive has it: carried (origin None), or rebuilt from a
+    store member (reference) or a delta, with its header and padding from the manifest."""
+
+    rec: dict
+    origin: dict | None = None
+    header: Member | None = None
+    padding: bytes = b""
+    record: DeltaRecord | None = None
+    what: str = ""
 
 
-def _rebuild_into(part: PartInput, layers: StoreLayers, writer: PartWriter, memory: int) -> None:
+class DeltaRebuild:
+    """A delta part's members as the plain part's (PartInput.rebuild): the join reads, hashes and
+    checks them as any part's, so each byte passes through once; with keep_dir the plain part is
+    written beside the join (PartWriter's frames compressed on its pool) under a temporary name."""
+
+    def __init__(self, part: PartInput, layers: StoreLayers, memory: int, keep_dir: str | None):
+        entry = part.entry or {}
+        self.file = entry["file"]
+        self.label = part.label
+        self.compression = entry["compression"]
+        self.layers = layers
+        self.memory = memory
+        self.plans = [_plan(rec, entry, part.label, memory) for rec in entry["members"]]
+        self.keep_path = None if keep_dir is None else rebuilt_path(keep_dir, self.file)
+        self.kept: dict | None = None   # size, sha256, xxh3, raw_size of the plain part once written
+
+    def __call__(self, members: Iterator[Member]) -> Iterator[Member]:
+        names = NameTable(self.label)  # the plain part's names, checked as a reader of it would
+        with _Keeper(self) as keeper:
+            for plan in self.plans:
+                member = self._member(plan, members)
+                names.add(member)
+                yield member if keeper.writer is None else keeper.teed(member)
+            extra = next(members, None)
+            if extra is not None:
+                raise IntegrityError(f"{self.label}: holds {extra.name!r}, which its manifest does not list")
+            self.kept = keeper.finish()
+
+    def _member(self, plan: _Planned, members: Iterator[Member]) -> Member:
+        if plan.origin is None:
+            return _next(members, plan.rec["name"], self.label)
+        assert plan.header is not None
+        ref = plan.origin["reference"]
+        if plan.record is None:
+            return _streamed(plan.header, self.layers.chunks(ref, plan.what, copy=False), plan.padding)
+        delta = _next(members, str(plan.origin.get("member")), self.label)
+        if delta.size != plan.record.size:
+            raise IntegrityError(f"{self.label}: delta {delta.name!r} is {delta.size} bytes, "
+                                 f"its record says {plan.record.size}")
+        pieces = decode_layer(plan.record, (bytes(c) for c in delta.iter_data()),
+                              self.layers.reference(ref, plan.what), memory=self.memory, what=plan.what,
+                              hashed_by_caller=True)
+        return _streamed(plan.header, pieces, plan.padding)
+
+
+def _plan(rec: dict, entry: dict, label: str, memory: int) -> _Planned:
+    """A member's manifest record checked before any data is read (the manifest may be hostile)."""
+    origin = rec.get("from")
+    if origin is None:
+        return _Planned(rec)
+    if not isinstance(origin, dict) or origin.get("kind") not in ("delta", "reference"):
+        raise BadInput(f"{label}: member {rec['name']!r} comes from an unknown source")
+    if not isinstance(origin.get("reference"), dict):
+        raise BadInput(f"{label}: member {rec['name']!r} names no reference")
+    header = _header(rec, label)
+    if header.name != rec["name"] or not header.is_file or header.size != rec.get("size"):
+        raise BadInput(f"{label}: the tar header of {rec['name']!r} in its manifest is for "
+                       f"{header.name!r} ({header.size} bytes)")
+    what = f"layer {rec.get('sha256')} ({rec['name']}) of {entry['file']}"
+    plan = _Planned(rec, origin, header, _padding(rec, header.size, label), what=what)
+    if origin["kind"] == "delta":
+        plan.record = DeltaRecord.from_json(origin.get("record"), f"{label}: delta of {rec['name']!r}")
+        check_segments(plan.record, f"{what}: delta record")
+        if plan.record.memory() > memory:
+            raise EnvironmentFailure(f"{what}: its delta needs {plan.record.memory() >> 20} MiB of memory, "
+                                     f"the cap is {memory >> 20} MiB (--delta-memory)")
+        # the join checks every member's sha256 against its record: the diffID the delta rebuilds
+        if plan.record.target_diff_id != rec.get("sha256") or plan.record.target_size != header.size:
+            raise BadInput(f"{label}: the delta of {rec['name']!r} rebuilds diffID {plan.record.target_diff_id} "
+                           f"({plan.record.target_size} bytes), its manifest lists {rec.get('sha256')}")
+    return plan
+
+
+class _StreamedMember(Member):
+    """A member whose data comes from a generator, which returns the padding that follows it."""
+
+    def __init__(self, header: Member, data: Generator[bytes | memoryview, None, bytes]):
+        super().__init__(name=header.name, typeflag=header.typeflag, size=header.size,
+                         linkname=header.linkname, mode=header.mode, mtime=header.mtime, header=header.header,
+                         offset=header.offset, pax=header.pax)
+        self._data = data
+
+    def iter_data(self) -> Iterator[bytes | memoryview]:  # type: ignore[override]
+        if self._consumed:
+            raise RuntimeError(f"data of {self.name!r} already consumed")
+        self._consumed = True
+        self.padding = yield from self._data
+
+    def skip(self) -> None:
+        for _ in self.iter_data():
+            pass
+
+
+def _streamed(header: Member, pieces: Iterable[bytes | memoryview], padding: bytes) -> Member:
+    def data() -> Generator[bytes | memoryview, None, bytes]:
+        size = 0
+        for piece in pieces:
+            size += len(piece)
+            if size > header.size:
+                raise IntegrityError(f"{header.name!r} is larger than its {header.size} bytes")
+            yield piece
+        if size != header.size:
+            raise IntegrityError(f"{header.name!r} ends at {size} bytes, {header.size} expected")
+        return padding
+    return _StreamedMember(header, data())
+
+
+class _Keeper:
+    """The plain part written while the join reads a delta part (--keep); removed unless finished."""
+
+    def __init__(self, rebuild: DeltaRebuild):
+        self.path = rebuild.keep_path
+        self.file: BinaryIO | None = None
+        self.writer: PartWriter | None = None
+        if self.path is not None:
+            self.file = open(self.path, "xb")
+            level = STORE_LEVEL if rebuild.compression == "zstd" else None
+            self.writer = PartWriter(rebuild.file, self.file, rebuild.compression, level)
+
+    def __enter__(self) -> _Keeper:
+        return self
+
+    def teed(self, member: Member) -> Member:
+        writer = self.writer
+        assert writer is not None
+
+        def data() -> Generator[bytes | memoryview, None, bytes]:
+            writer.write(member.header)
+            for chunk in member.iter_data():
+                writer.write(chunk)  # copied into a frame at once: the chunk may be a reused buffer
+                yield chunk
+            writer.write(member.padding)
+            return member.padding
+        return _StreamedMember(member, data())
+
+    def finish(self) -> dict | None:
+        if self.writer is None or self.file is None:
+            return None
+        info = self.writer.finish()
+        self.file.close()
+        self.file = None
+        return info
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.file is not None:  # the join failed: frames in flight end, the part goes
+            drain()
+            self.file.close()
+            if self.path is not None:
+                os.unlink(self.path)
+
+
+def check_delta_part(part: PartInput, layers: StoreLayers, memory: int = DEFAULT_MEMORY) -> int:
+    """isep-verify --deep: a delta part rebuilt as a join would read it, each member's size and
+    sha256 checked and the bytes dropped (no temporary part); returns the number of deltas decoded."""
+    rebuild = DeltaRebuild(part, layers, memory, None)
     entry = part.entry or {}
     fh = part.opener()
     hashing = _Hashing(fh)
     source = Source(DecompressingReader(hashing, entry["compression"], entry["raw_size"], part.label),
                     name=part.label, prefetch=False)
     try:
-        members = iter(TarReader(source))
-        for rec in entry["members"]:
-            origin = rec.get("from")
-            what = f"layer {rec.get('sha256')} ({rec['name']}) of {entry['file']}"
-            if origin is None:
-                member = _next(members, rec["name"], part.label)
-                writer.write(member.header)
-                for chunk in member.iter_data():
-                    writer.write(chunk)
-                writer.write(member.padding)
-            elif not isinstance(origin, dict) or origin.get("kind") not in ("delta", "reference"):
-                raise BadInput(f"{part.label}: member {rec['name']!r} comes from an unknown source")
-            else:
-                _write_from(rec, origin, members, layers, writer, memory, what, part.label)
-        extra = next(members, None)
-        if extra is not None:
-            raise IntegrityError(f"{part.label}: holds {extra.name!r}, which its manifest does not list")
+        plans = iter(rebuild.plans)
+        for member in rebuild(iter(TarReader(source))):  # to its end: members it does not list are refused
+            plan = next(plans)
+            sha = hashlib.sha256()
+            size = 0
+            for chunk in member.iter_data():
+                sha.update(chunk)
+                size += len(chunk)
+            digest = "sha256:" + sha.hexdigest()
+            if plan.origin is not None and (size != plan.rec.get("size") or digest != plan.rec.get("sha256")):
+                raise IntegrityError(f"{plan.what or part.label}: rebuilt as {size} bytes with sha256 "
+                                     f"{sha.hexdigest()[:12]}…, its manifest says {plan.rec.get('size')} bytes, "
+                                     f"{str(plan.rec.get('sha256'))[7:19]}…")
         _check_part_file(part, hashing)
-    except BadInput as exc:  # damage inside a received part
+    except BadInput as exc:  # damage inside a part
         raise IntegrityError(str(exc)) from None
     finally:
         source.close()
         fh.close()
-
-
-def _write_from(rec: dict, origin: dict, members: Iterator[Member], layers: StoreLayers, writer: PartWriter,
-                memory: int, what: str, label: str) -> None:
-    header = _header(rec, label)
-    ref = origin.get("reference")
-    if not isinstance(ref, dict):
-        raise BadInput(f"{label}: member {rec['name']!r} names no reference")
-    writer.write(header)
-    sha = hashlib.sha256()
-    size = 0
-    if origin["kind"] == "delta":
-        record = DeltaRecord.from_json(origin.get("record"), f"{label}: delta of {rec['name']!r}")
-        member = _next(members, str(origin.get("member")), label)
-        if member.size != record.size:
-            raise IntegrityError(f"{label}: delta {member.name!r} is {member.size} bytes, "
-                                 f"its record says {record.size}")
-        pieces = decode_layer(record, (bytes(c) for c in member.iter_data()), layers.reference(ref, what),
-                              memory=memory, what=what)
-    else:
-        pieces = layers.chunks(ref, what)
-    for piece in pieces:
-        sha.update(piece)
-        size += len(piece)
-        writer.write(piece)
-    if size != rec.get("size") or "sha256:" + sha.hexdigest() != rec.get("sha256"):
-        raise IntegrityError(f"{what}: rebuilt as {size} bytes with sha256 {sha.hexdigest()[:12]}…, "
-                             f"its manifest says {rec.get('size')} bytes, {str(rec.get('sha256'))[7:19]}…")
-    writer.write(_padding(rec, size, label))
+    return sum(1 for plan in rebuild.plans if plan.record is not None)
 
 
 def _padding(rec: dict, size: int, label: str) -> bytes:
@@ -257,17 +391,26 @@ def _padding(rec: dict, size: int, label: str) -> bytes:
     return raw
 
 
-def _header(rec: dict, label: str) -> bytes:
+def _header(rec: dict, label: str) -> Member:
+    """A member's original tar header, kept in the manifest, parsed as the join's reader would."""
     text = rec.get("header")
+    bad = BadInput(f"{label}: member {rec['name']!r} has no valid tar header in its manifest")
     if not isinstance(text, str) or len(text) > MAX_HEADER * 2:
-        raise BadInput(f"{label}: member {rec['name']!r} has no valid tar header in its manifest")
+        raise bad
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise BadInput(f"{label}: member {rec['name']!r} has no valid tar header in its manifest") from None
+        raise bad from None
     if not raw or len(raw) % 512 or len(raw) > MAX_HEADER:
         raise BadInput(f"{label}: member {rec['name']!r} has a tar header of {len(raw)} bytes")
-    return raw
+    source = Source(io.BytesIO(raw), name=f"{label}: the manifest's header of {rec['name']!r}", prefetch=False)
+    try:
+        header = next(iter(TarReader(source)), None)
+    finally:
+        source.close()
+    if header is None or len(header.header) != len(raw):
+        raise bad
+    return header
 
 
 def _next(members: Iterator[Member], name: str, label: str) -> Member:
@@ -315,21 +458,20 @@ def rebuilt_path(work_dir: str, file_name: str) -> str:
     return os.path.join(work_dir, f"rebuilt-{file_name}")
 
 
-def adopt_rebuilt(received: Bundle, rebuilt: list[PartInput], work_dir: str) -> None:
-    """Make a received bundle's delta parts the plain parts rebuilt from them, after the join (which
-    reads them where they were rebuilt) and before they are kept in a store: a release's part is
-    always materialised, so the next release's delta is against a plain part and a chain of
-    releases never makes a join slower than one delta."""
-    made = {p.entry["file"]: p.entry for p in rebuilt if p.entry is not None}
-    parts = []
+def adopt_rebuilt(received: Bundle, parts: list[PartInput]) -> None:
+    """Make a received bundle's delta parts the plain parts rebuilt while they were joined (--keep),
+    once the join succeeded and before they are kept in a store: a release's part is always
+    materialised, so the next release's delta is against a plain part and a chain of releases
+    never makes a join slower than one delta."""
+    made = {p.rebuild.file: p.rebuild for p in parts if isinstance(p.rebuild, DeltaRebuild)}
+    entries = []
     for entry in received.doc["parts"]:
-        path = rebuilt_path(work_dir, entry["file"])
-        if is_delta_part(entry) and entry["file"] in made and os.path.exists(path):
-            os.replace(path, os.path.join(received.path, entry["file"]))
-            info = made[entry["file"]]
-            entry = plain_entry(entry, {k: info[k] for k in ("size", "sha256", "xxh3", "raw_size")})
-        parts.append(entry)
-    received.doc["parts"] = parts
+        rebuild = made.get(entry["file"])
+        if is_delta_part(entry) and rebuild is not None and rebuild.kept is not None and rebuild.keep_path:
+            os.replace(rebuild.keep_path, os.path.join(received.path, entry["file"]))
+            entry = plain_entry(entry, {k: rebuild.kept[k] for k in ("size", "sha256", "xxh3", "raw_size")})
+        entries.append(entry)
+    received.doc["parts"] = entries
     received.manifest_bytes = bytes(encode_manifest(received.doc))
     received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
 

@@ -72,7 +72,8 @@ def _open_part(part: PartInput) -> _Open:
     limit = entry.get("raw_size")
     reader = DecompressingReader(hashing, entry.get("compression"), limit, part.label)
     source = Source(reader, name=part.label)
-    return _Open(part, hashing, source, iter(TarReader(source)), fh)
+    members = iter(TarReader(source))
+    return _Open(part, hashing, source, members if part.rebuild is None else part.rebuild(members), fh)
 
 
 class Output:

@@ -30,7 +30,7 @@ from isal import isal_zlib
 from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError, os_error
 from .files import open_for_reading
-from .tarstream import CHUNK
+from .tarstream import CHUNK, Member
 from .tarwrite import END_OF_ARCHIVE
 
 Opener = Callable[[], BinaryIO]   # opens a part file for binary reading, once per read
@@ -240,6 +240,8 @@ class PartInput:
     expected_sha256: str | None = None
     expected_size: int | None = None
     order: int = 0
+    # the archive's members from the part's own (a delta part: its layers decoded or read from a store)
+    rebuild: Callable[[Iterator[Member]], Iterator[Member]] | None = None
 
 
 def part_opener(path: str, *, named_by_user: bool = False) -> Opener:

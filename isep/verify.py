@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -10,7 +9,7 @@ import xxhash
 
 from .archive import index_stream
 from .bundle import TEMP_PREFIX, Bundle, check_order, isula_part_inputs, safe_join
-from .deltajoin import StoreLayers, carried_listing, is_delta_part, part_needs, rebuild_delta_parts
+from .deltajoin import StoreLayers, carried_listing, check_delta_part, is_delta_part, part_needs
 from .digests import BlobHasher
 from .errors import IsepError
 from .join import JoinOptions, join_parts, plan_copies
@@ -255,13 +254,11 @@ def report_needs(bundle: Bundle, report: Report, mode: str) -> None:
 def _rebuild_check(bundle: Bundle, part: dict, report: Report) -> None:
     opener = part_opener(safe_join(bundle.path, part["file"]))
     source = PartInput(part["file"], opener, part, part["sha256"], part["size"])
-    with tempfile.TemporaryDirectory(prefix="isep-verify-") as work:
-        try:
-            rebuild_delta_parts([source], [bundle], work)
-        except IsepError as exc:
-            report.add("needs", False, f"{part['file']}: {exc}", part=part["file"])
-            return
-    deltas = sum(1 for rec in part["members"] if (rec.get("from") or {}).get("kind") == "delta")
+    try:
+        deltas = check_delta_part(source, StoreLayers([bundle]))
+    except IsepError as exc:
+        report.add("needs", False, f"{part['file']}: {exc}", part=part["file"])
+        return
     report.add("needs", True, f"{part['file']}: rebuilt from its store references, {deltas} delta(s) "
                f"decoded, every rebuilt layer's sha256 matches", part=part["file"])
 

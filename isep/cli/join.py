@@ -13,7 +13,7 @@ from ..registry import RegistryClient, RegistryRef, is_registry_ref
 from ..files import OutputFile, open_in_place, output_file
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
-from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, rebuild_delta_parts
+from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, prepare_delta_parts
 from ..deltapack import parse_size
 from ..join import JoinOptions, join_parts
 from ..refs import Held, resolve_have
@@ -116,7 +116,7 @@ def join(
         if app_part == "-":
             overrides["app"] = "-"
         chosen, parts = _store_parts(bundle, name, overrides, trust, held)
-    parts = _rebuild(parts, None if bundle == "-" else bundle, memory)[0]
+    parts = _rebuild(parts, None if bundle == "-" else bundle, memory, keep_in=None)
     _thin(options, chosen, held)
     trailer = (chosen or {}).get("trailer_size", 1024)
     _write(output, parts, chosen, options, trailer, ui)
@@ -147,11 +147,10 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
         if store is not None:
             check_keepable(store, received)  # refused before any output, not after it
         _thin(options, chosen, held)
-        plain, work = _rebuild(parts, store_dir, memory)
-        _write(output, plain, chosen, options, chosen.get("trailer_size", 1024), ui)
-        if store is not None:
-            if work is not None:  # the store keeps each release's part plain: deltas never chain
-                adopt_rebuilt(received, plain, work)
+        parts = _rebuild(parts, store_dir, memory, keep_in=None if store is None else store.path)
+        _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
+        if store is not None:  # the store keeps each release's part plain: deltas never chain
+            adopt_rebuilt(received, parts)
             added = keep_received(store, received, chosen, held)
             ui.info(f"kept {len(added)} new part(s) in {store_dir}")
     except BaseException:
@@ -246,15 +245,15 @@ def _receive_dir(store_dir: Optional[str]) -> str:
     return scratch_dir("isep-recv-")
 
 
-def _rebuild(parts: list, store_dir: Optional[str], memory: int) -> tuple[list, Optional[str]]:
-    """Delta parts (isep-pack --delta-from) rebuilt as plain parts from STORE before anything is
-    written, and where (in STORE when it is writable, else TMPDIR; None: no delta part)."""
+def _rebuild(parts: list, store_dir: Optional[str], memory: int, keep_in: Optional[str]) -> list:
+    """Delta parts (isep-pack --delta-from) set to be rebuilt from STORE while they are joined, every
+    need and record checked before anything is written; keep_in (--keep: the store) gets each plain
+    part written beside the join in a temporary directory, adopted only after the join succeeded."""
     if not any(p.entry is not None and is_delta_part(p.entry) for p in parts):
-        return parts, None
+        return parts
     local = open_local_store(store_dir) if store_dir else None
-    writable = store_dir and os.access(store_dir, os.W_OK)
-    work = scratch_dir(".isep-tmp-rebuild-", store_dir) if writable else scratch_dir("isep-rebuild-")
-    return rebuild_delta_parts(parts, [local] if local is not None else [], work, memory=memory), work
+    keep_dir = scratch_dir(".isep-tmp-rebuild-", keep_in) if keep_in is not None else None
+    return prepare_delta_parts(parts, [local] if local is not None else [], memory=memory, keep_dir=keep_dir)
 
 
 def _write(output, parts, chosen, options, trailer, ui: Ui) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import mmap
 import queue
 import re
 import sys
@@ -229,6 +230,9 @@ class Reference:
     describe: str = "reference layer"
     xxh3: str = ""            # xxh3-128 hex of the layer: when known (a store's manifest records it
     #                           for every member), checked instead of re-hashing it with sha256
+    # fills a buffer of `size` bytes with the layer at once (a store part's frames decompressed in
+    # parallel); False when it cannot (then `open` is read)
+    load_into: Callable[[memoryview], bool] | None = None
 
 
 class ReferenceReader:
@@ -253,7 +257,12 @@ class ReferenceReader:
     def next_prefix(self):
         """A zstd prefix of the next slice's bytes."""
         offset, size = self._slices.pop(0)
-        new = bytearray(size)  # calloc'd: fresh zero pages, no fill; each chunk is freed once copied
+        # anonymous pages: zeroed by the kernel as they are first written, not filled beforehand
+        new = mmap.mmap(-1, size)  # a prefix segment's slice is never empty (check_segments)
+        if size == self.reference.size and self._load_whole(new):
+            prefix = zstd.ZstdDict(new, is_raw=True)
+            new.close()
+            return prefix
         filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
         new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
         self._kept = b""
@@ -265,16 +274,31 @@ class ReferenceReader:
             take = min(len(piece) - skip, size - filled)
             new[filled:filled + take] = piece[skip:skip + take]
             filled += take
-            if skip + take < len(piece):
-                self._pending, self._pending_start = piece[skip + take:], start + skip + take
+            if skip + take < len(piece):  # the chunk may be a reused buffer: what is left is kept
+                self._pending, self._pending_start = memoryview(bytes(piece[skip + take:])), start + skip + take
         if self._slices and self._slices[0][0] < offset + size:
             self._kept_start = self._slices[0][0]
             self._kept = bytes(new[self._kept_start - offset:])
         prefix = zstd.ZstdDict(new, is_raw=True)
-        del new
+        new.close()  # the prefix holds its own copy
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use
             self.finish()
         return prefix
+
+    def _load_whole(self, new: mmap.mmap) -> bool:
+        """The whole reference loaded at once and verified (before any use), when it can be."""
+        if self.reference.load_into is None or self._read:
+            return False
+        with memoryview(new) as view:
+            if not self.reference.load_into(view):
+                return False
+            digest = (xxhash.xxh3_128(view).hexdigest() if self.reference.xxh3
+                      else "sha256:" + hashlib.sha256(view).hexdigest())
+        if digest != (self.reference.xxh3 or self.reference.diff_id):
+            return False  # read again as a stream, which says what is wrong
+        self._read = self.reference.size
+        self._verified = True
+        return True
 
     def _next_piece(self) -> tuple[int, memoryview]:
         if len(self._pending):
@@ -284,9 +308,7 @@ class ReferenceReader:
         if chunk is None:
             raise IntegrityError(f"{self.reference.describe} ends at {self._read} bytes, "
                                  f"{self.reference.size} expected")
-        if not isinstance(chunk, bytes):  # slices outlive the call: a reused buffer must be copied
-            chunk = bytes(chunk)
-        self._sha.update(chunk)
+        self._sha.update(chunk)  # a view of a reused buffer is copied at once (next_prefix)
         start = self._read
         self._read += len(chunk)
         if self._read > self.reference.size:

@@ -24,13 +24,16 @@ import binascii
 import hashlib
 import io
 import os
+import queue
+import threading
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
 from .bundle import Bundle, encode_manifest, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
-from .errors import BadInput, EnvironmentFailure, IntegrityError
-from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
+from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
+from .parts import (DecompressingReader, NotFramed, PartInput, PartWriter, drain, load_span, member_span,
+                    part_opener)
 from .tarstream import Member, NameTable, Source, TarReader, padded
 
 DELTA_MEMBER = "isep-delta/"
@@ -110,8 +113,9 @@ class StoreLayers:
         if hit is None:
             raise needs_error(what, need)
         bundle, entry, rec = hit
-        return Reference(rec["size"], rec["sha256"], lambda: member_chunks(bundle, entry, rec["name"]),
-                         f"reference layer {rec['sha256'][:19]}… in {entry['file']}", rec.get("xxh3") or "")
+        return Reference(rec["size"], rec["sha256"], lambda: member_chunks(bundle, entry, rec["name"], copy=False),
+                         f"reference layer {rec['sha256'][:19]}… in {entry['file']}", rec.get("xxh3") or "",
+                         lambda out: load_member(bundle, entry, rec["name"], out))
 
 
 def needs_error(what: str, need: dict) -> IntegrityError:
@@ -131,13 +135,28 @@ def check_needs(needs: list, stores: Sequence[Bundle], what: str) -> None:
         raise needs_error(what, missing[0])
 
 
+def load_member(bundle: Bundle, entry: dict, name: str, out: memoryview) -> bool:
+    """One member's data from a plain zstd part straight into out (its frames decompressed in
+    parallel); False when the part does not allow it or it fails (the caller reads it as a stream)."""
+    span = member_span(entry, name) if entry.get("compression") == "zstd" else None
+    if span is None or span[1] != len(out):
+        return False
+    opener = bundle.files.get(entry["file"]) or part_opener(safe_join(bundle.path, entry["file"]))
+    try:
+        with opener() as fh:
+            load_span(fh, span[0], out, entry["file"])
+    except (IsepError, OSError, NotFramed):
+        return False
+    return True
+
+
 def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:
     """One member's data from a part file (the members before it are decompressed and skipped);
     copy False: views of the reader's reused buffers."""
     opener = bundle.files.get(entry["file"]) or part_opener(safe_join(bundle.path, entry["file"]))
     fh = opener()
     source = Source(DecompressingReader(fh, entry.get("compression"), entry.get("raw_size"), entry["file"]),
-                    name=entry["file"], prefetch=False)
+                    name=entry["file"])  # decompressed ahead on the Source's thread
     try:
         for member in TarReader(source):
             if member.name == name and member.is_file:
@@ -237,7 +256,7 @@ class DeltaRebuild:
         pieces = decode_layer(plan.record, (bytes(c) for c in delta.iter_data()),
                               self.layers.reference(ref, plan.what), memory=self.memory, what=plan.what,
                               hashed_by_caller=True)
-        return _streamed(plan.header, pieces, plan.padding)
+        return _streamed(plan.header, _ahead(pieces), plan.padding)
 
 
 def _plan(rec: dict, entry: dict, label: str, memory: int) -> _Planned:
@@ -300,6 +319,50 @@ def _streamed(header: Member, pieces: Iterable[bytes | memoryview], padding: byt
             raise IntegrityError(f"{header.name!r} ends at {size} bytes, {header.size} expected")
         return padding
     return _StreamedMember(header, data())
+
+
+_END = object()
+
+
+def _ahead(pieces: Iterator, depth: int = 2) -> Iterator:
+    """The pieces produced on a thread, a few ahead of the reader: decoding (zstd releases the GIL)
+    overlaps the join's hashing and writing. Only for pieces the producer does not reuse."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            for piece in pieces:
+                if not put(piece):
+                    return
+            put(_END)
+        except BaseException as exc:  # raised again in the reading thread
+            put(exc)
+        finally:
+            getattr(pieces, "close", lambda: None)()  # a generator's own checks and cleanup, on its thread
+
+    thread = threading.Thread(target=run, name="isep-delta-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Keeper:

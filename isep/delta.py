@@ -230,8 +230,8 @@ class Reference:
     describe: str = "reference layer"
     xxh3: str = ""            # xxh3-128 hex of the layer: when known (a store's manifest records it
     #                           for every member), checked instead of re-hashing it with sha256
-    # fills a buffer of `size` bytes with the layer at once (a store part's frames decompressed in
-    # parallel); False when it cannot (then `open` is read)
+    # fills a buffer of `size` bytes with the layer, verified, at once (a store part's frames
+    # decompressed in parallel); False when it cannot (then `open` is read, which says what is wrong)
     load_into: Callable[[memoryview], bool] | None = None
 
 
@@ -259,7 +259,9 @@ class ReferenceReader:
         offset, size = self._slices.pop(0)
         # anonymous pages: zeroed by the kernel as they are first written, not filled beforehand
         new = mmap.mmap(-1, size)  # a prefix segment's slice is never empty (check_segments)
-        if size == self.reference.size and self._load_whole(new):
+        if size == self.reference.size and not self._read and self.reference.load_into is not None \
+                and self.reference.load_into(memoryview(new)):
+            self._read, self._verified = size, True
             prefix = zstd.ZstdDict(new, is_raw=True)
             new.close()
             return prefix
@@ -284,21 +286,6 @@ class ReferenceReader:
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use
             self.finish()
         return prefix
-
-    def _load_whole(self, new: mmap.mmap) -> bool:
-        """The whole reference loaded at once and verified (before any use), when it can be."""
-        if self.reference.load_into is None or self._read:
-            return False
-        with memoryview(new) as view:
-            if not self.reference.load_into(view):
-                return False
-            digest = (xxhash.xxh3_128(view).hexdigest() if self.reference.xxh3
-                      else "sha256:" + hashlib.sha256(view).hexdigest())
-        if digest != (self.reference.xxh3 or self.reference.diff_id):
-            return False  # read again as a stream, which says what is wrong
-        self._read = self.reference.size
-        self._verified = True
-        return True
 
     def _next_piece(self) -> tuple[int, memoryview]:
         if len(self._pending):
@@ -449,8 +436,7 @@ def decode_layer(record: DeltaRecord, delta_chunks: Chunks, reference: Reference
     """The layer rebuilt from its delta, in pieces of at most PIECE bytes. Raises IntegrityError
     (after the last piece at the latest) when anything does not match: the caller must not
     declare the output good before this generator is exhausted. hashed_by_caller: the caller
-    checks the pieces' sha256 against record.target_diff_id itself (a join hashes every member
-    anyway), so they are not hashed twice."""
+    checks the pieces' sha256 against record.target_diff_id (a join hashes every member anyway)."""
     check_segments(record, f"{what}: delta record")
     if record.memory() > memory:
         raise EnvironmentFailure(f"{what}: its delta needs {_mib(record.memory())} of memory, "

@@ -29,6 +29,8 @@ import threading
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
+import xxhash
+
 from .bundle import Bundle, encode_manifest, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
@@ -115,7 +117,7 @@ class StoreLayers:
         bundle, entry, rec = hit
         return Reference(rec["size"], rec["sha256"], lambda: member_chunks(bundle, entry, rec["name"], copy=False),
                          f"reference layer {rec['sha256'][:19]}… in {entry['file']}", rec.get("xxh3") or "",
-                         lambda out: load_member(bundle, entry, rec["name"], out))
+                         lambda out: load_member(bundle, entry, rec, out))
 
 
 def needs_error(what: str, need: dict) -> IntegrityError:
@@ -135,10 +137,11 @@ def check_needs(needs: list, stores: Sequence[Bundle], what: str) -> None:
         raise needs_error(what, missing[0])
 
 
-def load_member(bundle: Bundle, entry: dict, name: str, out: memoryview) -> bool:
+def load_member(bundle: Bundle, entry: dict, rec: dict, out: memoryview) -> bool:
     """One member's data from a plain zstd part straight into out (its frames decompressed in
-    parallel); False when the part does not allow it or it fails (the caller reads it as a stream)."""
-    span = member_span(entry, name) if entry.get("compression") == "zstd" else None
+    parallel) and checked against its xxh3; False when the part does not allow it or anything
+    fails (the caller reads it as a stream, which says what is wrong)."""
+    span = member_span(entry, rec["name"]) if entry.get("compression") == "zstd" and rec.get("xxh3") else None
     if span is None or span[1] != len(out):
         return False
     opener = bundle.files.get(entry["file"]) or part_opener(safe_join(bundle.path, entry["file"]))
@@ -147,7 +150,7 @@ def load_member(bundle: Bundle, entry: dict, name: str, out: memoryview) -> bool
             load_span(fh, span[0], out, entry["file"])
     except (IsepError, OSError, NotFramed):
         return False
-    return True
+    return xxhash.xxh3_128(out).hexdigest() == rec["xxh3"]
 
 
 def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:
@@ -527,6 +530,8 @@ def adopt_rebuilt(received: Bundle, parts: list[PartInput]) -> None:
     materialised, so the next release's delta is against a plain part and a chain of releases
     never makes a join slower than one delta."""
     made = {p.rebuild.file: p.rebuild for p in parts if isinstance(p.rebuild, DeltaRebuild)}
+    if not made:
+        return  # the manifest is kept byte for byte (and its signature with it)
     entries = []
     for entry in received.doc["parts"]:
         rebuild = made.get(entry["file"])

@@ -235,11 +235,17 @@ class DeltaRebuild:
 
     def __call__(self, members: Iterator[Member]) -> Iterator[Member]:
         names = NameTable(self.label)  # the plain part's names, checked as a reader of it would
+        member: Member | None = None
         with _Keeper(self) as keeper:
-            for plan in self.plans:
-                member = self._member(plan, members)
-                names.add(member)
-                yield member if keeper.writer is None else keeper.teed(member)
+            try:
+                for plan in self.plans:
+                    member = self._member(plan, members)
+                    names.add(member)
+                    member = member if keeper.writer is None else keeper.teed(member)
+                    yield member
+            finally:  # a join that failed: a decoding thread ends now, not when garbage is collected
+                if isinstance(member, _StreamedMember):
+                    member.close()
             extra = next(members, None)
             if extra is not None:
                 raise IntegrityError(f"{self.label}: holds {extra.name!r}, which its manifest does not list")
@@ -308,6 +314,9 @@ class _StreamedMember(Member):
     def skip(self) -> None:
         for _ in self.iter_data():
             pass
+
+    def close(self) -> None:
+        self._data.close()
 
 
 def _streamed(header: Member, pieces: Iterable[bytes | memoryview], padding: bytes) -> Member:
@@ -408,8 +417,10 @@ class _Keeper:
         if self.file is not None:  # the join failed: frames in flight end, the part goes
             drain()
             self.file.close()
-            if self.path is not None:
-                os.unlink(self.path)
+            try:
+                os.unlink(self.path or "")
+            except OSError:
+                pass
 
 
 def check_delta_part(part: PartInput, layers: StoreLayers, memory: int = DEFAULT_MEMORY) -> int:

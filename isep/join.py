@@ -233,6 +233,8 @@ def join_parts(parts: list[PartInput], out_stream: Writable, image: dict | None,
             _check_thin_config(image, emitted)
     finally:
         for o in opened:
+            getattr(o.members, "close", lambda: None)()  # a rebuilt part's threads end while its reader lives
+        for o in opened:
             o.source.close()
             o.hashing.close()
             try:

@@ -257,16 +257,13 @@ class ReferenceReader:
     def next_prefix(self):
         """A zstd prefix of the next slice's bytes."""
         offset, size = self._slices.pop(0)
-        # anonymous pages: zeroed by the kernel as they are first written, not filled beforehand
-        new = mmap.mmap(-1, size)  # a prefix segment's slice is never empty (check_segments)
-        if size == self.reference.size and not self._read and self.reference.load_into is not None \
-                and self.reference.load_into(memoryview(new)):
-            self._read, self._verified = size, True
-            prefix = zstd.ZstdDict(new, is_raw=True)
-            new.close()
-            return prefix
-        filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
-        new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
+        new = mmap.mmap(-1, size)  # zeroed by the kernel as first written; never empty (check_segments)
+        load = self.reference.load_into if size == self.reference.size and not self._read else None
+        if load is not None and load(memoryview(new)):  # loaded whole at once, verified
+            self._read, self._verified, filled = size, True, size
+        else:
+            filled = max(0, min(self._kept_start + len(self._kept) - offset, size))
+            new[:filled] = self._kept[offset - self._kept_start:offset - self._kept_start + filled]
         self._kept = b""
         while filled < size:
             start, piece = self._next_piece()

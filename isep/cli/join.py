@@ -184,12 +184,11 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
         if store is not None:
             check_keepable(store, pulled.received)
         parts = isep_part_inputs(pulled.received, chosen, {}, [local] if local else [], have=held)
-        plain, work = _rebuild(parts, store_dir, memory)
-        _write(output, plain, chosen, options, chosen.get("trailer_size", 1024), ui)
+        parts = _rebuild(parts, store_dir, memory, keep_in=None if store is None else store.path)
+        _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
         if store is not None:
             pulled.settle()
-            if work is not None:
-                adopt_rebuilt(pulled.received, plain, work)
+            adopt_rebuilt(pulled.received, parts)  # the store keeps each release's part plain
             added = keep_received(store, pulled.received, chosen, held)
             ui.info(f"kept {len(added)} new part(s) in {store_dir}")
             remove_pull_directory(pull_dir)

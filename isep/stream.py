@@ -20,7 +20,7 @@ from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_n
 from .refs import Held
 from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
-from .errors import BadInput, EnvironmentFailure, IsepError
+from .errors import BadInput, EnvironmentFailure, IsepError, os_error
 from .tarstream import Source, TarReader, padded
 from .tarwrite import build_header
 
@@ -260,6 +260,7 @@ def keep_received(store: Store, received: Bundle, joined: dict | None = None,
         with store.locked():
             current = store.read_manifest()
             for file_name, store_name in _kept_parts(store, received, current).items():
+                _sync_file(os.path.join(received.path, file_name))
                 store.commit(os.path.join(inside, file_name), store_name)
                 committed.append(store_name)
             names = _store_names(received, current)
@@ -273,6 +274,19 @@ def keep_received(store: Store, received: Bundle, joined: dict | None = None,
             store.remove(name)
         raise
     return committed
+
+
+def _sync_file(path: str) -> None:
+    """A kept part's bytes reach the disk before its name enters the store: after a power cut on a
+    device the store lists no part whose bytes were lost (the manifest is written after the parts)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise os_error(exc, f"cannot write {path}") from None
 
 
 def _write_kept_manifest(store: Store, received: Bundle, current: dict | None) -> None:

@@ -62,17 +62,23 @@ class _FileOut:
         self.buf = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.buf and len(data) >= CHUNK:  # a whole frame: written as it is, not copied
+            self._write(data)
+            return
         self.buf += data
         if len(self.buf) >= CHUNK:
             self.flush()
 
     def flush(self) -> None:
         if self.buf:
-            try:
-                write_all(self.raw, self.buf)
-            except OSError as exc:
-                raise os_error(exc, "cannot write a part") from None
+            self._write(self.buf)
             self.buf.clear()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            write_all(self.raw, data)
+        except OSError as exc:
+            raise os_error(exc, "cannot write a part") from None
 
     def close(self) -> None:
         self.flush()

@@ -71,10 +71,23 @@ class _Pool:
     def __init__(self, workers: int):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isep-compress")
         self.slots = threading.BoundedSemaphore(2 * workers + 2)
+        # frames handed back once written: a fresh 4 MiB buffer costs its zeroing and ~1000 page faults
+        self.spare_frames: list[bytearray] = []
+        self.spare_limit = 2 * workers + 2
         self.jobs: queue.Queue = queue.Queue()
-        self.writer = threading.Thread(target=_write_loop, args=(self.jobs, self.slots), name="isep-write",
-                                       daemon=True)
+        self.writer = threading.Thread(target=_write_loop, args=(self,), name="isep-write", daemon=True)
         self.writer.start()
+
+    def new_frame(self) -> bytearray:
+        try:
+            return self.spare_frames.pop()
+        except IndexError:
+            return bytearray(FRAME)
+
+    def recycle(self, frame: bytes | bytearray) -> None:
+        """Keep a frame whose bytes were compressed and written (every sink copies or writes them)."""
+        if isinstance(frame, bytearray) and len(frame) == FRAME and len(self.spare_frames) < self.spare_limit:
+            self.spare_frames.append(frame)
 
 
 _pool: _Pool | None = None
@@ -93,16 +106,17 @@ def pool() -> _Pool:
         return _pool
 
 
-def _write_loop(jobs: queue.Queue, slots: threading.BoundedSemaphore) -> None:
+def _write_loop(workers: _Pool) -> None:
     while True:
-        job = jobs.get()
+        job = workers.jobs.get()
         if job is None:
             return
-        part, future, done = job
+        part, future, frame, done = job
         try:
             part.store_frame(future)
+            workers.recycle(frame)
         finally:
-            slots.release()
+            workers.slots.release()
             done.set()
 
 
@@ -157,7 +171,7 @@ class PartWriter:
         self.size = 0
         self.raw_size = 0
         self.members: list[dict] = []
-        self._buf, self._fill = bytearray(FRAME), 0
+        self._buf, self._fill = bytearray(), 0  # the frame being filled, taken from the pool when wanted
         self._last_done: threading.Event | None = None
         self._error: BaseException | None = None
         self._final: dict | None = None
@@ -168,13 +182,15 @@ class PartWriter:
             return
         view = memoryview(data).cast("B")
         while len(view):  # each byte is copied once, into the frame that is handed to a worker
+            if not self._buf:
+                self._buf = pool().new_frame()
             take = min(FRAME - self._fill, len(view))
             self._buf[self._fill:self._fill + take] = view[:take]
             self._fill += take
             view = view[take:]
             if self._fill == FRAME:
                 self._submit(self._buf)
-                self._buf, self._fill = bytearray(FRAME), 0
+                self._buf, self._fill = bytearray(), 0
 
     def _submit(self, frame: bytes | bytearray) -> threading.Event:
         """Hand one frame to the pool; the event is set once it is written."""
@@ -189,7 +205,7 @@ class PartWriter:
             workers.slots.release()
             done.set()
             raise
-        workers.jobs.put((self, future, done))
+        workers.jobs.put((self, future, frame, done))
         return done
 
     def store_frame(self, future: Future) -> None:

@@ -11,6 +11,7 @@ from .archive import JSON_CAP, load_json
 from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, find_part,
                      merge_manifest, write_all)
 from .errors import BadInput, EnvironmentFailure, os_error
+from .files import start_writeback
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
 from .parts import Sink, drain
 from .signing import sign_manifest
@@ -60,6 +61,7 @@ class _FileOut:
         self.raw = raw
         self.temp_name = temp_name
         self.buf = bytearray()
+        self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.buf and len(data) >= CHUNK:  # a whole frame: written as it is, not copied
@@ -79,6 +81,8 @@ class _FileOut:
             write_all(self.raw, data)
         except OSError as exc:
             raise os_error(exc, "cannot write a part") from None
+        start_writeback(self.raw.fileno(), self.written, len(data))
+        self.written += len(data)
 
     def close(self) -> None:
         self.flush()

@@ -13,6 +13,7 @@ into the tar stream, refusing to expand beyond the declared size.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import queue
@@ -64,6 +65,19 @@ FRAME = 1 << 20
 
 _local = threading.local()
 _pool_lock = threading.Lock()
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _keep_freed_memory() -> None:
+    """Every frame's compressed output is a fresh ~1 MiB buffer, freed on the writing thread; by
+    default glibc returns such memory to the kernel at once and the next frame faults it in again
+    (a page fault per 4 KiB: ~0.07 CPU-s per 256 MiB packed). Keep it in the process instead."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc: its allocator decides
+        return
+    mallopt(M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 class _Pool:
@@ -71,6 +85,7 @@ class _Pool:
     finished frames in the order they were submitted (so that workers never wait for each other)."""
 
     def __init__(self, workers: int):
+        _keep_freed_memory()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isep-compress")
         self.slots = threading.BoundedSemaphore(2 * workers + 2)
         # frames handed back once written: a fresh buffer costs its zeroing and a page fault per 4 KiB

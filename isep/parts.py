@@ -96,10 +96,11 @@ class _Pool:
         self.writer.start()
 
     def new_frame(self) -> bytearray:
-        try:
-            return self.spare_frames.pop()
-        except IndexError:
-            return bytearray(FRAME)
+        while self.spare_frames:
+            frame = self.spare_frames.pop()
+            if len(frame) == FRAME:  # (FRAME is patched only by experiments)
+                return frame
+        return bytearray(FRAME)
 
     def recycle(self, frame: bytes | bytearray) -> None:
         """Keep a frame whose bytes were compressed and written (every sink copies or writes them)."""

@@ -8,11 +8,17 @@ the layers its deltas and references read, followed to the end. A part no image 
 manifest is written first (atomically, isula-build's `manifest` beside it); then the other part files
 are unlinked. A crash in between leaves unlisted part files: isep-verify notes them as strays and the
 next prune removes them. A signature no longer matches the pruned manifest: it is removed.
+
+Pull directories (`.isep-tmp-pull-*`, what an interrupted `isep-join oci://` fetched, kept for a rerun
+to resume) go too, unless a running pull holds one: each pull flocks its directory's lock file for as
+long as it runs, and the prune removes a directory only while holding that lock itself (renamed away
+first, so that a pull starting meanwhile makes a new one). A rerun of a removed pull fetches again.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -24,6 +30,7 @@ from .deltajoin import StoreLayers
 from .errors import BadInput, IsepError, UsageError, os_error
 from .limits import MANIFEST_CAP
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, looks_like_part_file, normalize, split_tag
+from .pull import PRUNED_PREFIX, PULL_PREFIX, pull_directory_in_use, remove_idle_pull_directory
 
 
 @dataclass
@@ -35,13 +42,14 @@ class PrunePlan:
     dropped_images: list[dict]
     removed_parts: list[str]          # listed in the manifest, needed by no kept image
     strays: list[str]                 # part files the manifest does not list (an interrupted prune's)
+    pull_dirs: list[str] = field(default_factory=list)  # interrupted pulls' directories no pull holds
     doc: dict | None = None
     freed_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def removed(self) -> list[str]:
-        return sorted(self.removed_parts + self.strays)
+        return sorted(self.removed_parts + self.strays) + [name + "/" for name in self.pull_dirs]
 
     def to_json(self) -> dict:
         return {"store": self.store, "removed": self.removed, "freed_bytes": self.freed_bytes,
@@ -115,8 +123,9 @@ def plan_prune(store: Store, keep: Sequence[str], keep_last: int | None) -> Prun
     releases = needed_parts(bundle, doc["images"], strict=False)  # parts some image of the store reads
     removed = [p["file"] for p in doc["parts"] if p["file"] in releases and p["file"] not in needed]
     listed = {p["file"] for p in doc["parts"]}
-    plan = PrunePlan(store.path, kept, dropped, removed, _stray_parts(store, listed))
-    plan.freed_bytes = sum(_size(store, name) for name in plan.removed)
+    plan = PrunePlan(store.path, kept, dropped, removed, _stray_parts(store, listed), _idle_pull_dirs(store))
+    plan.freed_bytes = sum(_size(store, name) for name in plan.removed_parts + plan.strays)
+    plan.freed_bytes += sum(_tree_size(os.path.join(store.path, name)) for name in plan.pull_dirs)
     if dropped or removed:
         plan.doc = {**doc, "images": kept, "parts": [p for p in doc["parts"] if p["file"] not in removed]}
         plan.doc["schema"] = DELTA_SCHEMA if any("from" in rec for p in plan.doc["parts"]
@@ -130,6 +139,30 @@ def _stray_parts(store: Store, listed: set[str]) -> list[str]:
     except OSError as exc:
         raise os_error(exc, f"cannot list {store.path}") from None
     return sorted(n for n in names if looks_like_part_file(n) and n not in listed and _is_file(store, n))
+
+
+def _idle_pull_dirs(store: Store) -> list[str]:
+    """Pull directories no running pull holds, and those a prune took away but did not finish removing."""
+    try:
+        names = os.listdir(store.fd)
+    except OSError as exc:
+        raise os_error(exc, f"cannot list {store.path}") from None
+    return sorted(n for n in names if n.startswith(PRUNED_PREFIX) or (n.startswith(PULL_PREFIX)
+                  and not pull_directory_in_use(os.path.join(store.path, n))))
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for top, _, names in os.walk(path):
+        total += sum(_lsize(os.path.join(top, n)) for n in names)
+    return total
+
+
+def _lsize(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
 
 
 def _is_file(store: Store, name: str) -> bool:
@@ -159,12 +192,24 @@ def prune(path: str, keep: Sequence[str], keep_last: int | None, *, dry_run: boo
             plan = plan_prune(store, keep, keep_last)
             if plan.doc is not None:
                 _write_manifests(store, plan, warn)
-            for name in plan.removed:  # after the manifest: a crash leaves strays, never a listed hole
+            for name in plan.removed_parts + plan.strays:  # after the manifest: a crash leaves strays
                 _unlink(store, name)
+            _remove_pull_dirs(store, plan, warn)
             _sync(store)
         return plan
     finally:
         store.close()
+
+
+def _remove_pull_dirs(store: Store, plan: PrunePlan, warn: Callable[[str], None]) -> None:
+    """Each idle pull directory, its lock taken again: a pull that started since keeps its own."""
+    for name in list(plan.pull_dirs):
+        path = os.path.join(store.path, name)
+        if name.startswith(PRUNED_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+        elif not remove_idle_pull_directory(store.path, name):
+            warn(f"{path} left: a pull is using it")
+            plan.pull_dirs.remove(name)
 
 
 def _write_manifests(store: Store, plan: PrunePlan, warn: Callable[[str], None]) -> None:

@@ -3,14 +3,17 @@ the parts (or delta parts) the device's store lacks, resumably, as a received bu
 isep-join joins and keeps like a bundle stream."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import stat
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .artifact import Artifact, Descriptor, Fetch, check_listed, parse_artifact, plan_pull
-from .bundle import DELTA_SCHEMA, Bundle, Store, encode_manifest, parse_manifest
-from .errors import BadInput, IntegrityError
+from .bundle import DELTA_SCHEMA, LOCK_WAIT, Bundle, Store, encode_manifest, lock_holder, parse_manifest
+from .errors import BadInput, EnvironmentFailure, IntegrityError, os_error
 from .names import BUNDLE_MANIFEST
 from .parts import part_opener
 from .registry import RegistryClient, RegistryRef
@@ -18,6 +21,8 @@ from .verify import Report
 
 PULL_PREFIX = ".isep-tmp-pull-"  # in the store: what an interrupted pull fetched, found again by a rerun
 BLOB_DIR = ".isep-blobs"         # inside it, blobs by digest (never a part's file name: check_file_name)
+PULL_LOCK = ".isep-pull.lock"    # inside it, flocked by the pull using it, for as long as it runs
+PRUNED_PREFIX = ".isep-tmp-pruned-"  # a pull directory isep-prune took away, while it removes it
 Warn = Callable[[str], None]
 
 
@@ -79,12 +84,105 @@ def plan_fetches(client: RegistryClient, release: Release, image: dict, store: O
         deltas = [d for d in deltas if not any(p["sha256"] == lost.digest for p in d.doc["parts"])]
 
 
-def pull_directory(store: Store, release_digest: str) -> str:
+@dataclass
+class PullDirectory:
+    """A pull directory of a store held by this run: its lock file flocked until close(), so that
+    isep-prune (remove_idle_pull_directory) never removes it under the pull."""
+
+    path: str
+    lock_fd: int
+
+    def close(self) -> None:
+        os.close(self.lock_fd)
+
+
+def pull_directory(store: Store, release_digest: str, wait: float = LOCK_WAIT) -> PullDirectory:
     """Where a pull into STORE fetches: a directory of the store named after the release, so that
-    an interrupted pull resumes from what it left there."""
+    an interrupted pull resumes from what it left there; locked (another pull of the same release
+    into the same store is waited for up to WAIT seconds, then refused: both would write its blobs)."""
     path = os.path.join(store.path, PULL_PREFIX + release_digest[7:23])
-    os.makedirs(os.path.join(path, BLOB_DIR), exist_ok=True)
-    return path
+    lock_path = os.path.join(path, PULL_LOCK)
+    deadline = time.monotonic() + max(wait, 0)
+    while True:
+        try:
+            os.makedirs(os.path.join(path, BLOB_DIR), exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            continue  # isep-prune took the directory away between the two: make it again
+        except OSError as exc:
+            raise os_error(exc, f"cannot make the pull directory {path}") from None
+        if _try_lock(fd) and _same_file(fd, lock_path):
+            return PullDirectory(path, fd)
+        holder = lock_holder(fd)
+        os.close(fd)  # locked by another pull, or taken away by isep-prune meanwhile (then made again)
+        if time.monotonic() >= deadline:
+            raise EnvironmentFailure(f"{path} is busy: another isep-join of the same release into {store.path} "
+                                     f"holds it ({holder})")
+        time.sleep(0.2)
+
+
+def remove_idle_pull_directory(store_path: str, name: str) -> bool:
+    """Remove the pull directory NAME of the store at STORE_PATH (an interrupted pull's) unless a
+    running pull holds its lock. It is renamed away while this holds the lock (made if missing), so
+    a pull that opens or waits for that lock meanwhile finds it gone and makes a new directory.
+    True: removed."""
+    path = os.path.join(store_path, name)
+    if not _is_directory(path):
+        return False
+    try:
+        fd = os.open(os.path.join(path, PULL_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False  # gone meanwhile, or not a pull directory isep made: left alone
+    gone = os.path.join(store_path, PRUNED_PREFIX + name[len(PULL_PREFIX):])
+    try:
+        if not _try_lock(fd):
+            return False
+        try:
+            os.rename(path, gone)
+        except OSError as exc:
+            raise os_error(exc, f"cannot remove {path}") from None
+    finally:
+        os.close(fd)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def pull_directory_in_use(path: str) -> bool:
+    """Whether a running pull holds the pull directory at PATH (its lock taken and given back at once)."""
+    try:
+        fd = os.open(os.path.join(path, PULL_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _try_lock(fd):
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _is_directory(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def fetch_parts(client: RegistryClient, repository: str, plan: list[Fetch],

@@ -1,16 +1,24 @@
 """isep-prune: the parts kept images need stay, the rest goes; manifest first, then the files."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from isep.bundle import Store, select_image
 from isep.errors import EnvironmentFailure
+from isep.pull import (BLOB_DIR, PULL_LOCK, PULL_PREFIX, pull_directory, pull_directory_in_use,
+                       remove_idle_pull_directory)
 from isep.stream import keep_received, receive_stream
 from isep.targets import DirTarget
 from isep.tarstream import Source
@@ -18,6 +26,7 @@ from tests.harness import bundle_doc, copy_store, isep
 from tests.release_samples import write_releases
 from tests.test_versions import OLD_BASE, floating_saves, new_base_name
 
+ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = {"isep-bundle.json", "manifest", "isep-bundle.lock"}
 
 
@@ -243,3 +252,74 @@ def test_a_keep_whose_store_base_was_pruned_meanwhile_keeps_nothing(two, tmp_pat
         keep_received(Store(str(store), create=False), received, joined)
     assert "app_1_app_image.tar.zst" not in files(store)
     assert [im["tags"] for im in bundle_doc(store)["images"]] == [["isep-float/app:2"]]
+
+
+# --- interrupted pulls' directories ------------------------------------------------------------------
+
+HOLD_PULL = """
+import sys
+from isep.bundle import Store
+from isep.pull import pull_directory
+held = pull_directory(Store(sys.argv[1], create=False), sys.argv[2])
+open(held.path + "/.isep-blobs/" + "b" * 64 + ".partial", "wb").write(b"half a blob")
+print(held.path, flush=True)
+sys.stdin.read()  # holds the directory until the test closes stdin, as a running pull does
+"""
+
+
+def _digest(c: str) -> str:
+    return "sha256:" + c * 64
+
+
+def test_prune_removes_interrupted_pulls_directories_but_never_a_running_pulls(two, tmp_path):
+    store = copy_store(two["store"], tmp_path / "store")
+    running = subprocess.Popen([sys.executable, "-c", HOLD_PULL, str(store), _digest("a")], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        held_path = running.stdout.readline().strip()
+        assert held_path == str(store / f"{PULL_PREFIX}{'a' * 16}")
+        idle = pull_directory(Store(str(store), create=False), _digest("c"))
+        (Path(idle.path) / BLOB_DIR / ("c" * 64)).write_bytes(b"x" * 1000)
+        idle.close()  # an interrupted pull: its lock is free
+        unlocked = store / f"{PULL_PREFIX}{'d' * 16}"  # one without a lock file
+        (unlocked / BLOB_DIR).mkdir(parents=True)
+        res = isep("prune", store, "--keep-last", "5", check=0)
+        assert res.stdout.decode().splitlines() == [f"{PULL_PREFIX}{'c' * 16}/", f"{PULL_PREFIX}{'d' * 16}/"]
+        assert "2 pull directories" in res.stderr
+        assert {p.name for p in store.iterdir() if p.name.startswith(".isep-tmp")} == {Path(held_path).name}
+        assert sorted(os.listdir(Path(held_path) / BLOB_DIR)) == ["b" * 64 + ".partial"]
+        assert isep("prune", store, "--keep-last", "5", "--dry-run", check=0).stdout == b""
+    finally:
+        running.communicate("")
+    assert running.returncode == 0
+    assert isep("prune", store, "--keep-last", "5", check=0).stdout.decode() == f"{PULL_PREFIX}{'a' * 16}/\n"
+    assert not [p for p in os.listdir(store) if p.startswith(".isep-tmp")]
+
+
+def test_a_pull_waiting_for_a_directory_prune_takes_away_makes_a_new_one(two, tmp_path):
+    store = Store(str(copy_store(two["store"], tmp_path / "store")), create=False)
+    old = pull_directory(store, _digest("e"))
+    (Path(old.path) / BLOB_DIR / "stale").write_bytes(b"old")
+    old.close()
+    prune_fd = os.open(os.path.join(old.path, PULL_LOCK), os.O_RDWR)
+    fcntl.flock(prune_fd, fcntl.LOCK_EX)  # a prune holding the lock, about to take the directory away
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(pull_directory(store, _digest("e"), wait=10)))
+    waiter.start()
+    time.sleep(0.5)
+    assert not got  # the pull waits for the lock
+    os.rename(old.path, os.path.join(store.path, ".isep-tmp-pruned-x"))
+    os.close(prune_fd)
+    waiter.join(10)
+    new = got[0]
+    try:
+        assert new.path == old.path and os.listdir(Path(new.path) / BLOB_DIR) == []
+        assert pull_directory_in_use(new.path)
+        assert not remove_idle_pull_directory(store.path, os.path.basename(new.path))
+        with pytest.raises(EnvironmentFailure, match="busy: another isep-join of the same release"):
+            pull_directory(store, _digest("e"), wait=0)
+    finally:
+        new.close()
+    assert remove_idle_pull_directory(store.path, os.path.basename(new.path))
+    assert not os.path.exists(new.path)
+    store.close()

@@ -173,9 +173,11 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
     release = open_release(client, ref, trust, ui.warn)
     chosen = select_image(_images(release.bundle), name, str(ref))
     store = Store(store_dir, create=True) if store_dir else None
+    held_dir = None
     try:
         local = open_local_store(store_dir) if store_dir else None
-        pull_dir = pull_directory(store, release.digest) if store else scratch_dir("isep-pull-")
+        held_dir = pull_directory(store, release.digest) if store else None
+        pull_dir = held_dir.path if held_dir else scratch_dir("isep-pull-")
         _thin(options, chosen, held)
         with ui.bar(None, "fetch") as tick:
             client.progress = ui.adding(tick)
@@ -193,6 +195,8 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
             ui.info(f"kept {len(added)} new part(s) in {store_dir}")
             remove_pull_directory(pull_dir)
     finally:
+        if held_dir is not None:
+            held_dir.close()
         if store is not None:
             store.close()
 

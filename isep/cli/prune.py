@@ -56,7 +56,8 @@ def prune_command(
 def _summary(plan: PrunePlan, dry_run: bool) -> str:
     verb = "would remove" if dry_run else "removed"
     strays = f" (of them {len(plan.strays)} unlisted)" if plan.strays else ""
-    return (f"{verb} {len(plan.removed)} part file(s){strays}, {plan.freed_bytes:,} bytes; "
+    pulls = f" and {len(plan.pull_dirs)} pull director{'y' if len(plan.pull_dirs) == 1 else 'ies'}" if plan.pull_dirs else ""
+    return (f"{verb} {len(plan.removed_parts + plan.strays)} part file(s){strays}{pulls}, {plan.freed_bytes:,} bytes; "
             f"{len(plan.kept_images)} image(s) kept, {len(plan.dropped_images)} dropped")
 
 

@@ -4,6 +4,7 @@ isep-join joins and keeps like a bundle stream."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -195,10 +196,48 @@ def fetch_parts(client: RegistryClient, repository: str, plan: list[Fetch],
     files, moved = {}, 0
     for fetch in plan:
         path = os.path.join(blob_dir, fetch.digest[7:])
-        if not (os.path.isfile(path) and os.path.getsize(path) == fetch.size):
+        if not _kept_blob_is_whole(path, fetch):
             moved += client.fetch_blob(repository, fetch.digest, fetch.size, path)
         files[fetch.entry["file"]] = path
     return files, moved
+
+
+def _kept_blob_is_whole(path: str, fetch: Fetch) -> bool:
+    """Whether an earlier run's blob at PATH is FETCH's, sha256 and all (it was checked when it was
+    fetched, but has lain in the store since: a changed one is removed and fetched again)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise os_error(exc, f"cannot read {path}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size == fetch.size and file_sha256(path) == fetch.digest:
+        return True
+    _remove(path)
+    return False
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise os_error(exc, f"cannot read {path}") from None
+    return "sha256:" + digest.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise os_error(exc, f"cannot remove {path}") from None
 
 
 @dataclass

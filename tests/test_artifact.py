@@ -3,6 +3,7 @@ input, and the plan of a pull (which blobs a device fetches), through an in-memo
 (tests/fake_registry.py) and the release chain of tests/release_chain.py."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -20,6 +21,7 @@ from isep.artifact import (
     PART_TYPES,
     TITLE,
     Descriptor,
+    Fetch,
     artifact_manifest,
     parse_artifact,
     plan_pull,
@@ -29,7 +31,7 @@ from isep.cli import join as join_cli
 from isep.deltajoin import StoreLayers, part_needs
 from isep.errors import BadInput, IntegrityError, UsageError
 from isep.names import check_file_name
-from isep.pull import open_release, plan_fetches
+from isep.pull import BLOB_DIR, fetch_parts, open_release, plan_fetches
 from isep.push import push_release
 from isep.registry import RegistryRef
 from tests.fake_registry import FakeRegistry
@@ -330,3 +332,20 @@ def test_push_refuses_a_delta_bundle_of_another_release(chain):
         push_release(registry.client(), _ref("fleet/app1", "3"), open_bundle(str(chain["app1/r3"])),
                      [open_bundle(str(chain["app1/d12"]))], [], lambda u, outcome: None)
     assert registry.blobs == {} and registry.manifest_puts == 0
+
+
+def test_a_kept_blob_changed_since_an_interrupted_pull_is_fetched_again(tmp_path):
+    """fetch_parts uses an earlier run's complete blob only when its sha256 still matches."""
+    registry = FakeRegistry()
+    client = registry.client()
+    data = b"part bytes " * 100
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    registry.blobs["r"] = {digest: data}
+    fetch = Fetch({"file": "app.tar.zst"}, digest, len(data), False)
+    blob = tmp_path / BLOB_DIR / digest[7:]
+    blob.parent.mkdir()
+    blob.write_bytes(b"X" * len(data))  # same size, other bytes
+    files, moved = fetch_parts(client, "r", [fetch], str(tmp_path))
+    assert moved == len(data) and blob.read_bytes() == data and files == {"app.tar.zst": str(blob)}
+    files, moved = fetch_parts(client, "r", [fetch], str(tmp_path))  # whole now: kept, nothing fetched
+    assert moved == 0 and registry.fetched == [(digest, len(data))]

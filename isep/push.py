@@ -20,12 +20,16 @@ def open_release_bundle(path: str, what: str) -> Bundle:
     return bundle
 
 
+def require_tag(ref: RegistryRef) -> None:
+    if ref.tag is None:
+        raise UsageError(f"{ref}: push to a tag (oci://HOST/REPO:TAG), not to a digest")
+
+
 def push_release(client: RegistryClient, ref: RegistryRef, bundle: Bundle, deltas: Sequence[Bundle],
                  mount_from: Sequence[str], report: Report) -> str:
     """Push every blob of the release, then its manifest: the tag moves only when the whole release
     is in the registry. Returns the manifest's digest."""
-    if ref.tag is None:
-        raise UsageError(f"{ref}: push to a tag (oci://HOST/REPO:TAG), not to a digest")
+    require_tag(ref)
     for delta in deltas:
         if not leads_to(delta.doc, bundle.doc):
             raise UsageError(f"--delta {delta.path}: none of its parts is a part of {bundle.path} "

@@ -256,6 +256,7 @@ def _every_part(chain) -> set[str]:
     (["push", "{r1}", "oci://127.0.0.1:1/fleet/app@sha256:" + "0" * 64], 2, "push to a tag"),
     (["push", "{r1}", "oci://127.0.0.1:1/fleet/app:1"], 3, "isep-push: error: registry 127.0.0.1:1: "),
     (["push", "{missing}", "oci://127.0.0.1:1/fleet/app:1"], 3, "cannot open"),
+    (["push", "{missing}", "oci://127.0.0.1:1/fleet/app@sha256:" + "0" * 64], 2, "push to a tag"),
     (["pack", "{save}", "--base", "{base}", "--parts", "app", "-o", "oci://127.0.0.1:1/fleet/app:1"], 2,
      "-o oci:// pushes a whole release"),
     (["pack", "{save}", "--base", "{base}", "-o", "oci://127.0.0.1:1/fleet/app:1"], 3, "registry 127.0.0.1:1: "),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..artifact import Upload
-from ..push import open_release_bundle, push_release
+from ..push import open_release_bundle, push_release, require_tag
 from ..registry import RegistryClient, RegistryRef
 from .common import InsecureOption, Ui, command, launch, new_app, require_stream
 
@@ -46,6 +46,7 @@ def push(
     insecure: bool = InsecureOption,
 ) -> None:
     target = RegistryRef.parse(ref)
+    require_tag(target)  # a usage error, said before BUNDLE is opened
     release = open_release_bundle(bundle, "BUNDLE")
     deltas = [open_release_bundle(path, "--delta") for path in delta or []]
     require_stream("stdout", "the pushed manifest's digest")

@@ -9,16 +9,19 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from isep.artifact import DELTA_BUNDLE, DELTA_PART_TYPES, PART_TYPES
+from isep.pull import pull_directory_in_use
 from isep.samples import Image, Layer, write_archive
 from tests.release_samples import base_layer
-from tests.harness import copy_store, is_complete_archive, isep, run
+from tests.harness import command_argv, copy_store, is_complete_archive, isep, run
 from tests.registry.proxy import CuttingProxy
 from tests.release_chain import APPS, RELEASES, build_chain
 
@@ -319,3 +322,39 @@ def test_push_and_pull_of_a_large_release_in_flat_memory(registry, chain, own_re
     assert (tmp_path / "out.tar").read_bytes() == save.read_bytes()
     print(f"peak RSS: push {pushed.maxrss_kb} kB, join {joined.maxrss_kb} kB")
     assert pushed.maxrss_kb < 80 << 10 and joined.maxrss_kb < 100 << 10, (pushed.maxrss_kb, joined.maxrss_kb)
+
+
+def _stopped_while_pulling(ref: str, store: Path, out: Path) -> Optional[subprocess.Popen]:
+    """isep-join REF STORE, stopped (SIGSTOP) as soon as it holds its pull directory; None if it
+    finished first."""
+    proc = subprocess.Popen(command_argv("join", [ref, store, "-o", out, "-q"]), stderr=subprocess.PIPE)
+    while proc.poll() is None:
+        held = [p for p in store.glob(".isep-tmp-pull-*") if pull_directory_in_use(str(p))]
+        if held:
+            os.kill(proc.pid, signal.SIGSTOP)
+            return proc
+    return None
+
+
+def test_prune_leaves_a_running_pulls_directory_and_removes_an_interrupted_ones(fleet, chain, devices, tmp_path):
+    """isep-prune while an isep-join oci:// holds its pull directory leaves it; once that pull is
+    killed, the next prune removes it; a rerun still joins byte for byte."""
+    for attempt in range(10):
+        store = copy_store(devices[("app1", 1)], tmp_path / f"store{attempt}")
+        proc = _stopped_while_pulling(_ref(fleet, "app1", 3), store, tmp_path / "out.tar")
+        if proc is not None:
+            break
+    else:
+        pytest.fail("the join never was caught holding its pull directory")
+    try:
+        pull_dir = next(store.glob(".isep-tmp-pull-*"))
+        res = isep("prune", store, "--keep-last", "5", check=0)
+        assert res.stdout == b"" and pull_dir.is_dir() and pull_directory_in_use(str(pull_dir))
+    finally:
+        proc.kill()
+        proc.communicate()
+    res = isep("prune", store, "--keep-last", "5", check=0)
+    assert res.stdout.decode() == f"{pull_dir.name}/\n" and not pull_dir.exists()
+    assert not [p for p in os.listdir(store) if p.startswith(".isep-tmp")]
+    res = isep("join", _ref(fleet, "app1", 3), store, check=0)
+    assert res.stdout == chain["app1/save3"].read_bytes()

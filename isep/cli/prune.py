@@ -24,6 +24,9 @@ app = new_app(
     "A crash in between leaves unlisted part files, which isep-verify notes as strays and the next "
     "isep-prune removes. A signed store's isep-bundle.json.sig no longer matches: it is removed (said "
     "on stderr); the next isep-pack --sign into the store signs it again.",
+    "The pull directories of interrupted isep-join oci:// runs (.isep-tmp-pull-*, kept for a rerun to "
+    "resume) are removed too, except one a running pull holds (each pull locks its directory for as "
+    "long as it runs); a rerun of a removed pull fetches again. stdout lists each as NAME/.",
     "stdout lists the files removed (with --dry-run: that would be removed), one per line, or a JSON "
     "document with --json; the summary goes to stderr.")
 EXAMPLES = (
@@ -56,7 +59,8 @@ def prune_command(
 def _summary(plan: PrunePlan, dry_run: bool) -> str:
     verb = "would remove" if dry_run else "removed"
     strays = f" (of them {len(plan.strays)} unlisted)" if plan.strays else ""
-    pulls = f" and {len(plan.pull_dirs)} pull director{'y' if len(plan.pull_dirs) == 1 else 'ies'}" if plan.pull_dirs else ""
+    n = len(plan.pull_dirs)
+    pulls = f" and {n} pull director{'y' if n == 1 else 'ies'}" if n else ""
     return (f"{verb} {len(plan.removed_parts + plan.strays)} part file(s){strays}{pulls}, {plan.freed_bytes:,} bytes; "
             f"{len(plan.kept_images)} image(s) kept, {len(plan.dropped_images)} dropped")
 

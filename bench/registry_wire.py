@@ -73,10 +73,17 @@ def bundle_parts(bundle: Path) -> dict[str, dict]:
     return {p["file"]: p for p in json.loads((bundle / "isep-bundle.json").read_text())["parts"]}
 
 
-def manifest_layers(url: str, repo: str, tag: str) -> list[dict]:
+def release_manifest(url: str, repo: str, tag: str) -> tuple[dict, int]:
     out = subprocess.run(["curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
                           f"{url}/v2/{repo}/manifests/{tag}"], capture_output=True, check=True).stdout
-    return json.loads(out)["layers"]
+    return json.loads(out), len(out)
+
+
+def metadata_bytes(doc: dict, size: int) -> int:
+    """What every device fetches before any part: the manifest, the config (the bundle manifest) and
+    the delta bundles' manifests and signatures (not in the join's "bytes fetched")."""
+    meta = [la for la in doc["layers"] if not la["mediaType"].startswith((PLAIN_PART_TYPE, DELTA_PART_TYPE))]
+    return size + doc["config"]["size"] + sum(la["size"] for la in meta)
 
 
 def curl_blobs(url: str, repo: str, layers: list[dict]) -> dict:
@@ -150,7 +157,9 @@ def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: 
     assert out["from_r1"]["fetched"] <= out["delta_part_bytes"] + out["release_part_bytes"] - out["app_part_bytes"]
     for dev in ("empty", "from_r1"):
         out[dev]["ratio_to_app"] = out[dev]["fetched"] / max(out["app_part_bytes"], 1)
-    layers = manifest_layers(registry["url"], repo, "2")
+    doc, size = release_manifest(registry["url"], repo, "2")
+    layers = doc["layers"]
+    out["metadata_bytes"] = metadata_bytes(doc, size)
     plain = [la for la in layers if la["mediaType"].startswith(PLAIN_PART_TYPE)]
     deltas = [la for la in layers if la["mediaType"].startswith(DELTA_PART_TYPE)]
     assert sum(la["size"] for la in plain) == out["release_part_bytes"]
@@ -168,15 +177,16 @@ def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: 
 def table(results: dict) -> str:
     mb = 1e6
     rows = ["| pair | release 2 save | its parts (app part) | empty device fetched | release-1 device fetched "
-            "| release-1 device / app part | pull+join s, empty / release-1 (archive MB/s) "
+            "| manifests, every device | release-1 device / app part | pull+join s, empty / release-1 (archive MB/s) "
             "| curl GET of the same blobs, MB/s (empty / release-1) | push s release 1 / 2 (upload MB/s) "
             "| peak RSS push / join (empty, release-1) MiB | byte-exact |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         e, f, p1, p2 = r["empty"], r["from_r1"], r["push_r1"], r["push"]
         rows.append(
             f"| {k} {r['title']} | {r['r2_bytes'] / mb:.1f} MB | {r['release_part_bytes'] / mb:.2f} MB "
             f"({r['app_part_bytes'] / mb:.2f} MB) | {e['fetched'] / mb:.2f} MB | {f['fetched'] / mb:.3f} MB "
+            f"| {r['metadata_bytes'] / 1e3:.1f} kB "
             f"| {f['ratio_to_app']:.2%} | {e['s']:.1f} ({e['mb_s']:.0f}) / {f['s']:.1f} ({f['mb_s']:.0f}) "
             f"| {r['curl_plain_parts']['mb_s']:.0f} / {r['curl_delta_parts']['mb_s']:.0f} "
             f"| {p1['s']:.1f} ({p1['uploaded_mb_s']:.0f}) / {p2['s']:.1f} ({p2['uploaded_mb_s']:.0f}) "

@@ -20,16 +20,17 @@ def open_release_bundle(path: str, what: str) -> Bundle:
     return bundle
 
 
-def require_tag(ref: RegistryRef) -> None:
+def require_tag(ref: RegistryRef) -> str:
     if ref.tag is None:
         raise UsageError(f"{ref}: push to a tag (oci://HOST/REPO:TAG), not to a digest")
+    return ref.tag
 
 
 def push_release(client: RegistryClient, ref: RegistryRef, bundle: Bundle, deltas: Sequence[Bundle],
                  mount_from: Sequence[str], report: Report) -> str:
     """Push every blob of the release, then its manifest: the tag moves only when the whole release
     is in the registry. Returns the manifest's digest."""
-    require_tag(ref)
+    tag = require_tag(ref)
     for delta in deltas:
         if not leads_to(delta.doc, bundle.doc):
             raise UsageError(f"--delta {delta.path}: none of its parts is a part of {bundle.path} "
@@ -40,7 +41,7 @@ def push_release(client: RegistryClient, ref: RegistryRef, bundle: Bundle, delta
         _check_local(upload)
     for upload in [*layers, config]:
         report(upload, _push(client, ref.repository, upload, mount_from))
-    return client.put_manifest(ref.repository, ref.tag, body)
+    return client.put_manifest(ref.repository, tag, body)
 
 
 def _check_local(upload: Upload) -> None:

@@ -105,17 +105,19 @@ def pull_directory(store: Store, release_digest: str, wait: float = LOCK_WAIT) -
     lock_path = os.path.join(path, PULL_LOCK)
     deadline = time.monotonic() + max(wait, 0)
     while True:
+        holder = "isep-prune"
         try:
             os.makedirs(os.path.join(path, BLOB_DIR), exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
-            continue  # isep-prune took the directory away between the two: make it again
+            fd = None  # isep-prune took the directory away between the two: made again below
         except OSError as exc:
             raise os_error(exc, f"cannot make the pull directory {path}") from None
-        if _try_lock(fd) and _same_file(fd, lock_path):
-            return PullDirectory(path, fd)
-        holder = lock_holder(fd)
-        os.close(fd)  # locked by another pull, or taken away by isep-prune meanwhile (then made again)
+        if fd is not None:
+            if _try_lock(fd) and _same_file(fd, lock_path):
+                return PullDirectory(path, fd)
+            holder = lock_holder(fd)
+            os.close(fd)  # locked by another pull, or taken away by isep-prune meanwhile (then made again)
         if time.monotonic() >= deadline:
             raise EnvironmentFailure(f"{path} is busy: another isep-join of the same release into {store.path} "
                                      f"holds it ({holder})")

@@ -4,7 +4,7 @@
     python bench/delta_bench.py [--pairs a,b,c,d,e] [--big] [--out FILE.json] [--workdir DIR]
 
 For each release pair of bench/release_pairs.py (built, or reused from its cache): the bytes isep
-ships today (the app part, zstd -3 in 1 MiB frames; for a new base, every part), the zstd CLI
+ships today (the app part, zstd -3 in 4 MiB frames; for a new base, every part), the zstd CLI
 (`-3 --long=30 --patch-from=<reference>` per changed layer), and the engine: layers whose diffID the
 store (release 1) holds are referenced, not shipped; the others are encoded against the best-ranked
 reference of release 1 (and, to see whether a second candidate would help, against the second too).

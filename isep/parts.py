@@ -2,7 +2,7 @@
 back hashed and decompressed.
 
 Writing: PartWriter; a part is compressed as a sequence of independent frames (zstd frames or gzip
-members) of 1 MiB of input each, on a pool of threads shared by all parts (hashlib, zstandard, ISA-L,
+members) of 4 MiB of input each, on a pool of threads shared by all parts (hashlib, zstandard, ISA-L,
 zlib and file writes all release the GIL). The output is the same whatever the number of threads,
 memory stays bounded by the frames in flight, and every decoder reads such a stream as one (zstd
 frames and gzip members concatenate).
@@ -59,9 +59,10 @@ DEFAULT_LEVELS = {"zstd": 3, "gzip": 2, "none": 0}
 # gzip levels 1-3 deflate with ISA-L (its levels 1-3: zlib -1 to -6's ratio at 5-15x zlib's speed,
 # bench/RESULTS.md "gzip levels"); 4-9 with zlib, for whoever wants its last percent of size.
 ISAL_MAX_LEVEL = 3
-# 1 MiB of input per frame: against 4 MiB, pack spends 0.15 CPU-s less per 256 MiB (a frame and its
-# compressor's tables stay in a core's cache) for parts 0.05 % larger (bench/RESULTS.md, issue #12)
-FRAME = 1 << 20
+# 4 MiB of input per frame. 1 MiB frames cost pack 0.15 CPU-s less per 256 MiB, but every frame starts
+# with an empty window: the real release pairs' app parts grew 5 % (47.7 -> 50.2 MB), and bytes on
+# the link come before CPU seconds here (bench/RESULTS.md, issue #12)
+FRAME = 4 << 20
 
 _local = threading.local()
 _pool_lock = threading.Lock()
@@ -69,7 +70,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def _keep_freed_memory() -> None:
-    """Every frame's compressed output is a fresh ~1 MiB buffer, freed on the writing thread; by
+    """Every frame's compressed output is a fresh buffer of up to a frame, freed on the writing thread; by
     default glibc returns such memory to the kernel at once and the next frame faults it in again
     (a page fault per 4 KiB: ~0.07 CPU-s per 256 MiB packed). Keep it in the process instead."""
     try:

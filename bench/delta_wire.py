@@ -94,8 +94,9 @@ def isep(cmd: str, *args, stdin=None, stdout=None) -> float:
     return time.monotonic() - started
 
 
-def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: str) -> dict:
-    d = work / key
+def write_pair_saves(pair: dict, d: Path, digests: dict[str, str], tiny: str) -> tuple[dict, dict]:
+    """d/r1.tar and d/r2.tar (d made afresh): the pair's two releases as saves, with the one-file base
+    layer TINY beneath a pair that has no base. Returns each release's layer files and names."""
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     files = {r: [layer["file"] for layer in pair[r]["layers"]] for r in ("r1", "r2")}
@@ -106,6 +107,12 @@ def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: 
     repo = pair["r1"]["repository"]
     for r in ("r1", "r2"):
         write_save(d / f"{r}.tar", f"{repo}:{r[1]}", files[r], digests)
+    return files, names
+
+
+def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: str) -> dict:
+    d = work / key
+    files, names = write_pair_saves(pair, d, digests, tiny)
     bases, extra = {}, {}
     for r in ("r1", "r2"):
         below = [digests[f] for f, n in zip(files[r], names[r]) if n in ("base", "lib")]

@@ -113,16 +113,7 @@ def join_device(ref: str, device: Path, out: Path, want: Path | None) -> dict:
 
 def prepare(key: str, pair: dict, d: Path, digests: dict[str, str], tiny: str) -> dict:
     """Release 1's bundle (d/r1), release 2's (d/r2) and the delta bundle from 1 to 2 (d/d12)."""
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    files = {r: [layer["file"] for layer in pair[r]["layers"]] for r in ("r1", "r2")}
-    names = {r: [layer["name"] for layer in pair[r]["layers"]] for r in ("r1", "r2")}
-    if "base" not in names["r1"]:
-        files = {r: [tiny] + f for r, f in files.items()}
-        names = {r: ["base"] + n for r, n in names.items()}
-    repo = pair["r1"]["repository"]
-    for r in ("r1", "r2"):
-        delta_wire.write_save(d / f"{r}.tar", f"{repo}:{r[1]}", files[r], digests)
+    files, names = delta_wire.write_pair_saves(pair, d, digests, tiny)
     args = {}
     for r in ("r1", "r2"):
         below = [digests[f] for f, n in zip(files[r], names[r]) if n in ("base", "lib")]

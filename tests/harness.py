@@ -412,3 +412,16 @@ def is_complete_archive(data: bytes) -> bool:
     except IsepError:
         return False
     return bool(names & {"manifest.json", "index.json"})
+
+
+def hold_store_lock(store: Path) -> subprocess.Popen:
+    """Another process holding the store's lock (flock), until killed."""
+    store.mkdir(exist_ok=True)
+    holder = subprocess.Popen(["python3", "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"), str(store / "isep-bundle.lock")], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"locked\n"
+    return holder

@@ -22,7 +22,7 @@ from isep.pull import (BLOB_DIR, PULL_LOCK, PULL_PREFIX, pull_directory, pull_di
 from isep.stream import keep_received, receive_stream
 from isep.targets import DirTarget
 from isep.tarstream import Source
-from tests.harness import bundle_doc, copy_store, isep
+from tests.harness import bundle_doc, copy_store, hold_store_lock, isep
 from tests.release_samples import write_releases
 from tests.test_versions import OLD_BASE, floating_saves, new_base_name
 
@@ -191,14 +191,8 @@ def test_keep_naming_no_image_is_refused(two, tmp_path):
 
 def test_store_locked_by_another_process(two, tmp_path):
     store = copy_store(two["store"], tmp_path / "store")
-    holder = subprocess.Popen(["python3", "-c", (
-        "import fcntl, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(600)\n"), str(store / "isep-bundle.lock")], stdout=subprocess.PIPE)
+    holder = hold_store_lock(store)
     try:
-        assert holder.stdout.readline() == b"locked\n"
         line = _one_line(isep("prune", store, "--keep-last", "1", "--wait", "0"), 3)
         assert "busy" in line and str(holder.pid) in line
     finally:

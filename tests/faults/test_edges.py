@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import (
+    hold_store_lock,
     ROOT,
     bundle_doc,
     command_argv,
@@ -256,23 +257,12 @@ def test_a_plan_given_as_a_pipe_still_works(samples, sb):
 
 # --- a busy store lock ---------------------------------------------------------------------------
 
-def _hold_lock(store: Path) -> subprocess.Popen:
-    """Another process holding the store's lock (flock), until killed."""
-    store.mkdir(exist_ok=True)
-    holder = subprocess.Popen(["python3", "-c", (
-        "import fcntl, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(600)\n"), str(store / "isep-bundle.lock")], stdout=subprocess.PIPE)
-    assert holder.stdout.readline() == b"locked\n"
-    return holder
 
 
 @pytest.mark.parametrize("wait", ["0", "1.5"])
 def test_pack_into_a_busy_store_gives_up_after_wait(wait, samples, stores, sb):
     copy_store(stores["docker-oci"], sb.out)
-    holder = _hold_lock(sb.out)
+    holder = hold_store_lock(sb.out)
     try:
         started = time.monotonic()
         res = run("pack", *pack_args(samples["docker-oci"], "app2"), "-o", sb.out, "--wait", wait,
@@ -289,7 +279,7 @@ def test_pack_into_a_busy_store_gives_up_after_wait(wait, samples, stores, sb):
 
 def test_pack_waits_for_a_lock_that_is_released(samples, stores, sb):
     copy_store(stores["docker-oci"], sb.out)
-    holder = _hold_lock(sb.out)
+    holder = hold_store_lock(sb.out)
     try:
         proc = start("pack", *pack_args(samples["docker-oci"], "app2"), "-o", sb.out, sandbox=sb, timeout=FAST)
         time.sleep(1.5)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import release_pairs  # noqa: E402
 import xxhash  # noqa: E402
 
-from isep import delta  # noqa: E402
+from isep import delta, deltarank  # noqa: E402
 from isep.parts import FRAME, compress_frame  # noqa: E402
 
 CHUNK = 1 << 20
@@ -60,8 +60,8 @@ def sha256_file(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def layer_info(layer: dict, repo: str, position: int, diff_id: str) -> delta.LayerInfo:
-    return delta.LayerInfo(diff_id, os.path.getsize(layer["file"]), repo, position, layer["role"],
+def layer_info(layer: dict, repo: str, position: int, diff_id: str) -> deltarank.LayerInfo:
+    return deltarank.LayerInfo(diff_id, os.path.getsize(layer["file"]), repo, position, layer["role"],
                            layer["created_by"], layer["name"])
 
 
@@ -84,7 +84,7 @@ def worker_pack(spec: dict) -> dict:
     against the best-ranked reference (checked by the xxh3 the store's manifest records), the plain
     size estimated from a sample."""
     store = {d: f for f, d in spec["store"].items()}
-    infos = [delta.LayerInfo(**i) for i in spec["store_infos"]]
+    infos = [deltarank.LayerInfo(**i) for i in spec["store_infos"]]
     results, start = [], time.perf_counter()
     for i, layer in enumerate(spec["layers"]):
         t0 = time.perf_counter()
@@ -93,9 +93,9 @@ def worker_pack(spec: dict) -> dict:
             results.append({"file": layer["file"], "method": "reference", "size": 0,
                             "seconds": time.perf_counter() - t0})
             continue
-        target = delta.LayerInfo(layer["diff_id"], os.path.getsize(layer["file"]), spec["repository"], i,
+        target = deltarank.LayerInfo(layer["diff_id"], os.path.getsize(layer["file"]), spec["repository"], i,
                                  layer["role"], layer["created_by"], layer["name"])
-        ranked = delta.rank_references(target, infos)
+        ranked = deltarank.rank_references(target, infos)
         ref_file = store[ranked[0].diff_id]
         out_path = os.path.join(spec["workdir"], os.path.basename(layer["file"]) + ".delta")
         reference = reference_of(ref_file, ranked[0].diff_id, spec["xxh3"][ref_file])

@@ -20,7 +20,6 @@ rebuilt layer the target diffID; any failure raises IntegrityError.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import mmap
 import queue
@@ -32,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 import xxhash
 
+from . import prefixdecode
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated, UsageError
 
 if sys.version_info >= (3, 14):
@@ -50,7 +50,6 @@ TABLES = 16 << 20             # zstd's hash, chain and long-distance tables at l
 PIECE = 4 << 20               # decoded bytes produced per step
 FEED = 1 << 20                # delta bytes fed per step
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-HEX_NAME = re.compile(r"[0-9a-f]{64}")
 
 Chunks = Iterable  # of bytes-like objects
 
@@ -254,8 +253,8 @@ class ReferenceReader:
         self._read = 0                    # reference bytes read (and hashed) so far
         self._verified = False
 
-    def next_prefix(self):
-        """A zstd prefix of the next slice's bytes."""
+    def next_prefix(self) -> mmap.mmap:
+        """The next slice's bytes, for a zstd prefix."""
         offset, size = self._slices.pop(0)
         new = mmap.mmap(-1, size)  # zeroed by the kernel as first written; never empty (check_segments)
         load = self.reference.load_into if size == self.reference.size and not self._read else None
@@ -278,11 +277,9 @@ class ReferenceReader:
         if self._slices and self._slices[0][0] < offset + size:
             self._kept_start = self._slices[0][0]
             self._kept = bytes(new[self._kept_start - offset:])
-        prefix = zstd.ZstdDict(new, is_raw=True)
-        new.close()  # the prefix holds its own copy
         if offset == 0 and size == self.reference.size:  # held whole: verified before any use
             self.finish()
-        return prefix
+        return new
 
     def _next_piece(self) -> tuple[int, memoryview]:
         if len(self._pending):
@@ -343,6 +340,15 @@ class _Pieces:
         return not len(self._rest) and all(not len(chunk) for chunk in self._chunks)
 
 
+def _binding_prefix(slice_bytes: mmap.mmap | None):
+    """A prefix for the zstd binding, which copies it: the slice is freed at once."""
+    if slice_bytes is None:
+        return None
+    prefix = zstd.ZstdDict(slice_bytes, is_raw=True)
+    slice_bytes.close()
+    return prefix
+
+
 def _compressor(level: int, seg: Segment, prefix=None):
     options: dict[int, int] = {zstd.CompressionParameter.compression_level: level,
                zstd.CompressionParameter.checksum_flag: 1}
@@ -365,7 +371,7 @@ def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: C
     pieces, target_sha, delta_sha = _Pieces(chunks), hashlib.sha256(), hashlib.sha256()
     estimate = _PlainEstimate(level, sample)
     for seg in segments:
-        prefix = ref.next_prefix() if ref is not None and seg.method == "prefix" else None
+        prefix = _binding_prefix(ref.next_prefix() if ref is not None and seg.method == "prefix" else None)
         comp = _compressor(level, seg, prefix)
         for piece in pieces.take(seg.target_size):
             target_sha.update(piece)
@@ -484,7 +490,7 @@ class _HashingThread:
                 return
             self._sha.update(piece)
 
-    def update(self, piece: bytes) -> None:
+    def update(self, piece: bytes | memoryview) -> None:
         self._queue.put(piece)
 
     def hexdigest(self) -> str:
@@ -519,7 +525,33 @@ class _Feed:
         return all(not len(chunk) for chunk in self._chunks)
 
 
-def _decode_segment(seg: Segment, feed: _Feed, prefix, what: str) -> Iterator[bytes]:
+def _decode_segment(seg: Segment, feed: _Feed, slice_bytes: mmap.mmap | None,
+                    what: str) -> Iterator[bytes | memoryview]:
+    if slice_bytes is not None and prefixdecode.available():
+        return _decode_in_place(seg, feed, slice_bytes, what)
+    return _decode_through_binding(seg, feed, _binding_prefix(slice_bytes), what)
+
+
+def _decode_in_place(seg: Segment, feed: _Feed, slice_bytes: mmap.mmap, what: str) -> Iterator[memoryview]:
+    """libzstd decoding against the slice where it lies, into one buffer of the segment's size."""
+    decoder = prefixdecode.FrameDecoder(slice_bytes, seg.target_size, seg.window_log, what)
+    consumed = 0
+    try:
+        while not decoder.ended:
+            data = feed.next()
+            consumed += len(data)
+            yield from decoder.feed(data)
+    finally:
+        decoder.close()
+    if decoder.unused:
+        consumed -= len(decoder.unused)
+        feed.push_back(decoder.unused)
+    if decoder.produced != seg.target_size or consumed != seg.size:
+        raise IntegrityError(f"{what}: a delta frame gave {decoder.produced} bytes from {consumed}, "
+                             f"expected {seg.target_size} from {seg.size}")
+
+
+def _decode_through_binding(seg: Segment, feed: _Feed, prefix, what: str) -> Iterator[bytes]:
     window_log_max = seg.window_log if prefix is not None else PLAIN_WINDOW_LOG_MAX
     decomp = zstd.ZstdDecompressor(zstd_dict=None if prefix is None else prefix.as_prefix,
                                    options={zstd.DecompressionParameter.window_log_max: window_log_max})
@@ -542,54 +574,6 @@ def _decode_segment(seg: Segment, feed: _Feed, prefix, what: str) -> Iterator[by
     if produced != seg.target_size or consumed != seg.size:
         raise IntegrityError(f"{what}: a delta frame gave {produced} bytes from {consumed}, "
                              f"expected {seg.target_size} from {seg.size}")
-
-
-# --- choosing references -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What is known about a layer before its bytes are read: from the save's index and config
-    (target) or from a store's manifest (candidates)."""
-
-    diff_id: str
-    size: int
-    repository: str = ""      # the image's repository, without tag
-    position: int = -1        # index among the image's layers
-    role: str = "app"
-    created_by: str = ""      # the config history's step, when known
-    name: str = ""            # the layer's path in its save
-    newness: int = 0          # a candidate's part's place in its store's manifest: later is newer
-
-
-def similarity(target: LayerInfo, candidate: LayerInfo) -> float:
-    """Higher is more alike: same repository and position first, then the build step, size and
-    name. Only an order: the delta's size is what decides."""
-    score = 0.0
-    if target.repository and target.repository == candidate.repository:
-        score += 4
-    if target.position >= 0 and target.position == candidate.position:
-        score += 3
-    if target.role == candidate.role:
-        score += 1
-    if target.created_by and candidate.created_by:
-        score += 3 * difflib.SequenceMatcher(None, target.created_by, candidate.created_by).ratio()
-    if target.size and candidate.size:
-        score += 2 * min(target.size, candidate.size) / max(target.size, candidate.size)
-    if _meaningful(target.name) and _meaningful(candidate.name):
-        score += difflib.SequenceMatcher(None, target.name, candidate.name).ratio()
-    return score
-
-
-def _meaningful(name: str) -> bool:
-    return bool(name) and not HEX_NAME.search(name)  # digest-named blobs say nothing of content
-
-
-def rank_references(target: LayerInfo, candidates: Iterable[LayerInfo]) -> list[LayerInfo]:
-    """Candidates best first; none of them is the target itself (that one is not shipped). Equally
-    similar candidates: the newest release first (a store appends the parts each pack adds), as a
-    floating tag's next version is closest to its last."""
-    pool = {c.diff_id: c for c in candidates if c.diff_id != target.diff_id and c.size}
-    return sorted(pool.values(), key=lambda c: (-similarity(target, c), -c.newness, c.diff_id))
 
 
 def check_memory_option(value: int) -> int:

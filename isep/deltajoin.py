@@ -34,11 +34,12 @@ import xxhash
 from .bundle import Bundle, encode_manifest, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
-from .parts import (DecompressingReader, NotFramed, PartInput, PartWriter, drain, load_span, member_span,
-                    part_opener)
+from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
+from .partspan import NotFramed, load_span, member_span, span_pieces
 from .tarstream import Member, NameTable, Source, TarReader, padded
 
 DELTA_MEMBER = "isep-delta/"
+SKIP_WORTH = 8 << 20        # tar-stream bytes before a member worth skipping by frames, not decompressing
 MAX_HEADER = 64 << 10       # a member's tar header kept in a manifest (PAX records included)
 STORE_LEVEL = 1             # a rebuilt part is written fast: it is read back once by the join
 
@@ -154,9 +155,24 @@ def load_member(bundle: Bundle, entry: dict, rec: dict, out: memoryview) -> bool
 
 
 def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:
-    """One member's data from a part file (the members before it are decompressed and skipped);
-    copy False: views of the reader's reused buffers."""
+    """One member's data from a part file: from its own frames when others lie before it and the
+    part's frames say where (partspan), else as a stream (what lies before it decompressed and
+    skipped; one thread, reused buffers: what the join can hash as fast); copy False: views of the
+    reader's reused buffers."""
     opener = bundle.files.get(entry["file"]) or part_opener(safe_join(bundle.path, entry["file"]))
+    span = member_span(entry, name) if entry.get("compression") == "zstd" else None
+    if span is not None and span[0] >= SKIP_WORTH:
+        with opener() as fh:
+            pieces = span_pieces(fh, span[0], span[1], entry["file"])
+            try:
+                first = next(pieces, None)
+            except NotFramed:
+                pieces.close()
+            else:
+                if first is not None:
+                    yield first
+                yield from pieces
+                return
     fh = opener()
     source = Source(DecompressingReader(fh, entry.get("compression"), entry.get("raw_size"), entry["file"]),
                     name=entry["file"])  # decompressed ahead on the Source's thread

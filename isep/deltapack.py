@@ -5,7 +5,7 @@ always, into temporary files; when the pack finishes, each part is read back onc
 member becomes, in this order:
 
 - referenced: STORE's parts carry its bytes (same sha256 and size): nothing of it is shipped;
-- a delta: compressed against the best-ranked layer of STORE (isep.delta.rank_references), when the
+- a delta: compressed against the best-ranked layer of STORE (isep.deltarank.rank_references), when the
   delta is smaller than the layer's plain estimate; the delta is a member `isep-delta/<seq>` of the
   delta part;
 - plain: verbatim in the part, as without --delta-from (no reference, or the delta does not win).
@@ -24,8 +24,9 @@ import tempfile
 from typing import BinaryIO, Iterable
 
 from .bundle import Bundle, open_bundle, part_for_layers
-from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, LayerInfo, check_memory_option, decode_layer, encode_layer,
-                    peak_memory, plan_segments, rank_references)
+from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, check_memory_option, decode_layer, encode_layer, peak_memory,
+                    plan_segments)
+from .deltarank import LayerInfo, rank_references
 from .deltajoin import StoreLayers, delta_member_name, part_needs
 from .errors import IntegrityError, UsageError
 from .names import split_tag

@@ -17,7 +17,6 @@ import ctypes
 import hashlib
 import os
 import queue
-import sys
 import tempfile
 import threading
 import zlib
@@ -32,13 +31,8 @@ from isal import isal_zlib
 from .digests import MAX_ZSTD_WINDOW, Decompressor, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError, UsageError, os_error
 from .files import open_for_reading
-from .tarstream import CHUNK, Member, padded
+from .tarstream import CHUNK, Member
 from .tarwrite import END_OF_ARCHIVE
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
 
 Opener = Callable[[], BinaryIO]   # opens a part file for binary reading, once per read
 
@@ -477,94 +471,3 @@ class _Prepend:
             out, self.head = self.head, b""
             return out
         return self.src.read(n)
-
-
-# --- one member of a plain zstd part, straight into memory -----------------------------------------
-
-class NotFramed(Exception):
-    """The part is not framed as PartWriter frames it (no content sizes): read it as a stream."""
-
-
-def member_span(entry: dict, name: str) -> tuple[int, int] | None:
-    """Where a member's data lies in a plain part's tar stream (offset, size), from its manifest's
-    raw sizes (members are stored in the order listed); None when they do not say."""
-    offset = 0
-    for rec in entry.get("members") or []:
-        raw, size = rec.get("raw_size"), rec.get("size")
-        if type(raw) is not int or type(size) is not int or raw < padded(size) or "from" in rec:
-            return None
-        if rec.get("name") == name and rec.get("type") == "file":
-            return offset + raw - padded(size), size
-        offset += raw
-    return None
-
-
-def load_span(raw: BinaryIO, start: int, out: memoryview, what: str) -> None:
-    """The bytes [start, start + len(out)) of a zstd part's tar stream decompressed into out, its
-    frames on the compression pool's threads (a frame before start is only skipped over). Raises
-    NotFramed for a part whose frames do not declare their sizes, IntegrityError for damage."""
-    end = start + len(out)
-    workers = pool()
-    pending: list[Future] = []
-    buf, at, pos, eof = b"", 0, 0, False
-    try:
-        while pos < end:
-            size = _frame_size(buf, at)
-            if size is None:
-                if eof:
-                    raise IntegrityError(f"{what}: ends at {pos} bytes of its tar stream, {end} needed")
-                more = raw.read(4 * CHUNK)
-                eof = not more
-                buf, at = buf[at:] + more, 0
-                continue
-            frame = memoryview(buf)[at:at + size]
-            at += size
-            content = zstandard.frame_content_size(frame)
-            if content < 0 or content > FRAME << 4:
-                raise NotFramed(what)
-            if pos + content > start:
-                workers.slots.acquire()  # frames in flight stay bounded
-                try:
-                    pending.append(workers.executor.submit(_frame_into, frame, pos, content, start, out, what))
-                except BaseException:
-                    workers.slots.release()
-                    raise
-                pending[-1].add_done_callback(lambda _: workers.slots.release())
-            pos += content
-    finally:
-        for future in pending:
-            future.exception()  # every frame done before out is read or dropped
-    for future in pending:
-        future.result()
-
-
-def _frame_size(buf: bytes, at: int) -> int | None:
-    if len(buf) - at < 18:
-        return None
-    try:
-        return zstd.get_frame_size(memoryview(buf)[at:])
-    except zstd.ZstdError:
-        if len(buf) > (FRAME << 4):
-            raise NotFramed("a frame larger than any PartWriter writes") from None
-        return None  # the frame is not whole yet
-
-
-def _frame_into(frame: bytes | memoryview, pos: int, content: int, start: int, out: memoryview, what: str) -> None:
-    lo, hi = max(pos, start), min(pos + content, start + len(out))
-    whole = lo == pos and hi == pos + content  # decompressed in place, else through a copy
-    target = out[lo - start:hi - start] if whole else memoryview(bytearray(content))
-    got = 0
-    try:
-        reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(frame)
-        while got < content:
-            n = reader.readinto(target[got:])
-            if not n:
-                break
-            got += n
-        extra = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{what}: corrupt zstd data ({exc})") from None
-    if got != content or extra:
-        raise IntegrityError(f"{what}: a frame gives other than the {content} bytes its header says")
-    if not whole:
-        out[lo - start:hi - start] = target[lo - pos:hi - pos]

@@ -213,7 +213,7 @@ def test_trust_is_checked_before_any_part(pushed, tmp_path):
 
 def _join_in_process(monkeypatch, registry, *args) -> tuple[int, bytes, str]:
     """isep-join run in this process with the fake registry in place of the network client."""
-    monkeypatch.setattr(join_cli, "RegistryClient", registry.client)
+    monkeypatch.setattr(join_cli, "registry_client", registry.client)
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
     result = CliRunner().invoke(join_cli.app, list(map(str, args)))

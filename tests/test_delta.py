@@ -1,4 +1,6 @@
-"""isep.delta: prefix deltas of one layer against another, segmentation, refusals, ranking."""
+"""isep.delta: prefix deltas of one layer against another, segmentation, refusals, ranking. Every
+test runs with both decoders: libzstd through ctypes (isep.prefixdecode, the default) and the
+zstd binding (its fallback)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,9 +17,9 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isep import delta
-from isep.delta import (DeltaRecord, LayerInfo, Reference, decode_layer, encode_layer, plan_segments,
-                        rank_references, zstd)
+from isep import delta, prefixdecode
+from isep.delta import DeltaRecord, Reference, decode_layer, encode_layer, plan_segments, zstd
+from isep.deltarank import LayerInfo, rank_references
 from isep.errors import BadInput, EnvironmentFailure, IntegrityError, Truncated
 
 
@@ -59,6 +61,16 @@ def decode(record: DeltaRecord, blob: bytes, ref: bytes | Reference | None, **kw
     if isinstance(ref, bytes):
         ref = reference(ref)
     return b"".join(bytes(p) for p in decode_layer(record, chunks_of(blob, 7777), ref, **kw))
+
+
+@pytest.fixture(autouse=True, params=["libzstd", "binding"])
+def decoder(request, monkeypatch):
+    if request.param == "libzstd":
+        monkeypatch.delenv("ISEP_ZSTD_CTYPES", raising=False)
+        assert prefixdecode.available(), "libzstd.so.1 is on every Debian system: the in-place decoder must load"
+    else:
+        monkeypatch.setenv("ISEP_ZSTD_CTYPES", "0")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +200,27 @@ def test_bomb_is_cut_at_the_declared_size():
         for piece in decode_layer(record, [bomb], None):
             produced += len(piece)
     assert produced <= 1 << 20
+
+
+def test_a_prefix_frame_larger_than_its_segment_is_cut(release_pair):
+    """The in-place decoder's buffer is the segment's size: a frame that says more is refused."""
+    old, new = release_pair
+    record, blob = encode(new, old)
+    record.segments[0].target_size = record.target_size = len(new) - 1000
+    produced = 0
+    with pytest.raises(IntegrityError, match="expands beyond|decode against"):
+        for piece in decode_layer(record, chunks_of(blob), reference(old)):
+            produced += len(piece)
+    assert produced <= len(new) - 1000
+
+
+def test_pieces_stay_valid_while_later_ones_decode(release_pair):
+    """Views into one output buffer: each written once, never again, so a reader may hold them."""
+    old, new = release_pair
+    record, blob = encode(new, old)
+    pieces = list(decode_layer(record, chunks_of(blob, 100), reference(old)))
+    assert len(pieces) > 1 or len(new) <= delta.PIECE
+    assert b"".join(bytes(p) for p in pieces) == new
 
 
 def test_memory_cap_refuses_a_record_that_needs_more(release_pair):

@@ -9,12 +9,15 @@ import json
 import os
 import random
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import zstandard
 
+from isep.deltajoin import SKIP_WORTH, member_chunks
 from isep.errors import IntegrityError, IsepError
-from isep.parts import NotFramed, PartWriter, load_span, member_span
+from isep.parts import PartWriter
+from isep.partspan import NotFramed, load_span, member_span, span_pieces
 from isep.tarstream import Source, TarReader
 from isep.tarwrite import build_header
 from tests.harness import copy_store, is_complete_archive, isep
@@ -196,3 +199,49 @@ def test_member_loaded_from_frames_in_parallel_equals_the_stream():
     with pytest.raises(NotFramed):
         load_span(io.BytesIO(unsized), 0, memoryview(bytearray(len(whole))), "p")
     assert member_span({"members": [{"name": "a", "type": "file", "size": 5}]}, "a") is None
+
+
+def test_member_streamed_by_its_frames_skips_what_lies_before_it():
+    """span_pieces: the frames before a member are skipped unread (one damaged there does not
+    matter), the member's own come in order, whole; a cut part is refused; a part whose frames do
+    not say their sizes raises NotFramed before any piece (the caller then reads it as a stream)."""
+    rng = random.Random(8)
+    data = [rng.randbytes(n) for n in (9_000_000, 5_000_000, 300)]
+    part, entry = _framed_part([(f"blobs/{i}", d) for i, d in enumerate(data)])
+    for i, want in enumerate(data):
+        start, size = member_span(entry, f"blobs/{i}")
+        assert b"".join(span_pieces(io.BytesIO(part), start, size, "p")) == want
+    start, size = member_span(entry, "blobs/2")
+    damaged = bytearray(part)
+    damaged[len(part) // 4] ^= 0xFF  # inside the first member's frames
+    assert b"".join(span_pieces(io.BytesIO(bytes(damaged)), start, size, "p")) == data[2]
+    with pytest.raises(IsepError):
+        b"".join(span_pieces(io.BytesIO(bytes(damaged)), 0, len(data[0]), "p"))
+    with pytest.raises(IntegrityError, match="ends at"):
+        b"".join(span_pieces(io.BytesIO(part[:len(part) * 2 // 3]), *member_span(entry, "blobs/1"), "p"))
+    plain = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    unsized = plain.compress(b"".join(data)) + plain.flush()
+    with pytest.raises(NotFramed):
+        next(span_pieces(io.BytesIO(unsized), start, size, "p"))
+
+
+def test_member_chunks_takes_the_frames_when_others_lie_before_it():
+    """deltajoin.member_chunks: a member 14 MB into its part read by its frames (a damaged frame
+    before it is never decompressed), and from a part without frame sizes as a stream."""
+    rng = random.Random(9)
+    data = [rng.randbytes(n) for n in (9_000_000, 5_000_000, 300)]
+    part, entry = _framed_part([(f"blobs/{i}", d) for i, d in enumerate(data)])
+    entry["file"] = "p.tar.zst"
+    assert member_span(entry, "blobs/2")[0] >= SKIP_WORTH
+    damaged = bytearray(part)
+    damaged[len(part) // 4] ^= 0xFF
+    framed = SimpleNamespace(files={"p.tar.zst": lambda: io.BytesIO(bytes(damaged))}, path="/nonexistent")
+    assert b"".join(member_chunks(framed, entry, "blobs/2")) == data[2]
+    plain = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    unsized = plain.compress(_raw_tar(part)) + plain.flush()
+    streamed = SimpleNamespace(files={"p.tar.zst": lambda: io.BytesIO(unsized)}, path="/nonexistent")
+    assert b"".join(member_chunks(streamed, entry, "blobs/2")) == data[2]
+
+
+def _raw_tar(part: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(part), read_across_frames=True).read()

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from isep.delta import LayerInfo, rank_references
+from isep.deltarank import LayerInfo, rank_references
 from isep.legacy import chain_ids
 from isep.names import versioned_part_name
 from isep.samples import Image, inspect_json, write_archive

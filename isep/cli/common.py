@@ -247,6 +247,14 @@ class Ui:
 _scratch: list[str] = []  # temporary paths of this command, removed by run_command whatever happens
 
 
+def registry_client(host: str, **options):
+    """A client for a registry. Its module, and the HTTP stack under it (http.client, ssl,
+    urllib.request: ~15 ms of start-up), are imported here, by the commands that reach a registry,
+    not by every local pack, join and verify (a small release's join is start-up bound)."""
+    from ..registry import RegistryClient
+    return RegistryClient(host, **options)
+
+
 def scratch_dir(prefix: str, parent: Optional[str] = None) -> str:
     """A new temporary directory that lives until the command ends."""
     with signals_deferred():

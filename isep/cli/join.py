@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional, cast
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 
 from ..errors import UsageError
-from ..pull import open_release, pull_directory, pull_parts, remove_pull_directory
-from ..registry import RegistryClient, RegistryRef, is_registry_ref
+from ..registryref import RegistryRef, is_registry_ref
 from ..files import OutputFile, open_in_place, output_file
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
@@ -27,11 +26,15 @@ from .common import (
     input_source,
     launch,
     new_app,
+    registry_client,
     require_stream,
     scratch_dir,
     scratch_file,
     stdout_binary,
 )
+
+if TYPE_CHECKING:
+    from ..registry import RegistryClient
 
 PROG = "isep-join"
 app = new_app(
@@ -102,7 +105,7 @@ def join(
         if overrides or image == "-":
             raise UsageError("oci:// joins a release's own parts: no -b/-l/-a, and no stream on stdin")
         ref = RegistryRef.parse(bundle)
-        client = RegistryClient(ref.host, insecure=insecure, mirror=mirror)
+        client = registry_client(ref.host, insecure=insecure, mirror=mirror)
         _join_registry(client, ref, image, image_opt, trust, held, output, options, ui, memory)
         return
     if keep and image != "-":
@@ -168,6 +171,7 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
                    ui: Ui, memory: int) -> None:
     """isep-join oci://... [STORE]: what STORE lacks fetched (into STORE, resumably, else TMPDIR),
     joined, and kept in STORE as --keep keeps a bundle stream."""
+    from ..pull import open_release, pull_directory, pull_parts, remove_pull_directory  # see registry_client
     if output is None:
         stdout_binary()  # a terminal or closed stdout is refused before anything is fetched
     release = open_release(client, ref, trust, ui.warn)

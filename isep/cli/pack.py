@@ -19,8 +19,7 @@ from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
 from ..limits import PLAN_CAP
 from ..partition import make_plan
 from ..plancheck import check_plan
-from ..push import open_release_bundle, push_release
-from ..registry import RegistryClient, RegistryRef, is_registry_ref
+from ..registryref import RegistryRef, is_registry_ref
 from ..refs import read_json_file
 from ..stream import StreamTarget
 from ..targets import DirTarget
@@ -37,6 +36,7 @@ from .common import (
     new_app,
     open_input,
     read_renames,
+    registry_client,
     require_stream,
     resolve_refs,
     scratch_dir,
@@ -150,7 +150,8 @@ def pack(
     if isinstance(target, DeltaTarget):
         _delta_summary(ui, target.shipped)
     if push_to is not None:
-        digest = push_release(RegistryClient(push_to.host), push_to, open_release_bundle(output, "the packed bundle"),
+        from ..push import open_release_bundle, push_release  # see registry_client
+        digest = push_release(registry_client(push_to.host), push_to, open_release_bundle(output, "the packed bundle"),
                               [], [], lambda upload, outcome: None)
         sys.stdout.write(digest + "\n")
         ui.info(f"pushed {push_to} as {digest}")

@@ -9,12 +9,12 @@ import typer
 
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
 from ..bundle import open_bundle
-from ..pull import verify_release
-from ..registry import RegistryClient, RegistryRef, is_registry_ref
+from ..registryref import RegistryRef, is_registry_ref
 from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
-from .common import InsecureOption, MirrorOption, Ui, command, launch, new_app, open_input, scratch_dir, write_json
+from .common import (InsecureOption, MirrorOption, Ui, command, launch, new_app, open_input, registry_client, scratch_dir,
+                     write_json)
 
 PROG = "isep-verify"
 app = new_app(
@@ -104,7 +104,8 @@ def _check_registry(text: str, trust: Optional[str], mode: str, insecure: bool, 
         raise UsageError("--fast applies to local parts; an artifact's blobs are checked by size, or by sha256 with --deep")
     ref = RegistryRef.parse(text)
     report = Report(text, "registry artifact", mode)
-    client = RegistryClient(ref.host, insecure=insecure, mirror=mirror)
+    from ..pull import verify_release  # see registry_client
+    client = registry_client(ref.host, insecure=insecure, mirror=mirror)
     verify_release(client, ref, trust, mode == "deep", report, scratch_dir("isep-verify-"))
     return report
 

@@ -4,10 +4,12 @@ bench/release_pairs.py (pairs.json under ~/.cache/isep-release-pairs/layers) mad
 style saves, release 1 packed into a store, release 2 packed with and without --delta-from it as a
 bundle stream, joined against a copy of the store and compared with release 2's save.
 
-    python bench/delta_wire.py [--layers DIR] [--pairs a,b,c,d,e] [--workdir DIR]
+    python bench/delta_wire.py [--layers DIR] [--pairs a,b,c,d,e] [--workdir DIR] [--runs N] [--out FILE]
 
 Pairs without a base layer get a one-file base layer beneath them (a base is what isep splits on).
-Prints a Markdown table and writes WORKDIR/delta-wire.json.
+Each pack and join runs N times (default 3): the median wall time (whole command, start-up included)
+and the largest peak RSS of the N (the child's own, from wait4) are kept, MB/s is release 2's save
+over that wall time. Prints a Markdown table and writes WORKDIR/delta-wire.json (and FILE).
 """
 from __future__ import annotations
 
@@ -88,10 +90,27 @@ def base_config(path: Path, diff_ids: list[str]) -> Path:
 
 
 def isep(cmd: str, *args, stdin=None, stdout=None) -> float:
+    return isep_measured(cmd, *args, stdin=stdin, stdout=stdout)[0]
+
+
+def isep_measured(cmd: str, *args, stdin=None, stdout=None) -> tuple[float, int]:
+    """One isep command run: its wall time and its own peak RSS in bytes."""
     started = time.monotonic()
-    subprocess.run([sys.executable, str(BIN / f"isep-{cmd}"), *map(str, args)], stdin=stdin, stdout=stdout,
-                   check=True)
-    return time.monotonic() - started
+    argv = [sys.executable, str(BIN / f"isep-{cmd}"), *map(str, args)]
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return wall, usage.ru_maxrss * 1024
+
+
+def median_run(runs: int, run) -> tuple[float, int]:
+    """The median wall time of `runs` calls of run() and the largest peak RSS among them."""
+    results = [run() for _ in range(runs)]
+    walls = sorted(wall for wall, _ in results)
+    return walls[len(walls) // 2], max(rss for _, rss in results)
 
 
 def write_pair_saves(pair: dict, d: Path, digests: dict[str, str], tiny: str) -> tuple[dict, dict]:
@@ -110,7 +129,7 @@ def write_pair_saves(pair: dict, d: Path, digests: dict[str, str], tiny: str) ->
     return files, names
 
 
-def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: str) -> dict:
+def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: str, runs: int = 3) -> dict:
     d = work / key
     files, names = write_pair_saves(pair, d, digests, tiny)
     bases, extra = {}, {}
@@ -123,14 +142,22 @@ def bench_pair(key: str, pair: dict, work: Path, digests: dict[str, str], tiny: 
     parts = ["--parts", "base,lib,app"] if base_changed else ["--parts", "app"]
     out: dict = {"title": pair["title"], "r2_bytes": os.path.getsize(d / "r2.tar"), "parts": parts[1]}
     for label, delta in (("plain", []), ("delta", ["--delta-from", d / "store"])):
-        with open(d / f"{label}.stream", "wb") as fh:
-            out[f"{label}_pack_s"] = isep("pack", d / "r2.tar", "--base", bases["r2"], *extra["r2"], "-o", "-",
-                                          *parts, *delta, stdout=fh)
+        def pack(label: str = label, delta: list = delta) -> tuple[float, int]:
+            with open(d / f"{label}.stream", "wb") as fh:
+                return isep_measured("pack", d / "r2.tar", "--base", bases["r2"], *extra["r2"], "-o", "-",
+                                     *parts, *delta, stdout=fh)
+
+        def join(label: str = label, device: Path = d / f"device-{label}") -> tuple[float, int]:
+            with open(d / f"{label}.stream", "rb") as src, open(d / f"{label}.out", "wb") as dst:
+                return isep_measured("join", device, "-", stdin=src, stdout=dst)
+
+        out[f"{label}_pack_s"], out[f"{label}_pack_rss"] = median_run(runs, pack)
         out[f"{label}_bytes"] = os.path.getsize(d / f"{label}.stream")
         device = d / f"device-{label}"
         shutil.copytree(d / "store", device)
-        with open(d / f"{label}.stream", "rb") as src, open(d / f"{label}.out", "wb") as dst:
-            out[f"{label}_join_s"] = isep("join", device, "-", stdin=src, stdout=dst)
+        out[f"{label}_join_s"], out[f"{label}_join_rss"] = median_run(runs, join)
+        for step in ("pack", "join"):
+            out[f"{label}_{step}_MBps"] = round(out["r2_bytes"] / out[f"{label}_{step}_s"] / 1e6, 1)
         out[f"{label}_byte_exact"] = subprocess.run(["cmp", "-s", d / f"{label}.out", d / "r2.tar"]).returncode == 0
         os.unlink(d / f"{label}.out")
     return out
@@ -141,6 +168,8 @@ def main() -> None:
     parser.add_argument("--layers", type=Path, default=release_pairs.DEFAULT_ROOT / "layers")
     parser.add_argument("--pairs", default="a,b,c,d,e")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     pairs = json.loads((args.layers / "pairs.json").read_text())["pairs"]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="isep-delta-wire-"))
@@ -150,15 +179,25 @@ def main() -> None:
         _add(tar, "etc/os-release", b"ID=bench\n")
     files = {str(tiny)} | {layer["file"] for p in pairs.values() for r in ("r1", "r2") for layer in p[r]["layers"]}
     digests = {f: sha256_file(f) for f in files}
-    results = {k: bench_pair(k, pairs[k], work, digests, str(tiny)) for k in args.pairs.split(",") if k in pairs}
-    (work / "delta-wire.json").write_text(json.dumps(results, indent=1) + "\n")
+    # What `pip install` does: without it, a checkout run with PYTHONDONTWRITEBYTECODE=1 (set on this
+    # machine) recompiles every edited module at each command start.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "isep")], check=False)
+    results = {k: bench_pair(k, pairs[k], work, digests, str(tiny), args.runs)
+               for k in args.pairs.split(",") if k in pairs}
+    doc = json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": os.getloadavg(),
+                      "runs": args.runs, "pairs": results}, indent=1) + "\n"
+    (work / "delta-wire.json").write_text(doc)
+    if args.out:
+        args.out.write_text(doc)
     print("| pair | release 2 save | shipped | plain stream | delta stream | ratio | pack s (plain/delta) "
-          "| join s (plain/delta) | byte-exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| pack MB/s, RSS MiB (delta) | join s (plain/delta) | join MB/s, RSS MiB (delta) | byte-exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in results.items():
         print(f"| {k} {r['title']} | {r['r2_bytes'] / 1e6:.1f} MB | {r['parts']} | {r['plain_bytes'] / 1e6:.2f} MB "
               f"| {r['delta_bytes'] / 1e6:.3f} MB | {r['plain_bytes'] / max(r['delta_bytes'], 1):.0f}x "
-              f"| {r['plain_pack_s']:.1f}/{r['delta_pack_s']:.1f} | {r['plain_join_s']:.1f}/{r['delta_join_s']:.1f} "
+              f"| {r['plain_pack_s']:.2f}/{r['delta_pack_s']:.2f} | {r['delta_pack_MBps']}, "
+              f"{r['delta_pack_rss'] >> 20} | {r['plain_join_s']:.2f}/{r['delta_join_s']:.2f} "
+              f"| {r['delta_join_MBps']}, {r['delta_join_rss'] >> 20} "
               f"| {r['plain_byte_exact'] and r['delta_byte_exact']} |")
     print(f"(work files in {work})")
 

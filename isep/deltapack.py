@@ -166,9 +166,9 @@ class DeltaTarget:
         delta_spool = TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
         writer = PartWriter(part["file"], delta_spool, part["compression"], self.level)
         members: list[dict] = []
-        source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
-                        name=part["file"], prefetch=False)
         spool.raw.seek(0)
+        source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
+                        name=part["file"])  # decompressed ahead on the Source's thread, while layers encode
         try:
             reader = iter(TarReader(source))
             for rec in map(_record, part["members"]):

@@ -355,3 +355,22 @@ def test_segmented_round_trip_property(old_kib, new_kib, edits, cap_kib):
         assert b"".join(bytes(p) for p in back) == new
     finally:
         delta.MIN_SEGMENT, delta.TABLES = saved
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=4),
+       st.integers(0, 64), st.integers(1, 9000))
+def test_damaged_delta_bytes_fail_cleanly_or_rebuild_exactly(release_pair, flips, cut, chunk):
+    """Any flipped bytes and any cut: a refusal (IntegrityError, Truncated) or the exact layer, never
+    a crash or a wrong layer, whichever decoder (libzstd in place, or the binding) runs."""
+    old, new = release_pair
+    record, blob = encode(new, old)
+    bad = bytearray(blob[:len(blob) - cut] if cut else blob)
+    for pos, xor in flips:
+        bad[pos % len(bad)] ^= xor
+    try:
+        out = b"".join(bytes(p) for p in decode_layer(record, chunks_of(bytes(bad), chunk), reference(old)))
+    except (IntegrityError, Truncated):
+        return
+    assert out == new

@@ -6,8 +6,9 @@ a window spanning the slice and the segment, so that every unchanged file become
 reference. Frames carry content sizes and checksums. A delta of one segment is what
 `zstd -d --long=31 --patch-from=REFERENCE` decodes.
 
-Memory is the price: a segment needs its reference slice in memory (twice while the prefix is made:
-the zstd binding copies it) and a window buffer as large as the segment. `plan_segments` keeps
+Memory is the price: a segment needs its reference slice in memory (twice while the binding makes
+the prefix: it copies it; decoding through libzstd, prefixdecode, uses it in place) and a window or
+output buffer as large as the segment. `plan_segments` keeps
 `slice + max(slice, segment)` under the memory cap (default 1 GiB) by cutting large layers into
 aligned segments (segment i of the target against the proportional slice of the reference, widened
 by a margin); when even a minimal segment does not fit, the layer is shipped plain (zstd, no
@@ -235,11 +236,12 @@ class Reference:
 
 
 class ReferenceReader:
-    """Reads a reference once, front to back, handing out prefixes of slices whose starts and ends
-    do not decrease, and checks its size and digest once it has been read to the end.
+    """Reads a reference once, front to back, handing out slices (buffers a prefix is made from)
+    whose starts and ends do not decrease, and checks its size and digest once it has been read to
+    the end.
 
-    Memory: while a prefix is made, its slice twice (zstd copies a prefix's bytes); then the
-    prefix and the start of the next slice where slices overlap."""
+    Memory: a slice, and the start of the next one where slices overlap; twice the slice for a
+    moment where the zstd binding makes its prefix (it copies it)."""
 
     def __init__(self, reference: Reference, segments: list[Segment]):
         self.reference = reference

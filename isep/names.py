@@ -59,8 +59,8 @@ def part_stem(tag: str) -> str:
 
 
 def versioned_part_name(file_name: str, role: str, diff_ids: list[str]) -> str:
-    """The name a base or lib part takes when the store already holds another version under its
-    name (a floating tag rebuilt): the first 12 hex digits of its stack's chainID before the
+    """The name a part takes when the store already holds another version under its name (a
+    floating tag rebuilt): the first 12 hex digits of its stack's chainID before the
     `_<role>_image` suffix (else before the extension): base_bookworm_3c1f0a9e12b4_base_image.tar.zst."""
     chain = chain_ids(diff_ids)[-1].split(":", 1)[-1][:12] if diff_ids else "empty"
     marker = f"_{role}_image"
@@ -70,13 +70,16 @@ def versioned_part_name(file_name: str, role: str, diff_ids: list[str]) -> str:
     return f"{file_name[:at]}_{chain}{file_name[at:]}"
 
 
-def coexisting_name(docs: Sequence[dict | None], part: dict) -> str:
-    """The file name for a new base or lib part: its planned one, unless one of the store manifests
-    DOCS lists another version (other diffIDs) under it; then the chainID-suffixed name
-    (versioned_part_name), so that both versions stay in the store and the first keeps the
-    name isula-build's tools look for."""
+def coexisting_name(docs: Sequence[dict | None], part: dict, roles: Sequence[str] = ("base", "lib")) -> str:
+    """The file name for a new part of one of ROLES: its planned one, unless one of the store
+    manifests DOCS lists another version (other diffIDs) under it; then the chainID-suffixed name
+    (versioned_part_name), so that both versions stay in the store and the first keeps its name.
+    A pack names so a base or lib rebuilt under its tag; a device keeping a bundle stream
+    (stream.keep_received) names so an app released again under a floating tag (app:stable) too:
+    its store keeps the release the next delta is made against, and a join by that tag takes the
+    newest image (bundle.select_image)."""
     name = part["file"]
-    if part["role"] == "app":
+    if part["role"] not in roles:
         return name
     for doc in docs:
         old = next((p for p in doc["parts"] if p["file"] == name), None) if doc else None

@@ -190,9 +190,10 @@ def check_keepable(store: Store, received: Bundle) -> None:
 
 
 def _store_names(received: Bundle, current: dict | None) -> dict[str, str]:
-    """Each received part's name in the store: its own, or for another version of a base or lib the
-    store holds under that name, the chainID-suffixed one (names.coexisting_name)."""
-    return {p["file"]: coexisting_name([current], p) for p in received.doc["parts"]}
+    """Each received part's name in the store: its own, or for another version of a part the store
+    holds under that name (a base, lib or app rebuilt under a floating tag), the chainID-suffixed
+    one (names.coexisting_name)."""
+    return {p["file"]: coexisting_name([current], p, ("base", "lib", "app")) for p in received.doc["parts"]}
 
 
 def _kept_parts(store: Store, received: Bundle, current: dict | None) -> dict[str, str]:
@@ -224,6 +225,8 @@ def _rename_received(received: Bundle, names: dict[str, str]) -> None:
     received.doc["parts"] = [{**p, "file": names.get(p["file"], p["file"])} for p in received.doc["parts"]]
     for image in received.doc["images"]:
         image["parts"] = [names.get(f, f) for f in image["parts"]]
+        if "app_part" in image:
+            image["app_part"] = names.get(image["app_part"], image["app_part"])
 
 
 def _check_store_parts(store: Store, received: Bundle, current: dict | None, joined: dict,

@@ -159,3 +159,63 @@ def test_ties_in_rank_references_prefer_the_newest():
     old = LayerInfo("sha256:" + "1" * 64, 1000, "r", 0, "base", newness=0)
     new = LayerInfo("sha256:" + "f" * 64, 1000, "r", 0, "base", newness=3)
     assert [c.diff_id for c in rank_references(target, [old, new])] == [new.diff_id, old.diff_id]
+
+
+STABLE_APP = "app_stable_app_image.tar.zst"
+
+
+@pytest.fixture(scope="module")
+def stable(tmp_path_factory):
+    """Three releases of one floating app tag, isep-float/app:stable (code, then code and deps
+    changed), on one base; release 1 packed into the build host's store."""
+    root = tmp_path_factory.mktemp("stable")
+    base = Image("isep-float/base:12", [base_layer(1)])
+    (root / "base.json").write_text(inspect_json(base, "docker-oci"))
+    made = {"root": root, "base": root / "base.json"}
+    for n, deps in ((1, 1), (2, 1), (3, 2)):
+        image = Image("isep-float/app:stable", [base_layer(1), deps_layer(deps), code_layer(n)])
+        with open(root / f"r{n}.tar", "wb") as fh:
+            write_archive(fh, "docker-oci", [image])
+        made[f"r{n}"] = root / f"r{n}.tar"
+    isep("pack", made["r1"], "--base", made["base"], "-o", root / "build", check=0)
+    return made
+
+
+def _release_stream(stable, n: int, store) -> bytes:
+    return isep("pack", stable[f"r{n}"], "--base", stable["base"], "--parts", "app", "--delta-from", store,
+                "-o", "-", check=0).stdout
+
+
+def test_a_device_follows_a_floating_app_tag(stable, tmp_path):
+    """Each release of app:stable is kept beside the last (the new app part chainID-suffixed, as a
+    rebuilt base's is); a join by the tag gives the newest, an older one is there by config digest;
+    the build host keeps each release the same way (a pack piped into isep-join BUILD - --keep), so
+    release 3 is a delta against release 2 on both sides; prune drops what the tag left behind."""
+    build = copy_store(stable["root"] / "build", tmp_path / "build")
+    device = copy_store(build, tmp_path / "device")
+    r1_config = bundle_doc(device)["images"][0]["config"]["digest"]
+    for n in (2, 3):
+        stream = _release_stream(stable, n, build)
+        assert isep("join", device, "-", "--keep", stdin=stream, check=0).stdout == stable[f"r{n}"].read_bytes()
+        isep("join", build, "-", "--keep", stdin=stream, check=0)
+        apps = [p["file"] for p in bundle_doc(device)["parts"] if p["role"] == "app"]
+        assert len(apps) == n and apps[0] == STABLE_APP and all(a.startswith("app_stable_") for a in apps)
+        assert isep("join", device, "isep-float/app:stable", check=0).stdout == stable[f"r{n}"].read_bytes()
+    r3_needs = _stream_doc(stream)["parts"][0]["needs"]
+    # release 3 reads layers of the parts both stores hold, its code layer from release 2's (the newest)
+    assert {need["part"] for need in r3_needs} <= set(apps[:2]) and apps[1] in {need["part"] for need in r3_needs}
+    assert isep("join", device, r1_config, check=0).stdout == stable["r1"].read_bytes()
+    isep("verify", "--deep", device, check=0)
+    isep("prune", device, "--keep", "isep-float/app:stable", check=0)
+    assert [p["file"] for p in bundle_doc(device)["parts"] if p["role"] == "app"] == [apps[2]]
+    assert isep("join", device, "isep-float/app:stable", check=0).stdout == stable["r3"].read_bytes()
+
+
+def test_a_pack_into_the_build_store_still_refuses_a_floating_app_tag(stable, tmp_path):
+    """Packing a new release of app:stable straight into a store that holds another keeps its clear
+    refusal (exit 3, nothing written); the keep path above is how a store takes it."""
+    build = copy_store(stable["root"] / "build", tmp_path / "build")
+    before = sorted(p.name for p in build.iterdir())
+    res = isep("pack", stable["r2"], "--base", stable["base"], "-o", build, check=3)
+    assert "already holds a different part" in res.error and len(res.error_lines) == 1
+    assert sorted(p.name for p in build.iterdir()) == before

@@ -216,15 +216,28 @@ def test_an_incomplete_stream_without_a_store_is_refused(tmp_path, samples, keep
 
 
 def test_keep_never_replaces_a_different_part(tmp_path, samples, samples_seed1):
+    """Another image under the same names (a floating tag's next release): kept beside, under
+    chainID-suffixed names, the store's own files untouched. The same layers in other bytes (another
+    compression level) under the same name: refused before any output, nothing changed."""
     s = samples[FMT]
     store = tmp_path / "store"
     run("pack", samples_seed1[FMT]["app1"], "--base", samples_seed1[FMT]["inspect-base"],
         "--lib", samples_seed1[FMT]["inspect-lib"], "-o", store)
     before = {p.name: p.read_bytes() for p in store.iterdir() if p.name != "isep-bundle.lock"}
-    res = run("join", store, "-", "--keep", stdin=_sample_stream(tmp_path, s), expect=3)
+    res = run("join", store, "-", "--keep", stdin=_sample_stream(tmp_path, s))
+    after = {p.name: p.read_bytes() for p in store.iterdir() if p.name != "isep-bundle.lock"}
+    assert {k: v for k, v in after.items() if k in before and not k.startswith("isep-bundle")} == \
+        {k: v for k, v in before.items() if not k.startswith("isep-bundle")}
+    assert len([k for k in after if k.endswith(".tar.zst")]) == 2 * len([k for k in before if k.endswith(".tar.zst")])
+    assert res.stdout == Path(s["app1"]).read_bytes()
+
+    same = tmp_path / "same"
+    run("pack", s["app1"], "--base", s["inspect-base"], "--lib", s["inspect-lib"], "-o", same, "--level", "1")
+    before = {p.name: p.read_bytes() for p in same.iterdir() if p.name != "isep-bundle.lock"}
+    res = run("join", same, "-", "--keep", stdin=_sample_stream(tmp_path, s), expect=3)
     assert "already holds a different part" in res.error
     assert res.stdout == b""  # refused before any output
-    assert {p.name: p.read_bytes() for p in store.iterdir() if p.name != "isep-bundle.lock"} == before
+    assert {p.name: p.read_bytes() for p in same.iterdir() if p.name != "isep-bundle.lock"} == before
 
 
 def test_keep_needs_a_stream_and_a_store(tmp_path, stores):

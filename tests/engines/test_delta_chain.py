@@ -1,4 +1,5 @@
-"""A three-release chain (full, delta, delta) over a real sshd into real Docker 26.
+"""A three-release chain (full, delta, delta) over a real sshd into real Docker 26, with a tag per
+release and with one floating tag for all three.
 
 The build host keeps a store of every release it packed; the device keeps the store `isep-join STORE
 - --keep` leaves (release 1 from a full stream, then each release's app part rebuilt from its delta).
@@ -17,12 +18,13 @@ import sys
 
 import pytest
 
-from isep.samples import diff_ids
+from isep.samples import Image, diff_ids, write_archive
 from tests.release_samples import releases, write_releases
 
 lib = sys.modules["isep_engines_lib"]  # loaded by this directory's conftest.py
 pytestmark = pytest.mark.engines
 REPO = "isep-delta/chain"
+FLOATING = "isep-delta/float-chain:stable"
 ENGINE = "oci"  # dockerd 26
 
 
@@ -94,3 +96,46 @@ def test_three_release_chain_over_ssh(docker26, ssh, tmp_path):
         print(f"bytes on the link: {link_bytes}")
     finally:
         docker26.docker(ENGINE, "rmi", "-f", *tags, timeout=120)
+
+
+def test_a_floating_tag_chain_over_ssh(docker26, ssh, tmp_path):
+    """Three releases all tagged isep-delta/float-chain:stable: the device keeps each beside the last
+    and joins by the tag; the build host keeps each release by piping its stream into isep-join
+    BUILD - --keep, so each delta is made against the release the device holds. Docker's tag moves
+    to each release in turn."""
+    saves = write_releases(tmp_path / "saves", repo=REPO)
+    images = releases(REPO)
+    build, device = tmp_path / "build", tmp_path / "device"
+    docker26.docker(ENGINE, "rmi", "-f", FLOATING, timeout=120)
+    try:
+        for n, key in enumerate(("r1", "r2", "r3"), start=1):
+            with lib.cell("delta chain", f"floating tag, release {n}", "Docker 26 over ssh"):
+                save = tmp_path / f"{key}-stable.tar"
+                with open(save, "wb") as fh:
+                    write_archive(fh, "docker-oci", [Image(FLOATING, images[key].layers)])
+                stream = tmp_path / f"{key}-stable.stream"
+                delta = [] if n == 1 else ["--parts", "app", "--delta-from", build]
+                with open(stream, "wb") as fh:
+                    res = _isep("pack", save, "--base", saves["base1"], "-o", "-", *delta, stdout=fh)
+                assert res.returncode == 0, res.stderr.decode()
+                joined = tmp_path / f"joined-{key}-stable.tar"
+                with open(stream, "rb") as fh:
+                    r = subprocess.run(ssh["ssh"] + [_remote_join(device, joined)], stdin=fh,
+                                       capture_output=True, timeout=300)
+                assert r.returncode == 0, f"device side: {lib.tail(r.stderr, 4)}"
+                assert joined.read_bytes() == save.read_bytes(), f"release {n} is not byte-exact"
+                inspect = docker26.docker(ENGINE, "image", "inspect", FLOATING, timeout=60)
+                assert inspect.returncode == 0, lib.tail(inspect.stderr, 2)
+                assert json.loads(inspect.stdout)[0]["RootFS"]["Layers"] == diff_ids(images[key])
+                with open(stream, "rb") as fh:  # the build host keeps what the device keeps
+                    kept = subprocess.run(lib.isep_cmd("join") + [str(build), "-", "--keep"], stdin=fh,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          env={**os.environ, **lib.isep_env()}, timeout=300)
+                assert kept.returncode == 0, kept.stderr.decode()
+        apps = [p["file"] for p in json.loads((device / "isep-bundle.json").read_text())["parts"]
+                if p["role"] == "app"]
+        assert len(apps) == 3 and len(set(apps)) == 3, apps
+        again = _isep("join", device, FLOATING, stdout=subprocess.PIPE)
+        assert again.returncode == 0 and again.stdout == (tmp_path / "r3-stable.tar").read_bytes()
+    finally:
+        docker26.docker(ENGINE, "rmi", "-f", FLOATING, timeout=120)

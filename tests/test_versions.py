@@ -189,8 +189,8 @@ def _release_stream(stable, n: int, store) -> bytes:
 def test_a_device_follows_a_floating_app_tag(stable, tmp_path):
     """Each release of app:stable is kept beside the last (the new app part chainID-suffixed, as a
     rebuilt base's is); a join by the tag gives the newest, an older one is there by config digest;
-    the build host keeps each release the same way (a pack piped into isep-join BUILD - --keep), so
-    release 3 is a delta against release 2 on both sides; prune drops what the tag left behind."""
+    a build host that keeps each release the same way (its stream piped into isep-join BUILD - --keep)
+    makes release 3 a delta against release 2 on both sides; prune drops what the tag left behind."""
     build = copy_store(stable["root"] / "build", tmp_path / "build")
     device = copy_store(build, tmp_path / "device")
     r1_config = bundle_doc(device)["images"][0]["config"]["digest"]
@@ -211,11 +211,21 @@ def test_a_device_follows_a_floating_app_tag(stable, tmp_path):
     assert isep("join", device, "isep-float/app:stable", check=0).stdout == stable["r3"].read_bytes()
 
 
-def test_a_pack_into_the_build_store_still_refuses_a_floating_app_tag(stable, tmp_path):
-    """Packing a new release of app:stable straight into a store that holds another keeps its clear
-    refusal (exit 3, nothing written); the keep path above is how a store takes it."""
+def test_the_build_host_packs_each_release_of_a_floating_tag_into_its_store(stable, tmp_path):
+    """isep-pack -o BUILD of app:stable again: the new release's app part takes the chainID-suffixed
+    name beside the last (base reused), isula-build's manifest entry for the tag moves to it, a join
+    by the tag takes the newest; the next release's stream names its part as the device will keep it."""
     build = copy_store(stable["root"] / "build", tmp_path / "build")
-    before = sorted(p.name for p in build.iterdir())
-    res = isep("pack", stable["r2"], "--base", stable["base"], "-o", build, check=3)
-    assert "already holds a different part" in res.error and len(res.error_lines) == 1
-    assert sorted(p.name for p in build.iterdir()) == before
+    device = copy_store(build, tmp_path / "device")
+    isep("pack", stable["r2"], "--base", stable["base"], "-o", build, check=0)
+    apps = [p["file"] for p in bundle_doc(build)["parts"] if p["role"] == "app"]
+    assert len(apps) == 2 and apps[0] == STABLE_APP and apps[1].startswith("app_stable_")
+    assert json.loads((build / "manifest").read_text())["isep-float/app:stable"]["app"] == apps[1]
+    assert isep("join", build, "isep-float/app:stable", check=0).stdout == stable["r2"].read_bytes()
+    isep("join", device, "-", "--keep", stdin=_release_stream(stable, 2, stable["root"] / "build"), check=0)
+    stream = _release_stream(stable, 3, build)
+    assert _stream_doc(stream)["parts"][0]["file"].startswith("app_stable_")
+    assert isep("join", device, "-", "--keep", stdin=stream, check=0).stdout == stable["r3"].read_bytes()
+    isep("pack", stable["r3"], "--base", stable["base"], "-o", build, check=0)
+    assert sorted(p["file"] for p in bundle_doc(device)["parts"]) == sorted(p["file"] for p in bundle_doc(build)["parts"])
+    isep("verify", build, check=0)

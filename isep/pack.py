@@ -335,14 +335,14 @@ def _rename_in_images(plan: dict) -> None:
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
 
 
-def name_app_parts(plan: dict, target: OutputTarget) -> None:
-    """An app part takes the chainID-suffixed name when the store (or the --delta-from store) lists
-    another release under its planned one: a floating tag (app:stable) released again keeps both, and
-    a join by the tag takes the newest image. Its image follows it."""
+def name_app_parts(plan: dict, stores: list[dict | None]) -> None:
+    """An app part takes the chainID-suffixed name when a store manifest of STORES (the output store,
+    the --delta-from store) lists another release under its planned one: a floating tag (app:stable)
+    released again keeps both, and a join by the tag takes the newest image. Its image follows it."""
     renamed = {}
     for part in plan["parts"]:
         if part["role"] == "app":
-            name = coexisting_name([target.existing, target.reference_doc], part, ("app",))
+            name = coexisting_name(stores, part, ("app",))
             renamed[part["file"]], part["file"] = name, name
     for image in plan["images"]:
         image["parts"] = [renamed.get(f, f) for f in image["parts"]]
@@ -352,7 +352,7 @@ def name_app_parts(plan: dict, target: OutputTarget) -> None:
 def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: PackOptions) -> PackResult:
     """Execute a plan: every member goes where the plan says."""
     run = PackRun(target, options)
-    name_app_parts(plan, target)
+    name_app_parts(plan, [target.existing, target.reference_doc])
     _fix_image_parts(plan)
     for part in plan["parts"]:
         run.writer(part)
@@ -532,7 +532,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
     plan = make_plan(build_index(scanned), base, lib, compression=options.compression,
                      renames=options.renames)
     _check_routing(plan, role_writers, base, lib)
-    name_app_parts(plan, target)
+    name_app_parts(plan, [target.existing, target.reference_doc])
     save = save_id(plan["members"])
     section.finish()
     section_out.close()

@@ -96,10 +96,14 @@ class FrameDecoder:
         self._dctx = lib.ZSTD_createDCtx()
         if not self._dctx:
             raise MemoryError("libzstd: cannot create a decompression context")
-        self._check(lib.ZSTD_DCtx_setParameter(self._dctx, WINDOW_LOG_MAX, window_log_max))
-        self._check(lib.ZSTD_DCtx_setParameter(self._dctx, STABLE_OUT_BUFFER, 1))
-        if prefix is not None:
-            self._check(lib.ZSTD_DCtx_refPrefix(self._dctx, _address(prefix), len(prefix)))
+        try:
+            self._check(lib.ZSTD_DCtx_setParameter(self._dctx, WINDOW_LOG_MAX, window_log_max))
+            self._check(lib.ZSTD_DCtx_setParameter(self._dctx, STABLE_OUT_BUFFER, 1))
+            if prefix is not None:
+                self._check(lib.ZSTD_DCtx_refPrefix(self._dctx, _address(prefix), len(prefix)))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def produced(self) -> int:

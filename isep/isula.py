@@ -17,7 +17,7 @@ from .archive import Chunk, KeptJson, ScannedArchive, build_index, pass_member, 
 from .digests import BlobHasher, digest_hex, sniff_compression
 from .errors import BadInput, IntegrityError, Misfit
 from .legacy import chain_ids, gojson, sorted_map
-from .names import split_tag
+from .names import follow_renames, split_tag
 from .pack import (DIGEST_NAME, PackOptions, PackResult, PackRun, _Spool, check_plan_member, copy_member)
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter
@@ -232,7 +232,7 @@ def _adopt_shared_parts(plan: dict, files: dict[str, str], router: _StreamRouter
         if len(image["diff_ids"]) <= top:
             raise Misfit(f"image {', '.join(image['tags']) or image['config']['digest']} has no layer above "
                          f"the {'lib' if plan['lib'] else 'base'}: isula-build's layout needs one")
-        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+    follow_renames(plan["images"], renamed)
 
 
 def _lay_out_section(plan: dict, files: dict[str, str], section_out, target, run: PackRun, emitters) -> None:

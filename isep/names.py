@@ -88,6 +88,15 @@ def coexisting_name(docs: Sequence[dict | None], part: dict, roles: Sequence[str
     return name
 
 
+def follow_renames(images: list[dict], renamed: dict[str, str]) -> None:
+    """Images name the parts RENAMED (old name -> new: a part reused, a version beside another) by
+    their new names, in `parts` and `app_part`."""
+    for image in images:
+        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+        if "app_part" in image:
+            image["app_part"] = renamed.get(image["app_part"], image["app_part"])
+
+
 def looks_like_part_file(name: str) -> bool:
     """A file name a part could have (isep's or isula-build's tarballs), not a temporary one."""
     return name.endswith((".tar.zst", ".tar.gz", ".tar")) and not name.startswith(".isep")

@@ -26,7 +26,7 @@ from .bundle import encode_isula_manifest, part_for_layers
 from .digests import digest_hex, sniff_compression
 from .errors import BadInput, EnvironmentFailure, IntegrityError
 from .legacy import gojson
-from .names import coexisting_name
+from .names import coexisting_name, follow_renames
 from .partition import make_plan, shared_part_names
 from .parts import DecompressingReader, PartWriter, Sink, rewound_chunks
 from .refs import Ref
@@ -330,9 +330,7 @@ def _fix_image_parts(plan: dict) -> None:
 
 
 def _rename_in_images(plan: dict) -> None:
-    renamed = {p["_original"]: p["file"] for p in plan["parts"]}
-    for image in plan["images"]:
-        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+    follow_renames(plan["images"], {p["_original"]: p["file"] for p in plan["parts"]})
 
 
 def name_app_parts(plan: dict, stores: list[dict | None]) -> None:
@@ -344,9 +342,7 @@ def name_app_parts(plan: dict, stores: list[dict | None]) -> None:
         if part["role"] == "app":
             name = coexisting_name(stores, part, ("app",))
             renamed[part["file"]], part["file"] = name, name
-    for image in plan["images"]:
-        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
-        image["app_part"] = renamed.get(image["app_part"], image["app_part"])
+    follow_renames(plan["images"], renamed)
 
 
 def pack_with_plan(source: Source, plan: dict, target: OutputTarget, options: PackOptions) -> PackResult:
@@ -576,8 +572,7 @@ def _adopt_routing(plan: dict, writers: dict[str, PartWriter], run: PackRun) -> 
     stray = [m["seq"] for m in plan["members"] if m["seq"] not in covered]
     for part in app_files:
         part["members"] = sorted(set(part["members"]) | set(stray))
-    for image in plan["images"]:
-        image["parts"] = [renamed.get(f, f) for f in image["parts"]]
+    follow_renames(plan["images"], renamed)
 
 
 def _split_section(plan: dict, section: PartWriter, section_out: Sink, target: OutputTarget, run: PackRun,

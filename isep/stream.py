@@ -16,7 +16,8 @@ from typing import BinaryIO, Callable
 from .archive import JSON_CAP, load_json
 from .bundle import (MANIFEST_CAP, Bundle, Store, encode_manifest, isep_part_inputs, merge_manifest,
                      parse_manifest)
-from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, coexisting_name, display_name
+from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, coexisting_name, display_name,
+                    follow_renames)
 from .refs import Held
 from .parts import TemporaryPart, drain, part_opener, rewound_chunks
 from .signing import MAX_SIGNATURE, sign_manifest
@@ -223,10 +224,7 @@ def _renamed_image(received: Bundle, image: dict) -> dict:
 def _rename_received(received: Bundle, names: dict[str, str]) -> None:
     """Received parts and the images naming them under the names they take in the store."""
     received.doc["parts"] = [{**p, "file": names.get(p["file"], p["file"])} for p in received.doc["parts"]]
-    for image in received.doc["images"]:
-        image["parts"] = [names.get(f, f) for f in image["parts"]]
-        if "app_part" in image:
-            image["app_part"] = names.get(image["app_part"], image["app_part"])
+    follow_renames(received.doc["images"], names)
 
 
 def _check_store_parts(store: Store, received: Bundle, current: dict | None, joined: dict,

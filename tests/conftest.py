@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from isep.samples import write_sample_set
-from tests.harness import FORMATS, SAMPLE_LAYER_KIB, Sandbox, pack_args, run
+from tests.harness import FORMATS, SAMPLE_LAYER_KIB, Sandbox, isep, pack_args, run
+from tests.release_samples import write_releases
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,13 @@ def stores(tmp_path_factory, samples, samples_seed1):
 @pytest.fixture
 def sb(tmp_path) -> Sandbox:
     return Sandbox(tmp_path / "sb")
+
+
+@pytest.fixture(scope="module")
+def rel(tmp_path_factory):
+    """The delta tests' release series (tests/release_samples.py), and `build`: the build host's store
+    after release 1 (plain, all parts). Made once per test module."""
+    root = tmp_path_factory.mktemp("releases")
+    made = write_releases(root / "saves")
+    isep("pack", made["r1"], "--base", made["base1"], "-o", root / "build", check=0)
+    return {**made, "build": root / "build", "root": root}

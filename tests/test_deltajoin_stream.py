@@ -21,17 +21,8 @@ from isep.partspan import NotFramed, load_span, member_span, span_pieces
 from isep.tarstream import Source, TarReader
 from isep.tarwrite import build_header
 from tests.harness import copy_store, is_complete_archive, isep
-from tests.release_samples import write_releases
 
 APP1 = "app_1_app_image.tar.zst"
-
-
-@pytest.fixture(scope="module")
-def rel(tmp_path_factory):
-    root = tmp_path_factory.mktemp("releases")
-    made = write_releases(root / "saves")
-    isep("pack", made["r1"], "--base", made["base1"], "-o", root / "build", check=0)
-    return {**made, "build": root / "build"}
 
 
 def _stream(rel, release: str) -> bytes:

@@ -16,16 +16,6 @@ from isep.errors import UsageError
 from isep.tarstream import Source, TarReader
 from isep.tarwrite import build_header
 from tests.harness import copy_store, is_complete_archive, isep
-from tests.release_samples import write_releases
-
-
-@pytest.fixture(scope="module")
-def rel(tmp_path_factory):
-    """The release series, and `build`: the build host's store after release 1 (plain, all parts)."""
-    root = tmp_path_factory.mktemp("releases")
-    made = write_releases(root / "saves")
-    isep("pack", made["r1"], "--base", made["base1"], "-o", root / "build", check=0)
-    return {**made, "build": root / "build", "root": root}
 
 
 def _delta_stream(rel, release: str, *extra, base: str = "base1", store: str = "build") -> bytes:

@@ -23,7 +23,6 @@ from isep.stream import keep_received, receive_stream
 from isep.targets import DirTarget
 from isep.tarstream import Source
 from tests.harness import bundle_doc, copy_store, hold_store_lock, isep
-from tests.release_samples import write_releases
 from tests.test_versions import OLD_BASE, floating_saves, new_base_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,14 +122,6 @@ def test_signed_store_loses_its_stale_signature(two, tmp_path):
     assert any("isep-bundle.json.sig removed" in line for line in res.lines)
     isep("verify", store, check=0)
     assert isep("verify", "--trust", tmp_path / "allowed", store, check=5)
-
-
-@pytest.fixture(scope="module")
-def rel(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune-deltas")
-    made = write_releases(root / "saves")
-    isep("pack", made["r1"], "--base", made["base1"], "-o", root / "build", check=0)
-    return {**made, "build": root / "build"}
 
 
 def test_a_delta_part_keeps_the_parts_it_reads(rel, tmp_path):

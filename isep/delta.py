@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Iterator
 import xxhash
 
 from . import prefixdecode
-from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated, UsageError
+from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated
+from .limits import MIN_DELTA_MEMORY
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -46,7 +47,7 @@ WINDOW_LOG_MAX = 31           # zstd's limit on 64-bit machines
 PLAIN_WINDOW_LOG_MAX = 27     # plain segments: the same bound isep's other zstd readers use
 SAMPLE = 8                    # the plain estimate compresses one byte in every SAMPLE
 MIN_REFERENCE = 64           # zstd wants 8 bytes of prefix at least; below 64 nothing is gained
-MIN_SEGMENT = 16 << 20        # below this, segmenting costs more than it saves: ship plain
+MIN_SEGMENT = MIN_DELTA_MEMORY // 2  # below this, segmenting costs more than it saves: ship plain
 TABLES = 16 << 20             # zstd's hash, chain and long-distance tables at level 3, and slack
 PIECE = 4 << 20               # decoded bytes produced per step
 FEED = 1 << 20                # delta bytes fed per step
@@ -576,9 +577,3 @@ def _decode_through_binding(seg: Segment, feed: _Feed, prefix, what: str) -> Ite
     if produced != seg.target_size or consumed != seg.size:
         raise IntegrityError(f"{what}: a delta frame gave {produced} bytes from {consumed}, "
                              f"expected {seg.target_size} from {seg.size}")
-
-
-def check_memory_option(value: int) -> int:
-    if value < MIN_SEGMENT * 2:
-        raise UsageError(f"--delta-memory must be at least {_mib(MIN_SEGMENT * 2)}")
-    return value

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import tempfile
 from typing import BinaryIO, Iterable
 
 from .bundle import Bundle, open_bundle, part_for_layers
-from .delta import (DEFAULT_LEVEL, DEFAULT_MEMORY, check_memory_option, decode_layer, encode_layer, peak_memory,
-                    plan_segments)
+from .delta import DEFAULT_LEVEL, DEFAULT_MEMORY, decode_layer, encode_layer, peak_memory, plan_segments
 from .deltarank import LayerInfo, rank_references
 from .deltajoin import StoreLayers, delta_member_name, part_needs
 from .errors import IntegrityError, UsageError
@@ -39,15 +37,6 @@ MIN_DELTA = 64 << 10      # smaller layers ship plain: a delta's frame and recor
 # A delta must beat the plain estimate (a 1-in-8 sample) by a sixteenth: within its noise a delta is
 # not clearly smaller, and it would tie the release to a reference for nothing.
 WIN_FRACTION = 16
-SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, option: str = "--delta-memory") -> int:
-    """A byte count: 1073741824, 512M, 1G, 1GiB."""
-    m = SIZE.match(text)
-    if not m:
-        raise UsageError(f"{option} takes a size such as 512M or 2G (got {text!r})")
-    return check_memory_option(int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper())))
 
 
 def open_reference_store(path: str) -> Bundle:

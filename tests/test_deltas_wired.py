@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from isep.deltapack import parse_size
+from isep.limits import parse_delta_memory
 from isep.errors import UsageError
 from isep.tarstream import Source, TarReader
 from isep.tarwrite import build_header
@@ -175,11 +175,11 @@ def test_signed_delta_stream(rel, tmp_path):
 
 
 def test_delta_memory_option():
-    assert parse_size("1G") == 1 << 30 and parse_size("512MiB") == 512 << 20
+    assert parse_delta_memory("1G") == 1 << 30 and parse_delta_memory("512MiB") == 512 << 20
     with pytest.raises(UsageError):
-        parse_size("lots")
+        parse_delta_memory("lots")
     with pytest.raises(UsageError):
-        parse_size("1M")  # below two minimal segments
+        parse_delta_memory("1M")  # below two minimal segments
 
 
 def test_bad_delta_options_are_usage_errors(rel, tmp_path):

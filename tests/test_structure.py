@@ -3,6 +3,8 @@ a function, and no module over 600 lines (samples.py, the synthetic-save builder
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "isep"
@@ -94,6 +96,17 @@ def test_no_isep_module_is_imported_inside_a_function():
     _, nested = import_graph()
     # the CLI layer may defer heavy imports to keep start-up fast; the library core may not
     assert [n for n in nested if not n.startswith("isep.cli")] == []
+
+
+def test_a_plain_pack_loads_only_what_it_runs():
+    """isep-pack's start-up is an eighth of a 256 MiB pack: its deltas, isula layout, stream output
+    and registry client load only when a run asks for them."""
+    code = ("import sys, isep.cli.pack; print(' '.join(sorted(m for m in sys.modules if m in "
+            "('isep.cli.pack', 'isep.delta', 'isep.deltapack', 'isep.isula', 'isep.stream', 'isep.registry', "
+            "'backports.zstd', 'http.client'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.split() == ["isep.cli.pack"]
 
 
 def test_no_module_is_over_600_lines():

@@ -10,10 +10,10 @@ import typer
 from ..errors import UsageError
 from ..registryref import RegistryRef, is_registry_ref
 from ..files import OutputFile, open_in_place, output_file
+from ..limits import parse_delta_memory
 from ..names import BUNDLE_MANIFEST
 from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
 from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, prepare_delta_parts
-from ..deltapack import parse_size
 from ..join import JoinOptions, join_parts
 from ..refs import Held, resolve_have
 from ..thin import covered_layers
@@ -100,7 +100,7 @@ def join(
     if no_verify:
         ui.warn("--no-verify: part hashes are not checked (layer diffIDs still are)")
     options = JoinOptions(verify_parts=not no_verify, warn=ui.warn, normalize=normalize)
-    memory = parse_size(delta_memory)
+    memory = parse_delta_memory(delta_memory)
     if is_registry_ref(bundle):
         if overrides or image == "-":
             raise UsageError("oci:// joins a release's own parts: no -b/-l/-a, and no stream on stdin")

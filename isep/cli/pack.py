@@ -12,16 +12,13 @@ import typer
 from .. import __version__
 from ..archive import build_index, scan_metadata
 from ..bundle import LOCK_WAIT, Store
-from ..deltapack import DeltaTarget, open_reference_store, parse_size
 from ..errors import EnvironmentFailure, UsageError
-from ..isula import pack_isula, pack_isula_stream
 from ..pack import ROLES, PackOptions, pack_one_shot, pack_with_plan
-from ..limits import PLAN_CAP
+from ..limits import PLAN_CAP, parse_delta_memory
 from ..partition import make_plan
 from ..plancheck import check_plan
 from ..registryref import RegistryRef, is_registry_ref
 from ..refs import read_json_file
-from ..stream import StreamTarget
 from ..targets import DirTarget
 from ..tarstream import Source
 from .common import (
@@ -126,9 +123,12 @@ def pack(
         raise EnvironmentFailure(f"cannot read signing key {sign}: no such file")
     if delta_from is not None and layout == Layout.isula:
         raise UsageError("--delta-from makes isep parts: isula-build cannot load them (leave out --format isula)")
-    reference = open_reference_store(delta_from) if delta_from is not None else None
+    memory = parse_delta_memory(delta_memory)
+    reference = None
+    if delta_from is not None:
+        from ..deltapack import DeltaTarget, open_reference_store  # see _run
+        reference = open_reference_store(delta_from)
     push_to = None
-    memory = parse_size(delta_memory)
     if is_registry_ref(output):
         push_to = RegistryRef.parse(output)
         if reference is not None or len(roles) < len(ROLES) or layout == Layout.isula:
@@ -147,7 +147,7 @@ def pack(
         target.abort()
         raise
     _summary(ui, result)
-    if isinstance(target, DeltaTarget):
+    if reference is not None:
         _delta_summary(ui, target.shipped)
     if push_to is not None:
         from ..push import open_release_bundle, push_release  # see registry_client
@@ -159,12 +159,17 @@ def pack(
 
 def _open_target(output: str, sign: Optional[str], wait: float, ui: Ui):
     if output == "-":
+        from ..stream import StreamTarget  # see _run
         return StreamTarget(stdout_binary(), {"isep": __version__}, sign_key=sign)
     return DirTarget(Store(output), sign_key=sign, lock_wait=wait, warn=ui.warn)
 
 
 def _run(fh, name, plan, base, lib, target, options):
-    execute = pack_isula if options.layout == "isula" else pack_with_plan
+    # The isula, stream and delta modules are imported only by the runs that use them: start-up is
+    # an eighth of a 256 MiB pack (bench/RESULTS.md, 2026-11-30)
+    execute, one_shot = pack_with_plan, pack_one_shot
+    if options.layout == "isula":
+        from ..isula import pack_isula as execute, pack_isula_stream as one_shot
     if plan is not None:
         return execute(Source(fh, name=name), plan, target, options)
     if _seekable_file(fh):  # a file: walk its headers first, then pack with the plan (no spool at all)
@@ -172,7 +177,6 @@ def _run(fh, name, plan, base, lib, target, options):
         fh.seek(0)
         return execute(Source(fh, name=name), plan, target, options)
     base_ref, lib_ref = resolve_refs(base, lib, None)
-    one_shot = pack_isula_stream if options.layout == "isula" else pack_one_shot
     return one_shot(Source(fh, name=name), base_ref, lib_ref, target, options)
 
 

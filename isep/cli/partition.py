@@ -7,8 +7,8 @@ from typing import Optional
 import typer
 
 from ..archive import load_json
-from ..deltapack import open_reference_store, parse_size, shipping_lines, shipping_plan
-from ..limits import INDEX_CAP, PLAN_CAP
+from ..deltapack import open_reference_store, shipping_lines, shipping_plan
+from ..limits import INDEX_CAP, PLAN_CAP, parse_delta_memory
 from ..partition import make_plan, summary_lines
 from ..plancheck import check_index
 from .common import (
@@ -70,7 +70,7 @@ def partition(
     plan = make_plan(doc, base_ref, lib_ref, compression=compress.value,
                      renames=read_renames(rename, compress.value))
     if delta_from is not None:
-        plan["shipping"] = shipping_plan(plan, open_reference_store(delta_from), parse_size(delta_memory))
+        plan["shipping"] = shipping_plan(plan, open_reference_store(delta_from), parse_delta_memory(delta_memory))
     write_json(plan, cap=PLAN_CAP, what="the plan")
     if (summary or sys.stderr.isatty()) and not ui.quiet:
         lines = summary_lines(plan) + (shipping_lines(plan["shipping"]) if delta_from is not None else [])

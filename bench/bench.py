@@ -168,8 +168,8 @@ print(n, time.perf_counter() - t0)
 """
 
 
-def measure_primitives(archive: Path, gzip_sample: int, workdir: Path, log, repeat: int = 1) -> dict:
-    """Each primitive ``repeat`` times on the archive; the median run is reported."""
+def primitive_runners(archive: Path, gzip_sample: int, workdir: Path) -> dict:
+    """name -> (label, run): each run returns (bytes, seconds, extra fields)."""
     import xxhash
     import zstandard
 
@@ -253,14 +253,20 @@ def measure_primitives(archive: Path, gzip_sample: int, workdir: Path, log, repe
         ("zstd_d", "zstd decompress (stream_reader.readinto)", zstd_d),
         ("gzip6", f"gzip -6 (zlib, first {human(gz_bytes)})", gzip6),
     ]
+    return {key: (label, fn) for key, label, fn in plan}
+
+
+def synced(fn):
+    os.sync()  # as before each command run: no earlier writes flushing meanwhile
+    return fn()
+
+
+def measure_primitives(runners: dict, archive: Path, log, repeat: int = 1) -> dict:
+    """Each primitive ``repeat`` times on the archive; the median run is reported."""
     for _ in iter_file(archive):  # warm the page cache
         pass
     res: dict[str, dict] = {}
-    def synced(fn):
-        os.sync()  # as before each command run: no earlier writes flushing meanwhile
-        return fn()
-
-    for key, label, fn in plan:
+    for key, (label, fn) in runners.items():
         runs = sorted((synced(fn) for _ in range(max(1, repeat))), key=lambda r: r[0] / r[1])
         nbytes, secs, extra = runs[len(runs) // 2]
         res[key] = {"what": label, "bytes": nbytes, "seconds": round(secs, 3),
@@ -268,7 +274,6 @@ def measure_primitives(archive: Path, gzip_sample: int, workdir: Path, log, repe
         if repeat > 1:
             res[key]["all_MBps"] = [round(r[0] / r[1] / MB, 1) for r in runs]
         log(f"  {label:<44} {res[key]['MBps']:>8} MB/s")
-    zpath.unlink(missing_ok=True)
     return res
 
 
@@ -425,23 +430,35 @@ def measure_startup(ctx: dict, names: list[str], log, times: int = 5) -> dict:
     return {os.path.basename(k): v for k, v in out.items()}
 
 
-def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int) -> dict:
-    """The command `runs` times; MB/s from the median wall time, RSS and temp bytes the worst."""
+def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int, primitive=None) -> dict:
+    """The command `runs` times; MB/s from the median wall time, RSS and temp bytes the worst.
+    primitive: run just before each run, and the command's speed over the primitive's in that pair
+    kept: the machine's speed drifts by 10-20 % within minutes, and a pair sees the same moment."""
     results = []
+    paired = []
     for _ in range(runs):
         if name.startswith("pack"):  # a pack into an existing store reuses its parts: start empty each time
             shutil.rmtree(ctx["parts"], ignore_errors=True)
+        prim_speed = None
+        if primitive is not None:
+            nbytes, secs, _ = synced(primitive)
+            prim_speed = nbytes / secs / MB
         os.sync()  # no run pays for the writeback of what an earlier one wrote (parts, primitives)
         r = run_command(name, spec, ctx, workdir, log)
         results.append(r)
         if r.get("rc") != 0:
             return r
+        if prim_speed:
+            paired.append(round(r["MBps"] / prim_speed, 3))
     results.sort(key=lambda r: r["wall_s"])
     median = dict(results[len(results) // 2])
     median["walls_s"] = [r["wall_s"] for r in results]
     rss = [r["peak_rss_MiB"] for r in results if r.get("peak_rss_MiB")]
     median["peak_rss_MiB"] = max(rss) if rss else None
     median["temp_peak_bytes"] = max(r["temp_peak_bytes"] for r in results)
+    if paired:
+        median["paired_ratios"] = sorted(paired)
+        median["paired_ratio"] = sorted(paired)[len(paired) // 2]
     return median
 
 
@@ -566,10 +583,10 @@ def run_size(size: int, args, log) -> dict:
     run = {"size": size, "format": args.format, "workdir": str(workdir),
            "archive_bytes": gen["archive_bytes"], "layers": gen["layers"],
            "generation_s": [gen["gen_first_pass_s"], gen["gen_write_s"]]}
+    runners = primitive_runners(Path(gen["archive"]), parse_size(args.gzip_sample), workdir)
     if not args.skip_primitives:
         log("  primitives (same data):")
-        run["primitives"] = measure_primitives(Path(gen["archive"]), parse_size(args.gzip_sample), workdir, log,
-                                              args.repeat)
+        run["primitives"] = measure_primitives(runners, Path(gen["archive"]), log, args.repeat)
     else:
         run["primitives"] = {}
     ctx = {"bin": str(Path(args.bin).resolve()), "archive": gen["archive"],
@@ -591,7 +608,8 @@ def run_size(size: int, args, log) -> dict:
             log(f"  {name:<12} SKIPPED: {r['skipped']}")
             cmds.append(r)
             continue
-        r = run_repeated(name, spec, ctx, workdir, log, args.runs)
+        pair = runners.get(spec.get("primitive") or "") if args.paired and not args.skip_primitives else None
+        r = run_repeated(name, spec, ctx, workdir, log, args.runs, pair[1] if pair else None)
         prim = run["primitives"].get(spec.get("primitive") or "")
         if prim and r.get("rc") == 0 and prim.get("MBps"):
             on_input = spec["input"] == "archive" or spec.get("ratio_on") == "input"
@@ -617,6 +635,7 @@ def run_size(size: int, args, log) -> dict:
         if igen is not gen:
             for k in ("archive", "base_json", "lib_json"):
                 Path(igen[k]).unlink(missing_ok=True)
+    (workdir / "primitive.zst").unlink(missing_ok=True)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
         run["workdir_removed"] = True
@@ -647,6 +666,7 @@ def print_table(runs: list[dict], log) -> None:
                 f"{r['peak_rss_MiB'] if r['peak_rss_MiB'] is not None else '?':>8} "
                 f"{human(r['temp_peak_bytes']):>10}  walls {r.get('walls_s', [r['wall_s']])}"
                 + "".join(f", {k} {v}" for k, v in r.items() if k.startswith("ratio_to_") and k != "ratio_to_primitive")
+                + (f", paired_ratio {r['paired_ratio']} of {r['paired_ratios']}" if r.get("paired_ratio") else "")
                 + (f", parts {r['parts_bytes']} B" if r.get("parts_bytes") else ""))
         if "isula_route" in run:
             i = run["isula_route"]
@@ -682,6 +702,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3,
                     help="run each command N times; MB/s from the median run, RSS and temp the worst (default 3)")
     ap.add_argument("--skip-primitives", action="store_true")
+    ap.add_argument("--paired", action="store_true",
+                    help="run each command's primitive just before each of its runs; report the median of "
+                         "the per-pair ratios (paired_ratio) beside the ratio of medians")
     ap.add_argument("--skip-isula", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (archive, parts)")
     args = ap.parse_args(argv)

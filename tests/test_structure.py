@@ -109,6 +109,16 @@ def test_a_plain_pack_loads_only_what_it_runs():
     assert out.split() == ["isep.cli.pack"]
 
 
+def test_a_command_keeps_its_imports_out_of_the_collector():
+    """launch freezes what the imports made: no collection, the interpreter's exit included, walks it."""
+    code = ("import atexit, gc, sys; import isep.cli.index as m; "
+            "atexit.register(lambda: print(gc.get_freeze_count(), file=sys.stderr)); "
+            "sys.argv = ['isep-index', '--version']; m.main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert res.returncode == 0 and res.stdout.startswith("isep ")
+    assert int(res.stderr) > 10_000  # typer's and isep's modules, classes and functions
+
+
 def test_no_module_is_over_600_lines():
     long = {m: len(p.read_text().splitlines()) for m, p in modules().items()}
     assert {m: n for m, n in long.items() if n > MAX_LINES and m not in LONG_ALLOWED} == {}

@@ -27,6 +27,7 @@ import queue
 import re
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -373,15 +374,24 @@ def encode_layer(chunks: Chunks, target_size: int, reference: Reference, sink: C
     ref = ReferenceReader(reference, segments) if any(s.method == "prefix" for s in segments) else None
     pieces, target_sha, delta_sha = _Pieces(chunks), hashlib.sha256(), hashlib.sha256()
     estimate = _PlainEstimate(level, sample)
-    for seg in segments:
-        prefix = _binding_prefix(ref.next_prefix() if ref is not None and seg.method == "prefix" else None)
-        comp = _compressor(level, seg, prefix)
-        for piece in pieces.take(seg.target_size):
-            target_sha.update(piece)
-            estimate.feed(piece)
-            seg.size += _emit(comp.compress(piece), sink, delta_sha)
-        seg.size += _emit(comp.flush(), sink, delta_sha)
-        del comp, prefix
+
+    def observe(piece: memoryview) -> None:
+        target_sha.update(piece)
+        estimate.feed(piece)
+
+    # The diffID and the plain estimate take 0.2 s of a 185 MB layer's 0.5 s: on a second thread,
+    # beside the delta's compression of the same piece (each releases the GIL)
+    with ThreadPoolExecutor(1, thread_name_prefix="isep-delta-observe") as beside:
+        for seg in segments:
+            prefix = _binding_prefix(ref.next_prefix() if ref is not None and seg.method == "prefix" else None)
+            comp = _compressor(level, seg, prefix)
+            for piece in pieces.take(seg.target_size):
+                observed = beside.submit(observe, piece)
+                out = comp.compress(piece)
+                observed.result()  # before the next piece: this one's buffer may be reused
+                seg.size += _emit(out, sink, delta_sha)
+            seg.size += _emit(comp.flush(), sink, delta_sha)
+            del comp, prefix
     if not pieces.at_end():
         raise BadInput(f"layer is larger than its declared {target_size} bytes")
     if ref is not None:

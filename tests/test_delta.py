@@ -161,6 +161,26 @@ def test_reference_read_through_a_reused_buffer(release_pair):
     assert b"".join(bytes(p) for p in decode_layer(record, [blob], ref)) == new
 
 
+def test_target_read_through_a_reused_buffer(release_pair):
+    """The diffID and the plain estimate run beside the compression: each piece must be seen whole by
+    both before the reader refills its buffer."""
+    old, new = release_pair
+
+    def reused():
+        buf = bytearray(65536)
+        for i in range(0, len(new), 65536):
+            piece = new[i:i + 65536]
+            buf[:len(piece)] = piece
+            yield memoryview(buf)[:len(piece)]
+            buf[:] = bytes(len(buf))  # what a refill would leave there
+
+    out = bytearray()
+    record = encode_layer(reused(), len(new), reference(old), out.extend)
+    assert record.target_diff_id == diff_id(new)
+    assert record.plain_estimate == encode(new, old)[0].plain_estimate
+    assert b"".join(bytes(p) for p in decode_layer(record, [bytes(out)], reference(old))) == new
+
+
 def test_missing_reference_is_refused(release_pair):
     old, new = release_pair
     record, blob = encode(new, old)

@@ -448,8 +448,9 @@ def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int
         results.append(r)
         if r.get("rc") != 0:
             return r
-        if prim_speed:
-            paired.append(round(r["MBps"] / prim_speed, 3))
+        if prim_speed:  # on the same basis as ratio_to_primitive (run_size)
+            on_input = spec["input"] == "archive" or spec.get("ratio_on") == "input"
+            paired.append(round(r["MBps" if on_input else "archive_MBps"] / prim_speed, 3))
     results.sort(key=lambda r: r["wall_s"])
     median = dict(results[len(results) // 2])
     median["walls_s"] = [r["wall_s"] for r in results]

@@ -233,10 +233,14 @@ def build_all(cache: Path, out: Path, wanted: set[str]) -> dict:
         "e": ("npm dependency bump", ("node1",), ("node2",)),
     }
     repo = {"e": "apps/node"}
-    doc = {"pairs": {k: {"title": t, "r1": image(*r1, repo=repo.get(k, "apps/web")),
-                         "r2": image(*r2, repo=repo.get(k, "apps/web"))}
-                     for k, (t, r1, r2) in pairs.items() if k in wanted}}
-    (out / "pairs.json").write_text(json.dumps(doc, indent=1) + "\n")
+    built = {k: {"title": t, "r1": image(*r1, repo=repo.get(k, "apps/web")),
+                 "r2": image(*r2, repo=repo.get(k, "apps/web"))}
+             for k, (t, r1, r2) in pairs.items() if k in wanted}
+    # a run for some pairs keeps the others an earlier run described (their layers are still there)
+    index = out / "pairs.json"
+    earlier = json.loads(index.read_text())["pairs"] if index.exists() else {}
+    doc = {"pairs": dict(sorted({**earlier, **built}.items()))}
+    index.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
 
 

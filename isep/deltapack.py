@@ -26,6 +26,7 @@ from .bundle import Bundle, open_bundle, part_for_layers
 from .delta import DEFAULT_LEVEL, DEFAULT_MEMORY, decode_layer, encode_layer, peak_memory, plan_segments
 from .deltarank import LayerInfo, rank_references
 from .deltajoin import StoreLayers, delta_member_name, part_needs
+from .digests import digest_hex
 from .errors import IntegrityError, UsageError
 from .names import split_tag
 from .parts import DecompressingReader, PartWriter, TemporaryPart, rewound_chunks
@@ -64,6 +65,14 @@ def store_candidates(doc: dict) -> list[LayerInfo]:
     return out
 
 
+def _rehashed(isula: bytes, hashes: dict[str, str]) -> bytes:
+    """isula-build's manifest, made from the spooled parts' hashes, with the shipped parts' own."""
+    text = isula.decode()
+    for spooled, final in hashes.items():
+        text = text.replace(f'"{digest_hex(spooled)}"', f'"{digest_hex(final)}"')
+    return text.encode()
+
+
 def _positions(images: list[dict]) -> dict[str, tuple[str, int]]:
     """diffID -> (repository of the first image that has it, its position there)."""
     out: dict[str, tuple[str, int]] = {}
@@ -75,11 +84,19 @@ def _positions(images: list[dict]) -> dict[str, tuple[str, int]]:
 
 
 class DeltaTarget:
-    """An OutputTarget that packs into temporary files and ships delta parts through `inner`."""
+    """An OutputTarget that packs into temporary files and ships delta parts through `inner`.
 
-    def __init__(self, inner: OutputTarget, reference: Bundle, *, level: int | None = None,
-                 memory: int = DEFAULT_MEMORY, delta_level: int = DEFAULT_LEVEL):
+    Parts reach it plain (spool_compression "none"): each is read back once and compressed as it
+    ships, so that a layer that becomes a delta is never compressed whole (pair c of
+    bench/delta_wire.py: 0.5 CPU-seconds of its 185 MB layer). The price is temporary disk: the
+    parts' tar size, not their compressed size (docs/formats.md, "Temporary disk")."""
+
+    spool_compression = "none"
+
+    def __init__(self, inner: OutputTarget, reference: Bundle, *, compression: str = "zstd",
+                 level: int | None = None, memory: int = DEFAULT_MEMORY, delta_level: int = DEFAULT_LEVEL):
         self.inner = inner
+        self.compression = compression
         self.reference = reference
         self.layers = StoreLayers([reference])
         self.candidates = store_candidates(reference.doc)
@@ -123,12 +140,18 @@ class DeltaTarget:
         positions = _positions(images)
         layer_ids = set(positions) | {d for p in parts for d in p.get("layers") or []}
         shipped = []
+        hashes: dict[str, str] = {}  # a spooled part's sha256 -> the shipped (or held) part's
         for part in parts:
             spool = self._spools[part["file"]]
-            if part["role"] != "app" and part_for_layers(self.reference.doc, part["role"], part["diff_ids"]):
+            held = part_for_layers(self.reference.doc, part["role"], part["diff_ids"]) if part["role"] != "app" \
+                else None
+            if held is not None:
                 spool.raw.close()  # the receiver holds this very stack: as with --parts app, not shipped
+                hashes[part["sha256"]] = held["sha256"]
                 continue
-            shipped.append(self._delta_part(part, spool, layer_ids, positions))
+            entry, out = self._delta_part(part, spool, layer_ids, positions)
+            hashes[part["sha256"]] = entry["sha256"]
+            shipped.append((entry, out))
         needs = [n for entry, _ in shipped for n in entry.get("needs") or []]
         announce = getattr(self.inner, "announce_needs", None)
         if needs and announce is not None:
@@ -141,7 +164,9 @@ class DeltaTarget:
             spool.raw.close()
         has_deltas = any(entry.get("needs") for entry, _ in shipped)
         # isula-build cannot read a delta part: its manifest is not written for one
-        return self.inner.finish([entry for entry, _ in shipped], images, None if has_deltas else isula)
+        if has_deltas or isula is None:
+            return self.inner.finish([entry for entry, _ in shipped], images, None)
+        return self.inner.finish([entry for entry, _ in shipped], images, _rehashed(isula, hashes))
 
     def abort(self) -> None:
         for spool in self._spools.values():
@@ -150,10 +175,10 @@ class DeltaTarget:
 
     def _delta_part(self, part: dict, spool: TemporaryPart, layer_ids: set[str],
                    positions: dict[str, tuple[str, int]]) -> tuple[dict, TemporaryPart]:
-        """(entry, file) of a part with its layers referenced or delta-compressed where that wins;
-        the part as packed when nothing changed."""
+        """(entry, file) of a part, compressed as it ships, its layers referenced or delta-compressed
+        where that wins."""
         delta_spool = TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
-        writer = PartWriter(part["file"], delta_spool, part["compression"], self.level)
+        writer = PartWriter(part["file"], delta_spool, self.compression, self.level)
         members: list[dict] = []
         spool.raw.seek(0)
         source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
@@ -174,13 +199,11 @@ class DeltaTarget:
         finally:
             source.close()
         info = writer.finish()
-        if not any("from" in rec for rec in members):
-            delta_spool.raw.close()
-            return part, spool
         spool.raw.close()
-        entry = {**part, "size": info["size"], "sha256": info["sha256"], "xxh3": info["xxh3"],
-                 "raw_size": info["raw_size"], "members": members}
-        entry["needs"] = part_needs(entry)
+        entry = {**part, "compression": info["compression"], "size": info["size"], "sha256": info["sha256"],
+                 "xxh3": info["xxh3"], "raw_size": info["raw_size"], "members": members}
+        if any("from" in rec for rec in members):
+            entry["needs"] = part_needs(entry)
         return entry, delta_spool
 
     def _route_layer(self, part: dict, rec: dict, member: Member, writer: PartWriter, members: list[dict],

@@ -230,7 +230,7 @@ class PackRun:
         out = self.target.open(part["file"]) if wanted else None
         if out is not None:
             self.outs[part["file"]] = out
-        w = PartWriter(part["file"], out, self.options.compression, self.options.level)
+        w = part_writer(part["file"], out, self.target, self.options)
         self.writers[part["file"]] = w
         return w
 
@@ -260,7 +260,7 @@ class PackRun:
             members: list = self.records.get(part["file"]) or [slim(m) for m in writer.members]
             parts_out.append({
                 "file": part["file"], "role": part["role"], "image": part.get("image"),
-                "compression": self.options.compression, "size": info["size"], "sha256": info["sha256"],
+                "compression": info["compression"], "size": info["size"], "sha256": info["sha256"],
                 "xxh3": info["xxh3"], "raw_size": info["raw_size"], "diff_ids": part["diff_ids"],
                 "layers": part["layers"], "format": plan["source"]["format"], "save": save,
                 "members": members,
@@ -504,6 +504,13 @@ def _carried(writer: PartWriter) -> set[str | None]:
     return {m.get("diff_id") or m.get("sha256") for m in writer.members if m.get("type") == "file"}
 
 
+def part_writer(file_name: str, out: Sink | None, target: OutputTarget, options: PackOptions) -> PartWriter:
+    """A part's writer, compressing as the target takes parts (--delta-from: plain, encoded later)."""
+    if target.spool_compression is not None:
+        return PartWriter(file_name, out, target.spool_compression, None)
+    return PartWriter(file_name, out, options.compression, options.level)
+
+
 def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarget,
                   options: PackOptions) -> PackResult:
     run = PackRun(target, options)
@@ -514,7 +521,7 @@ def pack_one_shot(source: Source, base: Ref, lib: Ref | None, target: OutputTarg
         if stack is not None:
             role_writers[role] = run.writer({"role": role, "file": names[role], "diff_ids": stack})
     section_out = target.open_section()
-    section = PartWriter("app-section", section_out, options.compression, options.level)
+    section = part_writer("app-section", section_out, target, options)
     role_writers["app"] = section
     shot = OneShot(base, lib, role_writers, target.spool_dir, source.name)
     reader = TarReader(source)
@@ -584,7 +591,7 @@ def _split_section(plan: dict, section: PartWriter, section_out: Sink, target: O
     router = PlanRouter(plan, {f: w for f, w in run.writers.items()
                                if any(p["file"] == f and p["role"] == "app" for p in plan["parts"])}, run.records)
     with target.reopen(section_out) as raw:
-        reader = TarReader(Source(DecompressingReader(raw, options.compression, None, "the app section"),
+        reader = TarReader(Source(DecompressingReader(raw, section.compression, None, "the app section"),
                                   name="the app section"))
         for member, rec in zip(reader, section.members):
             router.route(member, rec["seq"], "the app section")

@@ -405,6 +405,8 @@ class DecompressingReader:
     def _readinto(self, buf: bytearray | memoryview) -> int:
         if self._reader is not None:
             return self._reader.readinto(buf)
+        if self.compression == "none" and not len(self._pending) and hasattr(self.src, "readinto"):
+            return self.src.readinto(buf)  # a plain spool (--delta-from): no copy through bytes
         while not len(self._pending):
             piece = next(self._pieces, None)
             if piece is not None:

@@ -58,6 +58,7 @@ class StreamTarget:
 
     spool_dir = None
     reference_doc = None
+    spool_compression = None
 
     def holds_part(self, entry: dict) -> bool:
         return False  # a stream starts no store: nothing to reuse

@@ -39,6 +39,12 @@ class OutputTarget(Protocol[SectionT]):
         """The manifest of the store the receiver holds (--delta-from), whose part names a new
         version of a base or lib must not take (None: no such store)."""
 
+    @property
+    def spool_compression(self) -> str | None:
+        """The compression parts are written to this target with when it is not the pack's own: a
+        target that reads every part back to encode it again (--delta-from) takes them plain, "none"
+        (None: the pack's)."""
+
     def open(self, file_name: str) -> Sink: ...
 
     def holds_part(self, entry: dict) -> bool: ...
@@ -105,6 +111,7 @@ class DirTarget:
         self.existing = store.read_manifest()
         self.spool_dir: str | None = store.path
         self.reference_doc: dict | None = None
+        self.spool_compression: str | None = None
         self._outs: list[tuple[_FileOut, str | None]] = []
 
     def holds_part(self, entry: dict) -> bool:

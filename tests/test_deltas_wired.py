@@ -156,6 +156,25 @@ def test_plain_when_the_delta_does_not_win_keeps_schema_1(rel, tmp_path):
     assert isep("join", device, "-", stdin=stream, check=0).stdout == rel["r2"].read_bytes()
 
 
+def test_delta_pack_without_deltas_writes_what_a_plain_pack_writes(rel, tmp_path):
+    """Parts reach --delta-from's target plain and are compressed as they ship: with nothing to take a
+    delta against, the store gets the very part files and isula-build manifest that a pack without
+    --delta-from writes, the base part the receiver holds named with the receiver's hash."""
+    held = tmp_path / "held"
+    isep("pack", rel["r1"], "--base", rel["base1"], "-o", held, "--parts", "base", check=0)
+    plain, delta = tmp_path / "plain", tmp_path / "delta"
+    isep("pack", rel["r2"], "--base", rel["base1"], "-o", plain, check=0)
+    isep("pack", rel["r2"], "--base", rel["base1"], "-o", delta, "--delta-from", held, check=0)
+    doc = json.loads((delta / "isep-bundle.json").read_text())
+    assert doc["schema"] == "isep-bundle/1" and [p["role"] for p in doc["parts"]] == ["app"]
+    app = doc["parts"][0]["file"]
+    assert (delta / app).read_bytes() == (plain / app).read_bytes()
+    assert (delta / "manifest").read_bytes() == (plain / "manifest").read_bytes()
+    isula = json.loads((delta / "manifest").read_text())
+    base = json.loads((held / "isep-bundle.json").read_text())["parts"][0]
+    assert {e["baseHash"] for e in isula.values()} == {base["sha256"].split(":")[1]}
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (OpenSSH) is not installed")
 def test_signed_delta_stream(rel, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f", str(tmp_path / "key")],

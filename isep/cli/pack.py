@@ -100,7 +100,7 @@ def pack(
     rename: Optional[str] = RenameOption,
     no_isula_manifest: bool = typer.Option(False, "--no-isula-manifest", help="Do not write isula-build's `manifest` file."),
     sign: Optional[str] = typer.Option(None, "--sign", metavar="KEY", help="Sign isep-bundle.json with this SSH key (ssh-keygen -Y sign, namespace isep) into isep-bundle.json.sig; receivers check it with --trust."),
-    delta_from: Optional[str] = typer.Option(None, "--delta-from", metavar="STORE", help="Ship only what the receiver's STORE (a copy of the device's store) lacks: a layer a part in STORE carries is referenced, not shipped; another layer is shipped as a zstd delta against the most similar layer of STORE when that is smaller, else plain. The bundle has the schema isep-bundle/2, which older isep versions refuse."),
+    delta_from: Optional[str] = typer.Option(None, "--delta-from", metavar="STORE", help="Ship only what the receiver's STORE (a copy of the device's store) lacks: a layer a part in STORE carries is referenced, not shipped; another layer is shipped as a zstd delta against the most similar layer of STORE when that is smaller, else plain. The bundle has the schema isep-bundle/2, which older isep versions refuse. The parts wait uncompressed in DIR (TMPDIR with -o -) until they ship."),
     delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use (reference slice plus window); larger layers are cut into segments, and the receiver needs as much (isep-join --delta-memory)."),
     wait: float = typer.Option(LOCK_WAIT, "--wait", metavar="SECONDS", min=0, help="How long to wait for another pack's lock on the store DIR before giving up (exit 3); 0 gives up at once."),
     layout: Layout = typer.Option(Layout.isep, "--format", help="isep: parts hold the original members verbatim (byte-exact joins). isula: isula-build's layout (<legacyID>/layer.tar, config, manifest.json; new headers), which `isula-build ctr-img load -d DIR` loads; use with --compress gzip. From a pipe, the app section waits, compressed, in DIR."),
@@ -138,7 +138,7 @@ def pack(
         output = scratch_dir("isep-pack-push-")
     target = _open_target(output, sign, wait, ui)
     if reference is not None:
-        target = DeltaTarget(target, reference, level=level, memory=memory)
+        target = DeltaTarget(target, reference, compression=compress.value, level=level, memory=memory)
     try:
         with ui.bar(input_size(archive), "pack") as tick:
             options.progress = tick

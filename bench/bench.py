@@ -287,6 +287,11 @@ def synced(fn):
     return fn()
 
 
+def primitive_speed(run) -> float:
+    nbytes, secs, _ = synced(run)
+    return nbytes / secs / MB
+
+
 def measure_primitives(runners: dict, archive: Path, log, repeat: int = 1) -> dict:
     """Each primitive ``repeat`` times on the archive; the median run is reported."""
     for _ in iter_file(archive):  # warm the page cache
@@ -466,16 +471,12 @@ def run_repeated(name: str, spec: dict, ctx: dict, workdir: Path, log, runs: int
     for i in range(runs):
         if name.startswith("pack"):  # a pack into an existing store reuses its parts: start empty each time
             shutil.rmtree(ctx["parts"], ignore_errors=True)
-        prim_speed = None
-        if primitive is not None and i % 2 == 0:
-            nbytes, secs, _ = synced(primitive)
-            prim_speed = nbytes / secs / MB
+        prim_speed = primitive_speed(primitive) if primitive is not None and i % 2 == 0 else None
         os.sync()  # no run pays for the writeback of what an earlier one wrote (parts, primitives)
         r = run_command(name, spec, ctx, workdir, log)
         results.append(r)
         if primitive is not None and i % 2 == 1:
-            nbytes, secs, _ = synced(primitive)
-            prim_speed = nbytes / secs / MB
+            prim_speed = primitive_speed(primitive)
         if r.get("rc") != 0:
             return r
         if prim_speed:  # on the same basis as ratio_to_primitive (run_size)

@@ -559,9 +559,7 @@ def _decode_in_place(seg: Segment, feed: _Feed, slice_bytes: mmap.mmap, what: st
     if decoder.unused:
         consumed -= len(decoder.unused)
         feed.push_back(decoder.unused)
-    if decoder.produced != seg.target_size or consumed != seg.size:
-        raise IntegrityError(f"{what}: a delta frame gave {decoder.produced} bytes from {consumed}, "
-                             f"expected {seg.target_size} from {seg.size}")
+    _check_segment(seg, decoder.produced, consumed, what)
 
 
 def _decode_through_binding(seg: Segment, feed: _Feed, prefix, what: str) -> Iterator[bytes]:
@@ -584,6 +582,10 @@ def _decode_through_binding(seg: Segment, feed: _Feed, prefix, what: str) -> Ite
     if decomp.unused_data:
         consumed -= len(decomp.unused_data)
         feed.push_back(decomp.unused_data)
+    _check_segment(seg, produced, consumed, what)
+
+
+def _check_segment(seg: Segment, produced: int, consumed: int, what: str) -> None:
     if produced != seg.target_size or consumed != seg.size:
         raise IntegrityError(f"{what}: a delta frame gave {produced} bytes from {consumed}, "
                              f"expected {seg.target_size} from {seg.size}")

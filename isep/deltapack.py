@@ -26,11 +26,10 @@ from .bundle import Bundle, open_bundle, part_for_layers
 from .delta import DEFAULT_LEVEL, DEFAULT_MEMORY, decode_layer, encode_layer, peak_memory, plan_segments
 from .deltarank import LayerInfo, rank_references
 from .deltajoin import StoreLayers, delta_member_name, part_needs
-from .digests import digest_hex
 from .errors import IntegrityError, UsageError
 from .names import split_tag
 from .parts import DecompressingReader, PartWriter, TemporaryPart, rewound_chunks
-from .targets import OutputTarget
+from .targets import OutputTarget, rehash_isula_manifest
 from .tarstream import CHUNK, Member, Source, TarReader, padded
 from .tarwrite import build_header
 
@@ -63,14 +62,6 @@ def store_candidates(doc: dict) -> list[LayerInfo]:
                 out.append(LayerInfo(digest, rec.get("size") or 0, repo, position, entry.get("role") or "app",
                                      name=rec.get("name") or "", newness=newness))
     return out
-
-
-def _rehashed(isula: bytes, hashes: dict[str, str]) -> bytes:
-    """isula-build's manifest, made from the spooled parts' hashes, with the shipped parts' own."""
-    text = isula.decode()
-    for spooled, final in hashes.items():
-        text = text.replace(f'"{digest_hex(spooled)}"', f'"{digest_hex(final)}"')
-    return text.encode()
 
 
 def _positions(images: list[dict]) -> dict[str, tuple[str, int]]:
@@ -140,17 +131,17 @@ class DeltaTarget:
         positions = _positions(images)
         layer_ids = set(positions) | {d for p in parts for d in p.get("layers") or []}
         shipped = []
-        hashes: dict[str, str] = {}  # a spooled part's sha256 -> the shipped (or held) part's
+        final: dict[str, dict] = {}  # each part as it ships, or as the receiver holds it
         for part in parts:
             spool = self._spools[part["file"]]
-            held = part_for_layers(self.reference.doc, part["role"], part["diff_ids"]) if part["role"] != "app" \
-                else None
+            held = None if part["role"] == "app" else part_for_layers(self.reference.doc, part["role"],
+                                                                        part["diff_ids"])
             if held is not None:
                 spool.raw.close()  # the receiver holds this very stack: as with --parts app, not shipped
-                hashes[part["sha256"]] = held["sha256"]
+                final[part["file"]] = held
                 continue
             entry, out = self._delta_part(part, spool, layer_ids, positions)
-            hashes[part["sha256"]] = entry["sha256"]
+            final[part["file"]] = entry
             shipped.append((entry, out))
         needs = [n for entry, _ in shipped for n in entry.get("needs") or []]
         announce = getattr(self.inner, "announce_needs", None)
@@ -163,10 +154,11 @@ class DeltaTarget:
             sink.close()
             spool.raw.close()
         has_deltas = any(entry.get("needs") for entry, _ in shipped)
-        # isula-build cannot read a delta part: its manifest is not written for one
-        if has_deltas or isula is None:
-            return self.inner.finish([entry for entry, _ in shipped], images, None)
-        return self.inner.finish([entry for entry, _ in shipped], images, _rehashed(isula, hashes))
+        # isula-build cannot read a delta part: its manifest is not written for one; else it names
+        # the parts as they ship (it was made from the spooled ones)
+        if isula is not None and not has_deltas:
+            isula = rehash_isula_manifest(isula, final)
+        return self.inner.finish([entry for entry, _ in shipped], images, None if has_deltas else isula)
 
     def abort(self) -> None:
         for spool in self._spools.values():

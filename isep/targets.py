@@ -185,7 +185,7 @@ class DirTarget:
                 if set(image["parts"]) & set(adopted):
                     image["byte_exact"] = False
             if isula is not None:
-                isula = _rehash_isula(isula, adopted)
+                isula = rehash_isula_manifest(isula, adopted)
         doc = merge_manifest(current, parts, images)
         isula = None if isula is None else self._isula_to_write(current, isula)
         if isula is not None:
@@ -266,12 +266,13 @@ class DirTarget:
         self.store.remove_if_created_empty()
 
 
-def _rehash_isula(isula: bytes, adopted: dict[str, dict]) -> bytes:
-    """isula-build's manifest entries pointing at adopted parts get those parts' hashes."""
+def rehash_isula_manifest(isula: bytes, parts: dict[str, dict]) -> bytes:
+    """isula-build's manifest, its entries naming a part file of PARTS (file -> manifest entry) with
+    that part's hash: a part adopted from the store, or one a DeltaTarget compressed as it shipped."""
     entries = json.loads(isula)
     for entry in entries.values():
-        for role in ("base", "lib"):
-            part = adopted.get(entry.get(role))
+        for role in ("base", "lib", "app"):
+            part = parts.get(entry.get(role))
             if part is not None:
                 entry[role + "Hash"] = part["sha256"][len("sha256:"):]
     return encode_isula_manifest(entries)

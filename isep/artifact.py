@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .archive import load_json
-from .bundle import Bundle, find_part
-from .deltajoin import StoreLayers, is_delta_part, part_needs
+from .bundle import Bundle, find_part, is_delta_part
+from .deltajoin import StoreLayers, part_needs
 from .errors import BadInput
 from .limits import MANIFEST_CAP
 from .names import check_file_name

@@ -308,9 +308,14 @@ def merge_manifest(existing: dict | None, parts: list[dict], images: list[dict])
     doc["images"] = [im for im in doc["images"]
                      if (im.get("config", {}).get("digest"), tuple(im.get("tags") or [])) not in keys] + images
     doc["created_by"] = f"isep {__version__}"
-    if any(isinstance(rec, dict) and "from" in rec for p in doc["parts"] for rec in p.get("members") or []):
+    if any(is_delta_part(p) for p in doc["parts"]):
         doc["schema"] = DELTA_SCHEMA
     return doc
+
+
+def is_delta_part(entry: dict) -> bool:
+    """A part whose members are, in part, deltas against or references to a store's parts."""
+    return any(isinstance(rec, dict) and "from" in rec for rec in entry.get("members") or [])
 
 
 def find_part(doc: dict, file_name: str) -> dict | None:

@@ -31,7 +31,7 @@ from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
 import xxhash
 
-from .bundle import Bundle, encode_manifest, safe_join
+from .bundle import Bundle, encode_manifest, is_delta_part, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
 from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
@@ -42,10 +42,6 @@ DELTA_MEMBER = "isep-delta/"
 SKIP_WORTH = 8 << 20        # tar-stream bytes before a member worth skipping by frames, not decompressing
 MAX_HEADER = 64 << 10       # a member's tar header kept in a manifest (PAX records included)
 STORE_LEVEL = 1             # a rebuilt part is written fast: it is read back once by the join
-
-
-def is_delta_part(entry: dict) -> bool:
-    return any(isinstance(rec, dict) and "from" in rec for rec in entry.get("members") or [])
 
 
 def delta_member_name(seq: int) -> str:

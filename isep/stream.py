@@ -14,8 +14,8 @@ import threading
 from typing import BinaryIO, Callable
 
 from .archive import JSON_CAP, load_json
-from .bundle import (MANIFEST_CAP, Bundle, Store, encode_manifest, isep_part_inputs, merge_manifest,
-                     parse_manifest)
+from .bundle import (MANIFEST_CAP, Bundle, Store, encode_manifest, is_delta_part, isep_part_inputs,
+                     merge_manifest, parse_manifest)
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, coexisting_name, display_name,
                     follow_renames)
 from .refs import Held
@@ -186,9 +186,26 @@ def receive_stream(source: Source, temp_dir: str,
 
 # --- keeping a received bundle stream (isep-join STORE - --keep) ------------------------------------
 
-def check_keepable(store: Store, received: Bundle) -> None:
-    """Refuse before joining when the store holds a different part under a received part's name."""
-    _kept_parts(store, received, store.read_manifest())
+def check_keepable(store: Store, received: Bundle, chosen: dict) -> None:
+    """Refuse before joining when the store holds a different part under the name of a received
+    part it would keep: any plain part, and the delta parts the join of CHOSEN reads."""
+    read = set(chosen["parts"])
+    parts = [p for p in received.doc["parts"] if p["file"] in read or not is_delta_part(p)]
+    _kept_parts(store, Bundle(received.path, "isep", doc={**received.doc, "parts": parts}), store.read_manifest())
+
+
+def leave_unread_deltas(received: Bundle) -> list[str]:
+    """Take out of RECEIVED the delta parts still in it once the join's rebuilt ones are adopted
+    (deltajoin.adopt_rebuilt): another image's in a multi-image stream, which this join did not
+    read. A store keeps each release's part plain and only a join rebuilds one; such a part is kept
+    by joining its image with --keep. The images that need them go too. Returns their file names."""
+    left = [p["file"] for p in received.doc["parts"] if is_delta_part(p)]
+    if left:
+        received.doc["parts"] = [p for p in received.doc["parts"] if p["file"] not in left]
+        received.doc["images"] = [im for im in received.doc["images"] if not set(im["parts"]) & set(left)]
+        received.manifest_bytes = bytes(encode_manifest(received.doc))
+        received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
+    return left
 
 
 def _store_names(received: Bundle, current: dict | None) -> dict[str, str]:
@@ -216,10 +233,11 @@ def _kept_parts(store: Store, received: Bundle, current: dict | None) -> dict[st
     return new
 
 
-def _renamed_image(received: Bundle, image: dict) -> dict:
-    """IMAGE as the received manifest lists it now (its parts may have been renamed)."""
+def _renamed_image(received: Bundle, image: dict) -> dict | None:
+    """IMAGE as the received manifest lists it now (its parts may have been renamed); None when it
+    is not kept (leave_unread_deltas)."""
     return next((im for im in received.doc["images"] if im["config"] == image["config"]
-                 and im.get("tags") == image.get("tags")), image)
+                 and im.get("tags") == image.get("tags")), None)
 
 
 def _rename_received(received: Bundle, names: dict[str, str]) -> None:
@@ -268,8 +286,9 @@ def keep_received(store: Store, received: Bundle, joined: dict | None = None,
             names = _store_names(received, current)
             if any(a != b for a, b in names.items()):
                 _rename_received(received, names)
-            if joined is not None:
-                _check_store_parts(store, received, current, _renamed_image(received, joined), have)
+            kept_image = None if joined is None else _renamed_image(received, joined)
+            if kept_image is not None:
+                _check_store_parts(store, received, current, kept_image, have)
             _write_kept_manifest(store, received, current)
     except BaseException:
         for name in committed:  # ours, renamed a moment ago: the store is as it was or complete

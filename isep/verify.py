@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .archive import index_stream
-from .bundle import TEMP_PREFIX, Bundle, check_order, isula_part_inputs, safe_join
-from .deltajoin import StoreLayers, carried_listing, check_delta_part, is_delta_part, part_needs
+from .bundle import TEMP_PREFIX, Bundle, check_order, is_delta_part, isula_part_inputs, safe_join
+from .deltajoin import StoreLayers, carried_listing, check_delta_part, part_needs
 from .digests import BlobHasher
 from .errors import IsepError
 from .join import JoinOptions, join_parts, plan_copies

@@ -101,6 +101,28 @@ def test_multi_image_save(rel, tmp_path):
         assert got == want and is_complete_archive(got)
 
 
+def test_multi_image_stream_kept_one_image_at_a_time(rel, tmp_path):
+    """--keep keeps the delta parts its join rebuilt, plain; another image's stays out (with its
+    image) until that image is joined with --keep from the same stream."""
+    thin = _delta_stream(rel, "r2+r3", "--parts", "app")
+    device = copy_store(rel["build"], tmp_path / "device")
+    joined = {}
+    for image, kept, left in (("isep-delta/app:2", "app_2", "app_3"), ("isep-delta/app:3", "app_3", None)):
+        res = isep("join", device, "-", "--image", image, "--keep", stdin=thin, check=0)
+        joined[image] = res.stdout
+        doc = json.loads((device / "isep-bundle.json").read_text())
+        files = {p["file"] for p in doc["parts"]}
+        assert f"{kept}_app_image.tar.zst" in files and not any("needs" in p for p in doc["parts"])
+        if left:
+            assert f"not kept: {left}_app_image.tar.zst" in res.stderr
+            assert f"{left}_app_image.tar.zst" not in files and not (device / f"{left}_app_image.tar.zst").exists()
+            assert {t for im in doc["images"] for t in im["tags"]} == {"isep-delta/app:1", "isep-delta/app:2"}
+    for image, stream_join in joined.items():
+        assert isep("join", device, image, check=0).stdout == stream_join
+    isep("verify", "--deep", device, check=0)
+    assert not [n for n in device.iterdir() if n.name.startswith(".isep-tmp-")]
+
+
 def test_missing_reference_is_refused_before_any_output(rel, tmp_path):
     other = tmp_path / "other"
     isep("pack", rel["r4"], "--base", rel["base2"], "-o", other, check=0)  # none of release 1's layers

@@ -12,12 +12,13 @@ from ..registryref import RegistryRef, is_registry_ref
 from ..files import OutputFile, open_in_place, output_file
 from ..limits import parse_delta_memory
 from ..names import BUNDLE_MANIFEST
-from ..bundle import Bundle, Store, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store, select_image
-from ..deltajoin import adopt_rebuilt, check_needs, is_delta_part, prepare_delta_parts
+from ..bundle import (Bundle, Store, is_delta_part, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store,
+                      select_image)
+from ..deltajoin import adopt_rebuilt, check_needs, prepare_delta_parts
 from ..join import JoinOptions, join_parts
 from ..refs import Held, resolve_have
 from ..thin import covered_layers
-from ..stream import check_keepable, keep_received, receive_stream
+from ..stream import check_keepable, keep_received, leave_unread_deltas, receive_stream
 from .common import (
     InsecureOption,
     MirrorOption,
@@ -83,7 +84,7 @@ def join(
     trust: Optional[str] = typer.Option(None, "--trust", metavar="ALLOWED_SIGNERS", help="Refuse the bundle unless isep-bundle.json is signed (isep-pack --sign) by a key in this ssh-keygen allowed-signers file (for a stream with STORE: both manifests)."),
     have: Optional[list[str]] = typer.Option(None, "--have", metavar="REF", help="What the loading engine already holds (repeatable): `docker inspect` JSON of one or more images, an isep index, a bundle directory or its isep-bundle.json, an image config; FILE:NAME picks one image. The archive leaves out the layer files of every layer whose whole chain REF shows, so base and lib parts need not be at hand; a layer neither a part nor REF covers is refused before anything is written (exit 6). For Docker 20.10+, Docker's containerd store and ctr images import; podman refuses such archives, so podman inspect JSON is refused."),
     delta_memory: str = typer.Option("1G", "--delta-memory", metavar="SIZE", help="Memory one delta may use while it is applied (as given to isep-pack --delta-memory)."),
-    keep: bool = typer.Option(False, "--keep", help="With a bundle stream (STORE -): after a successful join, move the received parts into STORE (created if missing) and merge its isep-bundle.json, written last, so that it holds what the next release's app part needs. A different part under the same name is never replaced: another version of a base or lib (a floating tag rebuilt) is kept beside it, its name suffixed with its chainID. Without --keep STORE is only read."),
+    keep: bool = typer.Option(False, "--keep", help="With a bundle stream (STORE -): after a successful join, move the received parts into STORE (created if missing) and merge its isep-bundle.json, written last, so that it holds what the next release's app part needs. Delta parts are kept as the plain parts the join rebuilt; another image's delta part in a multi-image stream is not kept, nor its image, until that image is joined with --keep. A different part under the same name is never replaced: another version of a base or lib (a floating tag rebuilt) is kept beside it, its name suffixed with its chainID. Without --keep STORE is only read."),
     normalize: bool = typer.Option(False, "--normalize", help="Write a canonical Docker-25-style archive (manifest.json, OCI index with one entry, layers and config as blobs/sha256/<digest>, regular files only) instead of the original layout: for loaders that choke on symlinks, on several index entries or on a producer's quirks. Not byte-exact."),
     insecure: bool = InsecureOption,
     mirror: Optional[str] = MirrorOption,
@@ -148,14 +149,13 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
     try:
         received, chosen, parts = _stream_parts(store_dir, name, overrides, trust, held, recv_dir)
         if store is not None:
-            check_keepable(store, received)  # refused before any output, not after it
+            check_keepable(store, received, chosen)  # refused before any output, not after it
         _thin(options, chosen, held)
         parts = _rebuild(parts, store_dir, memory, keep_in=None if store is None else store.path)
         _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
         if store is not None:  # the store keeps each release's part plain: deltas never chain
             adopt_rebuilt(received, parts)
-            added = keep_received(store, received, chosen, held)
-            ui.info(f"kept {len(added)} new part(s) in {store_dir}")
+            _keep(store, store_dir, received, chosen, held, ui)
     except BaseException:
         if store is not None:  # a store this run created goes again with what it received
             shutil.rmtree(recv_dir, ignore_errors=True)
@@ -164,6 +164,16 @@ def _join_stream(store_dir: str, name: Optional[str], overrides: dict, trust: Op
     finally:
         if store is not None:
             store.close()
+
+
+def _keep(store: Store, store_dir: Optional[str], received: Bundle, chosen: dict, held: Optional[list[Held]],
+          ui: Ui) -> None:
+    left = leave_unread_deltas(received)
+    added = keep_received(store, received, chosen, held)
+    ui.info(f"kept {len(added)} new part(s) in {store_dir}")
+    if left:
+        ui.info(f"not kept: {', '.join(left)}: delta part(s) this join did not rebuild (another image's: "
+                f"join that image with --keep to keep it)")
 
 
 def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional[str], name: Optional[str],
@@ -188,15 +198,14 @@ def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional
             pulled = pull_parts(client, release, chosen, local, pull_dir, ui.warn, options.thin_layers)
         ui.info(f"{ref} ({release.digest[:19]}…): {len(pulled.files)} blob(s) needed, {pulled.moved:,} bytes fetched")
         if store is not None:
-            check_keepable(store, pulled.received)
+            check_keepable(store, pulled.received, chosen)
         parts = isep_part_inputs(pulled.received, chosen, {}, [local] if local else [], have=held)
         parts = _rebuild(parts, store_dir, memory, keep_in=None if store is None else store.path)
         _write(output, parts, chosen, options, chosen.get("trailer_size", 1024), ui)
         if store is not None:
             pulled.settle()
             adopt_rebuilt(pulled.received, parts)  # the store keeps each release's part plain
-            added = keep_received(store, pulled.received, chosen, held)
-            ui.info(f"kept {len(added)} new part(s) in {store_dir}")
+            _keep(store, store_dir, pulled.received, chosen, held, ui)
             remove_pull_directory(pull_dir)
     finally:
         if held_dir is not None:

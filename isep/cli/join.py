@@ -172,8 +172,8 @@ def _keep(store: Store, store_dir: Optional[str], received: Bundle, chosen: dict
     added = keep_received(store, received, chosen, held)
     ui.info(f"kept {len(added)} new part(s) in {store_dir}")
     if left:
-        ui.info(f"not kept: {', '.join(left)}: delta part(s) this join did not rebuild (another image's: "
-                f"join that image with --keep to keep it)")
+        ui.info(f"not kept: {', '.join(left)}: delta part(s) this join did not rebuild (another image's, or "
+                f"left out by --have); a --keep join of their image without --have keeps them")
 
 
 def _join_registry(client: RegistryClient, ref: RegistryRef, store_dir: Optional[str], name: Optional[str],

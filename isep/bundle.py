@@ -17,12 +17,12 @@ import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from . import __version__
 from .archive import JSON_CAP, load_json
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageError, os_error
-from .files import open_for_reading
+from .files import open_for_reading, write_all
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
@@ -39,23 +39,6 @@ TEMP_PREFIX = ".isep-tmp-"
 MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 ISULA_RECORD = "isula_manifest"  # isep-bundle.json's sha256 of the isula-build `manifest` isep wrote
 LOCK_WAIT = 60.0  # seconds a pack waits for another pack's lock on the store (--wait)
-
-
-class Writable(Protocol):
-    """An unbuffered binary file or pipe: write() may take fewer bytes than offered."""
-
-    def write(self, data: bytes | bytearray | memoryview, /) -> int | None: ...
-
-
-def write_all(fh: Writable, data: bytes | bytearray | memoryview) -> None:
-    """Write every byte to an unbuffered file: its write() may write less (a disk filling up) and
-    only the next call reports the error."""
-    view = memoryview(data)
-    while len(view):
-        written = fh.write(view)
-        if written is None:  # a sink that reports nothing took it all
-            return
-        view = view[written:]
 
 
 class Store:

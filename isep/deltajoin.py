@@ -34,6 +34,7 @@ import xxhash
 from .bundle import Bundle, encode_manifest, is_delta_part, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
+from .files import FileSink
 from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
 from .partspan import NotFramed, load_span, member_span, span_pieces
 from .tarstream import Member, NameTable, Source, TarReader, padded
@@ -394,10 +395,10 @@ class _Keeper:
 
     def __init__(self, rebuild: DeltaRebuild):
         self.path = rebuild.keep_path
-        self.file: BinaryIO | None = None
+        self.file: FileSink | None = None
         self.writer: PartWriter | None = None
         if self.path is not None:
-            self.file = open(self.path, "xb")
+            self.file = FileSink(open(self.path, "xb", buffering=0), self.path, self.path)
             level = STORE_LEVEL if rebuild.compression == "zstd" else None
             self.writer = PartWriter(rebuild.file, self.file, rebuild.compression, level)
 
@@ -428,7 +429,7 @@ class _Keeper:
     def __exit__(self, kind, value, tb) -> None:
         if self.file is not None:  # the join failed: frames in flight end, the part goes
             drain()
-            self.file.close()
+            self.file.raw.close()
             try:
                 os.unlink(self.path or "")
             except OSError:

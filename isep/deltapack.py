@@ -149,7 +149,7 @@ class DeltaTarget:
             announce(needs)
         for entry, spool in shipped:
             sink = self.inner.open(entry["file"])
-            for data in rewound_chunks(spool.raw, CHUNK):
+            for data in spool.chunks(CHUNK):
                 sink.write(data)
             sink.close()
             spool.raw.close()

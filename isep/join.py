@@ -21,7 +21,7 @@ from typing import IO, BinaryIO, Callable, Iterator
 
 from .archive import (JSON_CAP, KEPT_JSON_TOTAL, KeptJson, ProgressCallback, follow_links, link_target, load_json,
                       pass_member, symlinks_in)
-from .bundle import Writable, write_all
+from .files import Writable, write_all
 from .digests import digest_hex
 from .errors import BadInput, IntegrityError, UsageError
 from .legacy import gojson

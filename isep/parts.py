@@ -432,28 +432,38 @@ class TemporaryPart:
     app section of a one-shot pack on a stream, a part spooled to be delta-encoded."""
 
     def __init__(self, directory: str | None, prefix: str):
+        self.where = directory or tempfile.gettempdir()  # named in errors: where the room ran out
         try:
             self.raw: BinaryIO = cast(BinaryIO, tempfile.TemporaryFile(dir=directory, prefix=prefix))
         except OSError as exc:
-            raise os_error(exc, "cannot create a temporary file") from None
+            raise os_error(exc, f"cannot create a temporary file in {self.where}") from None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self.raw.write(data)
         except OSError as exc:
-            raise os_error(exc, "cannot write a temporary file") from None
+            raise os_error(exc, f"cannot write a temporary file in {self.where}") from None
 
     def close(self) -> None:
         """The part writer is done with it; the file stays open until it has been read back."""
 
     def rewound(self) -> BinaryIO:
-        self.raw.seek(0)
+        try:
+            self.raw.seek(0)  # writes out what is still buffered
+        except OSError as exc:
+            raise os_error(exc, f"cannot write a temporary file in {self.where}") from None
         return self.raw
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        return rewound_chunks(self.rewound(), size)
 
 
 def rewound_chunks(fh: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
     """A spooled temporary file's bytes from its start, size bytes at a time."""
-    fh.seek(0)
+    try:
+        fh.seek(0)  # writes out what is still buffered: a full disk may show only now
+    except OSError as exc:
+        raise os_error(exc, "cannot write a temporary file") from None
     while True:
         data = fh.read(size)
         if not data:

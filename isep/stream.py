@@ -19,9 +19,10 @@ from .bundle import (MANIFEST_CAP, Bundle, Store, encode_manifest, is_delta_part
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE, check_file_name, coexisting_name, display_name,
                     follow_renames)
 from .refs import Held
-from .parts import TemporaryPart, drain, part_opener, rewound_chunks
+from .parts import TemporaryPart, drain, part_opener
 from .signing import MAX_SIGNATURE, sign_manifest
 from .errors import BadInput, EnvironmentFailure, IsepError, os_error
+from .files import write_all
 from .tarstream import Source, TarReader, padded
 from .tarwrite import build_header
 
@@ -107,7 +108,7 @@ class StreamTarget:
 
     def finish(self, parts: list[dict], images: list[dict], isula: bytes | None) -> dict:
         for out, file_name in self._named:
-            for data in rewound_chunks(out.raw, STREAM_CHUNK):
+            for data in out.chunks(STREAM_CHUNK):
                 self.chunk(file_name, data)
         doc = merge_manifest(None, parts, images)
         if isula is not None:
@@ -150,10 +151,14 @@ def receive_stream(source: Source, temp_dir: str,
             fh, count = files.get(file_name, (None, 0))
             if int(number) != count:
                 raise BadInput(f"bundle stream: chunk {name!r} out of order")
-            if fh is None:
-                fh = open(os.path.join(temp_dir, file_name), "xb")
-            for chunk in member.iter_data():
-                fh.write(chunk)
+            try:
+                if fh is None:
+                    fh = open(os.path.join(temp_dir, file_name), "xb", buffering=0)
+                    files[file_name] = (fh, count)
+                for chunk in member.iter_data():
+                    write_all(fh, chunk)  # unbuffered: a full disk shows here, not at close
+            except OSError as exc:
+                raise os_error(exc, f"cannot receive {file_name} into {temp_dir}") from None
             files[file_name] = (fh, count + 1)
         elif name == BUNDLE_MANIFEST:
             manifest_bytes = member.read_all(MANIFEST_CAP)

@@ -9,13 +9,12 @@ from typing import BinaryIO, Callable, Protocol, TypeVar
 
 from .archive import JSON_CAP, load_json
 from .bundle import (ISULA_RECORD, LOCK_WAIT, Store, encode_isula_manifest, encode_manifest, find_part,
-                     merge_manifest, write_all)
-from .errors import BadInput, EnvironmentFailure, os_error
-from .files import start_writeback
+                     merge_manifest)
+from .errors import BadInput, EnvironmentFailure
+from .files import FileSink
 from .names import BUNDLE_MANIFEST, ISULA_MANIFEST, SIGNATURE_FILE
 from .parts import Sink, drain
 from .signing import sign_manifest
-from .tarstream import CHUNK
 
 
 SectionT = TypeVar("SectionT", bound=Sink)
@@ -60,45 +59,6 @@ class OutputTarget(Protocol[SectionT]):
     def abort(self) -> None: ...
 
 
-class _FileOut:
-    """Gathers small compressor outputs into 1 MiB writes to a file."""
-
-    def __init__(self, raw: BinaryIO, temp_name: str):
-        self.raw = raw
-        self.temp_name = temp_name
-        self.buf = bytearray()
-        self.written = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.buf and len(data) >= CHUNK:  # a whole frame: written as it is, not copied
-            self._write(data)
-            return
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buf:
-            self._write(self.buf)
-            self.buf.clear()
-
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            write_all(self.raw, data)
-        except OSError as exc:
-            raise os_error(exc, "cannot write a part") from None
-        start_writeback(self.raw.fileno(), self.written, len(data))
-        self.written += len(data)
-
-    def close(self) -> None:
-        self.flush()
-        try:
-            os.fsync(self.raw.fileno())
-        except OSError as exc:
-            raise os_error(exc, "cannot write a part") from None
-        self.raw.close()
-
-
 class DirTarget:
     """Parts go to temporary names in the store and are renamed when all is done, manifest last."""
 
@@ -112,24 +72,24 @@ class DirTarget:
         self.spool_dir: str | None = store.path
         self.reference_doc: dict | None = None
         self.spool_compression: str | None = None
-        self._outs: list[tuple[_FileOut, str | None]] = []
+        self._outs: list[tuple[FileSink, str | None]] = []
 
     def holds_part(self, entry: dict) -> bool:
         return self.store.holds_part(entry)
 
-    def open(self, file_name: str) -> _FileOut:
+    def open(self, file_name: str) -> FileSink:
         temp, fh = self.store.create_temp(file_name)
-        out = _FileOut(fh, temp)
+        out = FileSink(fh, temp, f"{file_name} in {self.store.path}")
         self._outs.append((out, file_name))
         return out
 
-    def open_section(self) -> _FileOut:
+    def open_section(self) -> FileSink:
         return self.open("app-section")
 
-    def reopen(self, out: _FileOut) -> BinaryIO:
+    def reopen(self, out: FileSink) -> BinaryIO:
         return self.store.open_read(out.temp_name)
 
-    def name(self, out: _FileOut, file_name: str | None) -> None:
+    def name(self, out: FileSink, file_name: str | None) -> None:
         """Give a section its final name (None: drop it)."""
         if file_name is None:  # read back already: remove it now, not at the end (it was left behind)
             if not out.raw.closed:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import typer
 
 from .. import __version__
-from ..bundle import write_all
+from ..files import write_all
 from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
 from ..jsondoc import encode_document
 from ..limits import check_document_size

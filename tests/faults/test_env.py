@@ -19,6 +19,7 @@ from tests.harness import (
     check_sandbox,
     copy_store,
     is_complete_archive,
+    isep,
     pack_args,
     run,
     start,
@@ -26,13 +27,13 @@ from tests.harness import (
 
 # --- a small tmpfs -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def tmpfs(sb):
-    """A 2 MiB tmpfs inside the sandbox (root only). In CI it must work: the test fails there
+@contextmanager
+def _mounted_tmpfs(sb, size: str):
+    """A tmpfs of SIZE inside the sandbox (root only). In CI it must work: the test fails there
     instead of skipping."""
     mnt = sb.root / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         reason = f"cannot mount a tmpfs ({proc.stderr.strip() or proc.returncode}); run as root"
@@ -43,6 +44,20 @@ def tmpfs(sb):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tmpfs(sb):
+    with _mounted_tmpfs(sb, "2m") as mnt:
+        yield mnt
+
+
+def _fill(mnt: Path, size: int, free: int) -> None:
+    """Leave about FREE bytes free on the tmpfs of SIZE bytes at MNT."""
+    used = sum(p.stat().st_size for p in mnt.rglob("*") if p.is_file())
+    filler = size - used - free
+    if filler > 0:
+        (mnt / "filler").write_bytes(os.urandom(filler) if filler < (1 << 20) else bytes(filler))
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +83,7 @@ def test_disk_full_at_every_stage_of_an_update(free_kib, tmpfs, samples, stores,
     """A store that holds a bundle, then a second pack with only so much room left: it fails
     cleanly (3, the store as it was and still verified) or succeeds completely."""
     store = copy_store(stores["docker-oci"], tmpfs / "store")
-    used = sum(p.stat().st_size for p in store.iterdir())
-    filler = (2 << 20) - used - (free_kib << 10)
-    if filler > 0:
-        (tmpfs / "filler").write_bytes(os.urandom(filler) if filler < (1 << 20) else bytes(filler))
+    _fill(tmpfs, 2 << 20, free_kib << 10)
     s = samples["docker-oci"]
     res = run("pack", *pack_args(s, "app2"), "-o", store, expect=(0, 3), sandbox=sb, out=tmpfs)
     run("verify", store, sandbox=sb, out=tmpfs)
@@ -87,6 +99,30 @@ def test_disk_full_during_join(tmpfs, stores, sb):
     assert "no space left on device" in res.error.lower() or "No space" in res.error
     assert (tmpfs / "old.tar").read_bytes() == b"an older archive"
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler", "old.tar"]
+
+
+@pytest.mark.parametrize("free_kib", [16, 512, 2048])
+def test_disk_full_while_a_device_keeps_a_delta_stream(free_kib, rel, sb):
+    """isep-join STORE - --keep of a multi-image delta stream on a device with little room: the
+    stream is received, app:2's delta part rebuilt and kept in STORE. Out of room at any of these
+    steps: exit 3, one line naming the file and the full disk, no archive a loader takes, the store as
+    it was; else the image and the kept part."""
+    stream = isep("pack", rel["r2+r3"], "--base", rel["base1"], "-o", "-", "--parts", "app",
+                  "--delta-from", rel["build"], check=0).stdout
+    with _mounted_tmpfs(sb, "4m") as mnt:
+        store = copy_store(rel["build"], mnt / "store")
+        before = sorted(p.name for p in store.iterdir())
+        _fill(mnt, 4 << 20, free_kib << 10)
+        res = run("join", store, "-", "--image", "isep-delta/app:2", "--keep", stdin=stream, expect=(0, 3),
+                  sandbox=sb, out=mnt)
+        run("verify", store, sandbox=sb, out=mnt)
+        if res.rc == 3:
+            assert "no space left on device" in res.error and str(store) in res.error
+            assert not is_complete_archive(res.stdout)
+            assert sorted(p.name for p in store.iterdir()) == before
+        else:
+            assert is_complete_archive(res.stdout) and (store / "app_2_app_image.tar.zst").exists()
+    assert free_kib < 2048 or res.rc == 0  # with room to spare, the keep succeeds
 
 
 # --- signals -----------------------------------------------------------------------------------------

@@ -146,9 +146,18 @@ def load_member(bundle: Bundle, entry: dict, rec: dict, out: memoryview) -> bool
     try:
         with opener() as fh:
             load_span(fh, span[0], out, entry["file"])
-    except (IsepError, OSError, NotFramed):
+    except (IsepError, OSError, NotFramed) as exc:
+        _forget_frames(exc)
         return False
     return xxhash.xxh3_128(out).hexdigest() == rec["xxh3"]
+
+
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drop the frames a failure's traceback (and its context's) keeps alive: they hold views of the
+    caller's buffer, and the caller may close it at once (an mmap with a view alive cannot close)."""
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__context__
 
 
 def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) -> Iterator[bytes | memoryview]:

@@ -151,3 +151,28 @@ def test_isula_manifest_damage_does_not_affect_isep_join(stores, sb):
     assert is_complete_archive(joined)
     doc = json.loads((store / "isep-bundle.json").read_text())
     assert doc["images"][0]["byte_exact"]
+
+
+def test_damaged_reference_part_of_a_delta_pack(rel, sb, tmp_path):
+    """isep-pack --delta-from a store whose reference part has one byte flipped: where the byte lies
+    in the layer the delta is made against (the first tenth of this part), the pack refuses (exit 5,
+    naming the part); where it lies after it, the pack reads that layer intact (its digest checked)
+    and the delta joins byte for byte on an intact store. Never an internal error: a failed parallel
+    read of the reference once left views of its buffer alive, and closing it raised BufferError."""
+    outcomes = set()
+    for sixty_fourth in (2, 4, 16, 32, 56):
+        store = copy_store(rel["build"], tmp_path / f"store{sixty_fourth}")
+        part = store / "app_1_app_image.tar.zst"
+        data = bytearray(part.read_bytes())
+        data[len(data) * sixty_fourth // 64] ^= 0x55
+        part.write_bytes(data)
+        res = run("pack", rel["r2"], "--base", rel["base1"], "-o", "-", "--parts", "app", "--delta-from", store,
+                  expect=(0, 5), sandbox=sb)
+        outcomes.add(res.rc)
+        if res.rc == 0:
+            device = copy_store(rel["build"], tmp_path / f"device{sixty_fourth}")
+            joined = run("join", device, "-", stdin=res.stdout, sandbox=sb, out=device).stdout
+            assert joined == rel["r2"].read_bytes()
+        else:
+            assert "app_1_app_image.tar.zst" in res.error
+    assert outcomes == {0, 5}

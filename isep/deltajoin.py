@@ -190,6 +190,8 @@ def member_chunks(bundle: Bundle, entry: dict, name: str, *, copy: bool = True) 
                 return
             member.skip()
         raise IntegrityError(f"{entry['file']} does not hold {name!r}, which its manifest lists")
+    except BadInput as exc:  # a store's part that is not the tar its manifest lists: damage
+        raise IntegrityError(str(exc)) from None
     finally:
         source.close()
         fh.close()

@@ -155,22 +155,23 @@ def test_isula_manifest_damage_does_not_affect_isep_join(stores, sb):
 
 def test_damaged_reference_part_of_a_delta_pack(rel, sb, tmp_path):
     """isep-pack --delta-from a store whose reference part has one byte flipped: where the byte lies
-    in the layer the delta is made against (the first tenth of this part), the pack refuses (exit 5,
-    naming the part); where it lies after it, the pack reads that layer intact (its digest checked)
+    in the layer the delta is made against or before it (the first tenth of this part), the pack
+    refuses (exit 5, naming the part; a damaged tar header too, not exit 4); where it lies after it, the pack reads that layer intact (its digest checked)
     and the delta joins byte for byte on an intact store. Never an internal error: a failed parallel
     read of the reference once left views of its buffer alive, and closing it raised BufferError."""
     outcomes = set()
-    for sixty_fourth in (2, 4, 16, 32, 56):
-        store = copy_store(rel["build"], tmp_path / f"store{sixty_fourth}")
+    size = (rel["build"] / "app_1_app_image.tar.zst").stat().st_size
+    for at in (100, size * 2 // 64, size * 4 // 64, size * 16 // 64, size * 32 // 64, size * 56 // 64):
+        store = copy_store(rel["build"], tmp_path / f"store{at}")  # byte 100: in a tar header
         part = store / "app_1_app_image.tar.zst"
         data = bytearray(part.read_bytes())
-        data[len(data) * sixty_fourth // 64] ^= 0x55
+        data[at] ^= 0x55
         part.write_bytes(data)
         res = run("pack", rel["r2"], "--base", rel["base1"], "-o", "-", "--parts", "app", "--delta-from", store,
                   expect=(0, 5), sandbox=sb)
         outcomes.add(res.rc)
         if res.rc == 0:
-            device = copy_store(rel["build"], tmp_path / f"device{sixty_fourth}")
+            device = copy_store(rel["build"], tmp_path / f"device{at}")
             joined = run("join", device, "-", stdin=res.stdout, sandbox=sb, out=device).stdout
             assert joined == rel["r2"].read_bytes()
         else:

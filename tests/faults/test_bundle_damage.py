@@ -156,9 +156,10 @@ def test_isula_manifest_damage_does_not_affect_isep_join(stores, sb):
 def test_damaged_reference_part_of_a_delta_pack(rel, sb, tmp_path):
     """isep-pack --delta-from a store whose reference part has one byte flipped: where the byte lies
     in the layer the delta is made against or before it (the first tenth of this part), the pack
-    refuses (exit 5, naming the part; a damaged tar header too, not exit 4); where it lies after it, the pack reads that layer intact (its digest checked)
-    and the delta joins byte for byte on an intact store. Never an internal error: a failed parallel
-    read of the reference once left views of its buffer alive, and closing it raised BufferError."""
+    refuses (exit 5, naming the part; a damaged tar header too, not exit 4); where it lies after
+    it, the pack reads that layer intact (its digest checked) and the delta joins byte for byte on
+    an intact store. Never an internal error: a failed parallel read of the reference once left
+    views of its buffer alive, and closing it raised BufferError."""
     outcomes = set()
     size = (rel["build"] / "app_1_app_image.tar.zst").stat().st_size
     for at in (100, size * 2 // 64, size * 4 // 64, size * 16 // 64, size * 32 // 64, size * 56 // 64):

@@ -123,6 +123,21 @@ def test_multi_image_stream_kept_one_image_at_a_time(rel, tmp_path):
     assert not [n for n in device.iterdir() if n.name.startswith(".isep-tmp-")]
 
 
+def test_keep_with_have_still_keeps_the_rebuilt_part(rel, tmp_path):
+    """--keep --have: the archive leaves out the layers the engine holds, but the delta part is
+    rebuilt whole and kept plain, so the store can join the release in full and take the next delta."""
+    stream = _delta_stream(rel, "r2", "--parts", "app")
+    device = copy_store(rel["build"], tmp_path / "device")
+    have = f"{rel['build'] / 'isep-bundle.json'}:isep-delta/app:1"
+    res = isep("join", device, "-", "--keep", "--have", have, stdin=stream, check=0)
+    assert "left out (--have)" in res.stderr and "not kept" not in res.stderr
+    assert len(res.stdout) < len(rel["r2"].read_bytes()) // 4
+    kept = json.loads((device / "isep-bundle.json").read_text())
+    assert "app_2_app_image.tar.zst" in {p["file"] for p in kept["parts"]}
+    assert not any("needs" in p for p in kept["parts"])
+    assert isep("join", device, "isep-delta/app:2", check=0).stdout == rel["r2"].read_bytes()
+
+
 def test_missing_reference_is_refused_before_any_output(rel, tmp_path):
     other = tmp_path / "other"
     isep("pack", rel["r4"], "--base", rel["base2"], "-o", other, check=0)  # none of release 1's layers

@@ -50,7 +50,7 @@ def test_run_command_removes_scratch_paths_whatever_the_outcome(tmp_path, capsys
     def interrupted_body():
         made.append(scratch_dir("scratch-", str(tmp_path)))
         (open(os.path.join(made[-1], "part"), "wb")).close()
-        fd, path = scratch_file("scratch-", str(tmp_path))
+        fd, path = scratch_file("scratch-", str(tmp_path), "a scratch file")
         os.close(fd)
         made.append(path)
         raise Interrupted(signal.SIGTERM)

@@ -23,7 +23,7 @@ import typer
 
 from .. import __version__
 from ..files import write_all
-from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError
+from ..errors import EnvironmentFailure, ExitStatus, IsepError, UsageError, os_error
 from ..jsondoc import encode_document
 from ..limits import check_document_size
 from ..partition import load_renames
@@ -263,15 +263,22 @@ def registry_client(host: str, **options):
 def scratch_dir(prefix: str, parent: Optional[str] = None) -> str:
     """A new temporary directory that lives until the command ends."""
     with signals_deferred():
-        path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        try:
+            path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        except OSError as exc:
+            raise os_error(exc, f"cannot create a temporary directory in {parent or tempfile.gettempdir()}") from None
         _scratch.append(path)
     return path
 
 
-def scratch_file(prefix: str, parent: str) -> tuple[int, str]:
-    """A new temporary file (descriptor, path); removed when the command ends unless renamed away."""
+def scratch_file(prefix: str, parent: str, what: str) -> tuple[int, str]:
+    """A new temporary file (descriptor, path) in PARENT for WHAT (named in errors); removed when the
+    command ends unless renamed away."""
     with signals_deferred():
-        fd, path = tempfile.mkstemp(prefix=prefix, dir=parent)
+        try:
+            fd, path = tempfile.mkstemp(prefix=prefix, dir=parent)
+        except OSError as exc:
+            raise os_error(exc, f"cannot write {what}") from None
         _scratch.append(path)
     return fd, path
 

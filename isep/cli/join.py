@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, os_error
 from ..registryref import RegistryRef, is_registry_ref
-from ..files import OutputFile, open_in_place, output_file
+from ..files import FileSink, OutputFile, open_in_place, output_file
 from ..limits import parse_delta_memory
 from ..names import BUNDLE_MANIFEST
 from ..bundle import (Bundle, Store, is_delta_part, isep_part_inputs, isula_part_inputs, open_bundle, open_local_store,
@@ -290,13 +290,18 @@ def _write_file(target: OutputFile, parts, chosen, options, trailer) -> dict:
     if target.in_place:
         with open_in_place(target) as out:
             return join_parts(parts, out, chosen, options, trailer_size=trailer)
-    fd, temp = scratch_file(".isep-tmp-", os.path.dirname(os.path.abspath(target.path)))
-    with os.fdopen(fd, "wb") as out:
+    fd, temp = scratch_file(".isep-tmp-", os.path.dirname(os.path.abspath(target.path)), target.path)
+    sink = FileSink(os.fdopen(fd, "wb", buffering=0), temp, target.path)  # says which file a failure hit
+    try:
         os.fchmod(fd, target.mode)
-        checks = join_parts(parts, out, chosen, options, trailer_size=trailer)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, target.path)
+        checks = join_parts(parts, sink, chosen, options, trailer_size=trailer)
+        sink.close()  # written out and synced before it takes the name
+    finally:
+        sink.raw.close()
+    try:
+        os.replace(temp, target.path)
+    except OSError as exc:
+        raise os_error(exc, f"cannot write {target.path}") from None
     return checks
 
 

@@ -96,9 +96,16 @@ def test_disk_full_during_join(tmpfs, stores, sb):
     (tmpfs / "old.tar").write_bytes(b"an older archive")
     (tmpfs / "filler").write_bytes(bytes((2 << 20) - (64 << 10)))
     res = run("join", store, "-o", tmpfs / "old.tar", expect=3, sandbox=sb, out=tmpfs / "old.tar")
-    assert "no space left on device" in res.error.lower() or "No space" in res.error
+    assert res.error.endswith(f"cannot write {tmpfs / 'old.tar'}: no space left on device")
     assert (tmpfs / "old.tar").read_bytes() == b"an older archive"
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler", "old.tar"]
+
+
+def test_join_into_a_missing_directory_names_the_output(stores, sb):
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    target = sb.out / "no-such-dir" / "app.tar"
+    res = run("join", store, "-o", target, expect=3, sandbox=sb)
+    assert res.error.endswith(f"cannot write {target}: No such file or directory")
 
 
 @pytest.mark.parametrize("free_kib", [16, 512, 2048])

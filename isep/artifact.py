@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -14,6 +13,7 @@ from .archive import load_json
 from .bundle import Bundle, find_part, is_delta_part
 from .deltajoin import StoreLayers, part_needs
 from .errors import BadInput
+from .fields import DIGEST
 from .limits import MANIFEST_CAP
 from .names import check_file_name
 from .registry import MANIFEST_LIMIT, OCI_MANIFEST
@@ -28,7 +28,6 @@ PART_TYPES = {"zstd": "application/vnd.isep.part.v1.tar+zstd", "gzip": "applicat
 DELTA_PART_TYPES = {c: t.replace(".part.", ".delta-part.") for c, t in PART_TYPES.items()}
 TITLE = "org.opencontainers.image.title"
 DELTA_BUNDLE = "vnd.isep.delta-bundle"  # annotation: the digest of the delta manifest a blob belongs to
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _KNOWN_TYPES = {CONFIG_TYPE, SIGNATURE_TYPE, DELTA_MANIFEST_TYPE, *PART_TYPES.values(), *DELTA_PART_TYPES.values()}
 
 
@@ -190,7 +189,7 @@ def _descriptor(raw: object, what: str) -> Descriptor:
     notes = raw.get("annotations", {})
     if not isinstance(media_type, str):
         raise BadInput(f"{what}: no media type")
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
         raise BadInput(f"{what}: digest {digest!r} is not sha256:<64 hex digits>")
     if type(size) is not int or size < 0 or size > 1 << 50:
         raise BadInput(f"{what}: size {size!r} is not a byte count")

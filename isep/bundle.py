@@ -25,6 +25,7 @@ from .errors import BadInput, EnvironmentFailure, IntegrityError, Misfit, UsageE
 from .files import open_for_reading, write_all
 from .jsondoc import encode_document
 from .limits import MANIFEST_CAP
+from .manifestcheck import BUNDLE_SCHEMA, DELTA_SCHEMA, check_manifest
 from .names import (BUNDLE_MANIFEST, ISULA_MANIFEST, LOCK_FILE, SIGNATURE_FILE, check_file_name, display_name,
                     same_image_name)
 from .parts import Opener, PartInput, part_opener
@@ -33,10 +34,7 @@ from .signals import signals_deferred
 from .signing import MAX_SIGNATURE, verify_manifest
 from .thin import covered_layers, uncovered_reason
 
-BUNDLE_SCHEMA = "isep-bundle/1"
-DELTA_SCHEMA = "isep-bundle/2"   # some part is a delta part (isep.deltajoin): older isep refuses it by its schema
 TEMP_PREFIX = ".isep-tmp-"
-MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 ISULA_RECORD = "isula_manifest"  # isep-bundle.json's sha256 of the isula-build `manifest` isep wrote
 LOCK_WAIT = 60.0  # seconds a pack waits for another pack's lock on the store (--wait)
 
@@ -228,45 +226,7 @@ def parse_manifest(data: bytes, what: str) -> dict:
     if len(data) > MANIFEST_CAP:
         raise BadInput(f"{what}: larger than {MANIFEST_CAP:,} bytes")
     doc = load_json(data, what, MANIFEST_CAP, shared_fields=SHARED_MEMBER_FIELDS)
-    if not isinstance(doc, dict) or not isinstance(doc.get("schema"), str):
-        raise BadInput(f"{what}: not an isep bundle manifest")
-    if doc["schema"] not in (BUNDLE_SCHEMA, DELTA_SCHEMA):
-        raise BadInput(f"{what}: unknown schema {doc['schema']!r} (this isep reads {BUNDLE_SCHEMA} "
-                       f"and {DELTA_SCHEMA})")
-    parts = doc.get("parts")
-    images = doc.get("images")
-    if not isinstance(parts, list) or not isinstance(images, list):
-        raise BadInput(f"{what}: parts and images must be lists")
-    for part in parts:
-        if not isinstance(part, dict):
-            raise BadInput(f"{what}: a part entry is not an object")
-        problem = check_file_name(part.get("file"), f"{what}: part")
-        if problem:
-            raise BadInput(problem)
-        for key, kind in (("size", int), ("raw_size", int), ("sha256", str), ("members", list),
-                          ("role", str), ("compression", str)):
-            if not isinstance(part.get(key), kind):
-                raise BadInput(f"{what}: part {part['file']} has no valid {key!r}")
-        for rec in part["members"]:  # join and verify index these fields
-            if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and type(rec.get("seq")) is int
-                    and type(rec.get("size")) is int and isinstance(rec.get("type"), str)
-                    and (rec["type"] not in ("symlink", "hardlink") or isinstance(rec.get("link"), str))):
-                raise BadInput(f"{what}: part {part['file']} lists a member without name, seq, size or type")
-    for image in images:
-        if not isinstance(image, dict) or not isinstance(image.get("parts"), list) \
-                or not isinstance(image.get("diff_ids"), list):
-            raise BadInput(f"{what}: an image entry lacks parts or diff_ids")
-        config = image.get("config")
-        if not (isinstance(config, dict) and isinstance(config.get("digest"), str)
-                and isinstance(config.get("member"), str)):
-            raise BadInput(f"{what}: an image entry has no valid config")
-        lists = [image["parts"], image["diff_ids"], image.get("tags") or [], image.get("layer_paths") or []]
-        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in lists):
-            raise BadInput(f"{what}: an image entry lists something other than strings")
-        trailer = image.get("trailer_size", 1024)
-        if type(trailer) is not int or not 1024 <= trailer <= MAX_TRAILER or trailer % 512:
-            raise BadInput(f"{what}: an image entry has an invalid trailer_size")
-    return doc
+    return check_manifest(doc, what)
 
 
 def encode_manifest(doc: dict) -> bytearray:

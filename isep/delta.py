@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import queue
-import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ import xxhash
 
 from . import prefixdecode
 from .errors import BadInput, EnvironmentFailure, IntegrityError, Truncated
+from .fields import DIGEST
 from .limits import MIN_DELTA_MEMORY
 
 if sys.version_info >= (3, 14):
@@ -52,7 +52,6 @@ MIN_SEGMENT = MIN_DELTA_MEMORY // 2  # below this, segmenting costs more than it
 TABLES = 16 << 20             # zstd's hash, chain and long-distance tables at level 3, and slack
 PIECE = 4 << 20               # decoded bytes produced per step
 FEED = 1 << 20                # delta bytes fed per step
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 Chunks = Iterable  # of bytes-like objects
 
@@ -117,7 +116,7 @@ class DeltaRecord:
         if not all(type(doc.get(k)) is int and doc[k] >= 0 for k in ints):
             raise BadInput(f"{what}: {', '.join(ints)} must be non-negative integers")
         for key in ("target_diff_id", "reference_diff_id"):
-            if not isinstance(doc.get(key), str) or not DIGEST.match(doc[key]):
+            if not isinstance(doc.get(key), str) or not DIGEST.fullmatch(doc[key]):
                 raise BadInput(f"{what}: {key} is not a sha256 digest")
         raw_segments = doc.get("segments")
         if not isinstance(raw_segments, list) or not raw_segments:

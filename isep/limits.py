@@ -19,6 +19,7 @@ INDEX_CAP = FIXED_JSON + MAX_MEMBERS * MEMBER_JSON
 PLAN_CAP = INDEX_CAP + MAX_MEMBERS * 64   # the index's records, plus each member's part and layer
 MANIFEST_CAP = PLAN_CAP
 DOCUMENT_CAP = max(INDEX_CAP, PLAN_CAP, MANIFEST_CAP)   # any of them given as a file (--base, --plan)
+MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 
 
 def check_member_count(count: int, what: str) -> None:

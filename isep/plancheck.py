@@ -9,75 +9,25 @@ an app's private layer into a base part that other apps' bundles then ship.
 """
 from __future__ import annotations
 
-import re
 
 from .archive import FORMATS
 from .errors import BadInput
-from .limits import MAX_MEMBERS
+from .fields import DIGEST, Fields
+from .limits import MAX_MEMBERS, MAX_TRAILER
 from .names import check_file_name
 from .partition import EXTENSIONS, PLAN_SCHEMA
 
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-MAX_TRAILER = 65 << 20  # the tar reader accepts at most 64 MiB of zeros after the end-of-archive marker
 ROLES = ("base", "lib", "app")
-
-
-class _Fields:
-    """Typed access to one JSON object of the plan; every refusal names the field's path."""
-
-    def __init__(self, doc: object, path: str, what: str):
-        if not isinstance(doc, dict):
-            raise BadInput(f"{what}: {path} is not an object")
-        self.doc, self.path, self.what = doc, path, what
-
-    def fail(self, key: str, problem: str):
-        raise BadInput(f"{self.what}: {self.path}.{key} {problem}")
-
-    def get(self, key: str, kind: type, *, optional: bool = False):
-        value = self.doc.get(key)
-        if value is None and optional:
-            return None
-        if type(value) is not kind:  # not isinstance: True is not a member number
-            self.fail(key, f"is not {'an' if kind in (int, dict) else 'a'} {_KIND_NAMES[kind]}")
-        return value
-
-    def count(self, key: str, low: int = 0, high: int | None = None) -> int:
-        value = self.get(key, int)
-        if value < low or (high is not None and value > high):
-            self.fail(key, f"is {value}, outside {low}..{high if high is not None else ''}")
-        return value
-
-    def strings(self, key: str, *, pattern: re.Pattern | None = None, optional: bool = False) -> list[str]:
-        values = self.get(key, list, optional=optional) or []
-        for n, value in enumerate(values):
-            if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
-                self.fail(f"{key}[{n}]", "is not a sha256 digest" if pattern is DIGEST else "is not a string")
-        return values
-
-    def numbers(self, key: str, count: int, *, optional: bool = False) -> list[int]:
-        """Member numbers: ints in 0..count-1, ascending and each once (the order join merges in)."""
-        values = self.get(key, list, optional=optional) or []
-        last = -1
-        for n, value in enumerate(values):
-            if type(value) is not int or not 0 <= value < count:
-                self.fail(f"{key}[{n}]", f"is not a member number (0..{count - 1})")
-            if value <= last:
-                self.fail(f"{key}[{n}]", f"repeats or comes before member {last}")
-            last = value
-        return values
-
-
-_KIND_NAMES = {int: "integer", str: "string", list: "list", dict: "object", bool: "boolean"}
 
 
 def check_plan(plan: object, what: str) -> dict:
     """The plan, when pack may execute it; BadInput naming the first field that is wrong."""
-    top = _Fields(plan, "plan", what)
+    top = Fields(plan, "plan", what)
     if top.doc.get("schema") != PLAN_SCHEMA:
         raise BadInput(f"{what} is not an isep plan (schema {PLAN_SCHEMA}; make one with isep-partition)")
     if top.doc.get("compression") not in EXTENSIONS:
         top.fail("compression", f"is not one of {', '.join(EXTENSIONS)}")
-    source = _Fields(top.get("source", dict), "plan.source", what)
+    source = Fields(top.get("source", dict), "plan.source", what)
     if source.doc.get("format") not in FORMATS:
         source.fail("format", "is not a format isep reads")
     trailer = top.count("trailer_size", 1024, MAX_TRAILER)
@@ -97,10 +47,10 @@ def check_plan(plan: object, what: str) -> dict:
 
 def check_index(index: object, what: str) -> dict:
     """An index isep-partition may plan from; BadInput naming the first field that is wrong."""
-    top = _Fields(index, "index", what)
+    top = Fields(index, "index", what)
     if not str(top.doc.get("schema", "")).startswith("isep-index/"):
         raise BadInput(f"{what} is not an isep index (make one with isep-index)")
-    source = _Fields(top.get("source", dict), "index.source", what)
+    source = Fields(top.get("source", dict), "index.source", what)
     source.count("trailer_size", 1024, MAX_TRAILER)
     if top.doc.get("format") not in FORMATS:
         top.fail("format", "is not a format isep reads")
@@ -110,12 +60,12 @@ def check_index(index: object, what: str) -> dict:
         if rec["type"] in ("symlink", "hardlink") and not isinstance(rec.get("link"), str):
             raise BadInput(f"{what}: index.members[{rec['seq']}].link is not a string")
     for n, doc in enumerate(top.get("images", list)):
-        image = _Fields(doc, f"index.images[{n}]", what)
+        image = Fields(doc, f"index.images[{n}]", what)
         ids = image.strings("diff_ids", pattern=DIGEST)
         image.strings("tags")
         image.strings("owned")
         image.get("platform", dict)
-        config = _Fields(image.get("config", dict), f"index.images[{n}].config", what)
+        config = Fields(image.get("config", dict), f"index.images[{n}].config", what)
         if config.get("member", str) not in names:
             config.fail("member", "is not a member of the archive")
         config.get("digest", str, optional=True)
@@ -123,7 +73,7 @@ def check_index(index: object, what: str) -> dict:
         if len(layers) != len(ids):
             image.fail("layers", "does not list one entry per diffID")
         for k, layer_doc in enumerate(layers):
-            layer = _Fields(layer_doc, f"index.images[{n}].layers[{k}]", what)
+            layer = Fields(layer_doc, f"index.images[{n}].layers[{k}]", what)
             layer.get("path", str)
             if layer.get("member", str) not in names:
                 layer.fail("member", "is not a member of the archive")
@@ -133,12 +83,12 @@ def check_index(index: object, what: str) -> dict:
     return index  # type: ignore[return-value]
 
 
-def _check_members(top: _Fields, what: str, doc_name: str = "plan") -> int:
+def _check_members(top: Fields, what: str, doc_name: str = "plan") -> int:
     members = top.get("members", list)
     if len(members) > MAX_MEMBERS:
         top.fail("members", f"lists {len(members):,} members, over the {MAX_MEMBERS:,} isep supports")
     for seq, doc in enumerate(members):
-        rec = _Fields(doc, f"{doc_name}.members[{seq}]", what)
+        rec = Fields(doc, f"{doc_name}.members[{seq}]", what)
         if rec.count("seq") != seq:
             rec.fail("seq", f"is not {seq}: members are listed in stream order")
         rec.get("name", str)
@@ -148,22 +98,22 @@ def _check_members(top: _Fields, what: str, doc_name: str = "plan") -> int:
         rec.count("raw_size")
         for key in ("sha256", "layer_diff_id"):
             value = rec.get(key, str, optional=True)
-            if value is not None and not DIGEST.match(value):
+            if value is not None and not DIGEST.fullmatch(value):
                 rec.fail(key, "is not a sha256 digest")
     return len(members)
 
 
-def _check_stack(top: _Fields, key: str, what: str, optional: bool = False) -> list[str] | None:
+def _check_stack(top: Fields, key: str, what: str, optional: bool = False) -> list[str] | None:
     doc = top.get(key, dict, optional=optional)
     if doc is None:
         return None
-    ref = _Fields(doc, f"plan.{key}", what)
+    ref = Fields(doc, f"plan.{key}", what)
     ref.get("name", str)
     return ref.strings("diff_ids", pattern=DIGEST)
 
 
 def _check_part(doc: object, n: int, count: int, what: str) -> dict:
-    part = _Fields(doc, f"plan.parts[{n}]", what)
+    part = Fields(doc, f"plan.parts[{n}]", what)
     problem = check_file_name(part.doc.get("file"), f"{what}: plan.parts[{n}].file")
     if problem:
         raise BadInput(problem)
@@ -200,16 +150,16 @@ def _check_roles(parts: list[dict], base: list[str] | None, lib: list[str] | Non
             raise BadInput(f"{what}: plan.parts[{n}] (lib) does not carry exactly plan.lib.diff_ids")
 
 
-def _check_images(top: _Fields, parts: list[dict], base: list[str], lib: list[str] | None, what: str) -> None:
+def _check_images(top: Fields, parts: list[dict], base: list[str], lib: list[str] | None, what: str) -> None:
     by_file = {p["file"]: p for p in parts}
     below = len(lib if lib is not None else base)
     images = top.get("images", list)
     apps = [p["file"] for p in parts if p["role"] == "app"]
-    if sorted(_Fields(im, f"plan.images[{n}]", what).get("app_part", str) for n, im in enumerate(images)) \
+    if sorted(Fields(im, f"plan.images[{n}]", what).get("app_part", str) for n, im in enumerate(images)) \
             != sorted(apps):
         top.fail("images", "do not name each app part once as their app_part")
     for n, doc in enumerate(images):
-        image = _Fields(doc, f"plan.images[{n}]", what)
+        image = Fields(doc, f"plan.images[{n}]", what)
         ids = image.strings("diff_ids", pattern=DIGEST)
         if ids[:below] != (lib if lib is not None else base) or len(ids) == below:
             image.fail("diff_ids", "do not extend the base's (and lib's) with app layers")
@@ -219,7 +169,7 @@ def _check_images(top: _Fields, parts: list[dict], base: list[str], lib: list[st
         image.strings("tags")
         image.get("byte_exact", bool)
         image.get("platform", dict)
-        config = _Fields(image.get("config", dict), f"plan.images[{n}].config", what)
+        config = Fields(image.get("config", dict), f"plan.images[{n}].config", what)
         config.get("member", str)
         config.get("digest", str, optional=True)
         _check_legacy(image)
@@ -231,7 +181,7 @@ def _check_images(top: _Fields, parts: list[dict], base: list[str], lib: list[st
             image.fail("parts", f"is not the base{', lib' if lib is not None else ''} and app part files")
 
 
-def _check_legacy(image: _Fields) -> None:
+def _check_legacy(image: Fields) -> None:
     pairs = image.get("legacy_layers", list, optional=True)
     for n, pair in enumerate(pairs or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):

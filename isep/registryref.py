@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import UsageError
+from .fields import DIGEST
 
 SCHEME = "oci://"
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -68,7 +68,7 @@ class RegistryRef:
         repository, colon, tag = rest.partition(":")
         if at and colon:
             raise UsageError(f"{text}: give a tag or a digest, not both")
-        if at and not _DIGEST.fullmatch(digest):
+        if at and not DIGEST.fullmatch(digest):
             raise UsageError(f"{text}: a digest is sha256: and 64 lower-case hex digits")
         if colon and not _TAG.fullmatch(tag):
             raise UsageError(f"{text}: bad tag {tag!r} (letters, digits, _ . -, at most 128, not first . or -)")
@@ -86,7 +86,7 @@ class RegistryRef:
 
 
 def check_digest(digest: str) -> None:
-    if not _DIGEST.fullmatch(digest):
+    if not DIGEST.fullmatch(digest):
         raise UsageError(f"{digest!r} is not a sha256 digest")
 
 

@@ -224,10 +224,13 @@ def test_signed_delta_stream(rel, tmp_path):
     stream = _delta_stream({**rel, "build": build}, "r2", "--parts", "app", "--sign", tmp_path / "key")
     res = isep("join", device, "-", "--trust", tmp_path / "allowed", stdin=stream, check=0)
     assert res.stdout == rel["r2"].read_bytes()
-    forged = re.sub(rb'"kind": ?"delta"', b'"kind":"delt4"', stream)
+    forged = re.sub(rb'("level": ?)3', rb"\g<1>4", stream)  # well formed, same length: the signature says no
     assert forged != stream
     assert not is_complete_archive(isep("join", device, "-", "--trust", tmp_path / "allowed", stdin=forged,
                                         check=5).stdout)
+    malformed = re.sub(rb'"kind": ?"delta"', b'"kind":"delt4"', stream)  # refused before its signature is read
+    assert not is_complete_archive(isep("join", device, "-", "--trust", tmp_path / "allowed", stdin=malformed,
+                                        check=4).stdout)
 
 
 def test_delta_memory_option():

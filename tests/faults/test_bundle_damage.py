@@ -178,3 +178,41 @@ def test_damaged_reference_part_of_a_delta_pack(rel, sb, tmp_path):
         else:
             assert "app_1_app_image.tar.zst" in res.error
     assert outcomes == {0, 5}
+
+
+def _first_delta(doc: dict) -> tuple[dict, dict]:
+    part = next(p for p in doc["parts"] if p.get("needs"))
+    return part, next(m for m in part["members"] if "from" in m)
+
+
+# Edits a mutation run over a delta store's manifest found crashing join, verify or prune (exit 1):
+# fields other code looks up or compares, in a manifest that may come from anyone.
+HOSTILE_DELTA_EDITS = {
+    "from-not-an-object": (lambda part, rec: rec.update({"from": True}), "members[5].from is not an object"),
+    "reference-digest-an-object": (lambda part, rec: rec["from"]["reference"].update({"diff_id": {}}),
+                                   "from.reference.diff_id is not a string"),
+    "reference-size-a-float": (lambda part, rec: rec["from"]["reference"].update({"size": 1.5}),
+                               "from.reference.size is not an integer"),
+    "unknown-kind": (lambda part, rec: rec["from"].update({"kind": "patch"}), "from.kind is 'patch'"),
+    "needs-a-string": (lambda part, rec: part.update({"needs": "all"}), ".needs is not a list"),
+    "needed-size-negative": (lambda part, rec: part["needs"][0].update({"size": -1}), ".needs[0].size is -1"),
+    "part-layer-a-list": (lambda part, rec: part["layers"].__setitem__(0, []), ".layers[0] is not a string"),
+    "member-digest-an-object": (lambda part, rec: rec.update({"sha256": {}}), ".sha256 is not a string"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_DELTA_EDITS))
+def test_hostile_delta_records_are_refused_by_name(edit, rel, sb, tmp_path):
+    """Join and prune refuse the manifest (exit 4) and verify reports it (exit 5), each naming the
+    field, before anything reads it."""
+    store = copy_store(rel["build"], tmp_path / "store")
+    run("pack", rel["r2"], "--base", rel["base1"], "-o", store, "--parts", "app", "--delta-from", store, sandbox=sb,
+        out=store)
+    doc = bundle_doc(store)
+    change, field = HOSTILE_DELTA_EDITS[edit]
+    change(*_first_delta(doc))
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    res = run("join", store, "isep-delta/app:2", expect=4, sandbox=sb, out=store)
+    assert field in res.error and not is_complete_archive(res.stdout)
+    assert field in run("prune", store, "--keep", "isep-delta/app:1", expect=4, sandbox=sb, out=store).error
+    assert field in run("verify", store, expect=5, report=True, sandbox=sb, out=store).stderr

@@ -35,6 +35,7 @@ from .bundle import Bundle, encode_manifest, is_delta_part, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
 from .files import FileSink
+from .manifestcheck import check_needs_list
 from .parts import DecompressingReader, PartInput, PartWriter, drain, part_opener
 from .partspan import NotFramed, load_span, member_span, span_pieces
 from .tarstream import Member, NameTable, Source, TarReader, padded
@@ -126,11 +127,10 @@ def needs_error(what: str, need: dict) -> IntegrityError:
                           f"store does not hold")
 
 
-def check_needs(needs: list, stores: Sequence[Bundle], what: str) -> None:
-    """Refuse at once (exit 5) when the store lacks a layer a bundle's deltas or references read."""
-    if not isinstance(needs, list) or not all(isinstance(n, dict) for n in needs):
-        raise BadInput(f"{what}: its list of needed layers is malformed")
-    missing = StoreLayers(stores).missing(needs)
+def check_needs(needs: object, stores: Sequence[Bundle], what: str) -> None:
+    """Refuse at once (exit 5) when the store lacks a layer a bundle stream's deltas or references
+    read (NEEDS: its isep-needs.json, sent ahead of the parts; exit 4 when malformed)."""
+    missing = StoreLayers(stores).missing(check_needs_list(needs, "isep-needs.json", what))
     if missing:
         raise needs_error(what, missing[0])
 

@@ -60,9 +60,17 @@ def _check_part(part: object, path: str, what: str) -> None:
         if "from" in rec:
             _check_origin(Fields(rec["from"], f"{member.path}.from", what))
     if "needs" in part:
-        needs = entry.get("needs", list)
-        for n, need in enumerate(needs):
-            _check_reference(Fields(need, f"{path}.needs[{n}]", what))
+        check_needs_list(part["needs"], f"{path}.needs", what)
+
+
+def check_needs_list(needs: object, path: str, what: str) -> list[dict]:
+    """A delta part's needs (in its manifest entry, or announced ahead of a bundle stream's parts):
+    a list of the store layers it reads."""
+    if not isinstance(needs, list):
+        raise BadInput(f"{what}: {path} is not a list")
+    for n, need in enumerate(needs):
+        _check_reference(Fields(need, f"{path}[{n}]", what))
+    return needs
 
 
 def _check_origin(origin: Fields) -> None:

@@ -128,7 +128,7 @@ class StreamTarget:
 # --- reading a bundle stream ---------------------------------------------------------------------------
 
 def receive_stream(source: Source, temp_dir: str,
-                   on_needs: Callable[[object], None] | None = None) -> Bundle:
+                   on_needs: Callable[[object], object] | None = None) -> Bundle:
     """Read a bundle stream (isep-pack -o -) into part files under temp_dir; its manifest comes last
     and is checked against what arrived before anything is joined. on_needs sees the announced
     store layers the stream's delta parts read, as soon as they arrive (it may refuse them)."""

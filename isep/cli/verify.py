@@ -10,6 +10,7 @@ import typer
 from ..errors import BadInput, ExitStatus, IntegrityError, UsageError
 from ..bundle import open_bundle
 from ..registryref import RegistryRef, is_registry_ref
+from ..manifestcheck import check_needs_list
 from ..stream import receive_stream
 from ..tarstream import Source
 from ..verify import Report, verify_archive, verify_bundle
@@ -90,7 +91,8 @@ def _check_input(path: str, trust: Optional[str], mode: str) -> Report:
     head = first.read(512)
     source = Source(_Rewound(head, first), name=name)
     if head[:16].startswith(b"isep-stream.json"):
-        bundle = receive_stream(source, scratch_dir("isep-verify-"))
+        bundle = receive_stream(source, scratch_dir("isep-verify-"),  # needs malformed: join would refuse
+                                lambda needs: check_needs_list(needs, "isep-needs.json", "the bundle stream"))
         report = Report(name, "bundle stream", mode)
         _check_signature(bundle, trust, report)
         return verify_bundle(bundle, report, mode)

@@ -4,6 +4,7 @@ exits non-zero and what it wrote is never a complete archive (on stdout no end-o
 no metadata; with -o no file at all). The bundle itself is never modified by either."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -216,3 +217,48 @@ def test_hostile_delta_records_are_refused_by_name(edit, rel, sb, tmp_path):
     assert field in res.error and not is_complete_archive(res.stdout)
     assert field in run("prune", store, "--keep", "isep-delta/app:1", expect=4, sandbox=sb, out=store).error
     assert field in run("verify", store, expect=5, report=True, sandbox=sb, out=store).stderr
+
+
+# isep-needs.json as announced -> as forged
+HOSTILE_NEEDS = {
+    "an-object": lambda needs: {"x": 1},
+    "a-string": lambda needs: "all",
+    "a-null-entry": lambda needs: [None],
+    "a-digest-that-is-a-list": lambda needs: [{**needs[0], "diff_id": ["sha256:0"]}],
+    "a-float-size": lambda needs: [{**needs[0], "size": 1.5}],
+    "a-part-that-is-a-list": lambda needs: [{**needs[0], "part": []}],
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_NEEDS))
+def test_hostile_announced_needs(edit, rel, sb, tmp_path):
+    """A bundle stream's isep-needs.json (the store layers its delta parts read, sent ahead of them)
+    of another shape than isep writes: join and verify refuse the stream (exit 4) naming it, before
+    any part is read. A digest that is a list once crashed join (TypeError, exit 1)."""
+    stream = run("pack", rel["r2"], "--base", rel["base1"], "-o", "-", "--parts", "app", "--delta-from",
+                 rel["build"], sandbox=sb).stdout
+    announced = json.loads(_stream_member(stream, "isep-needs.json"))
+    forged = _with_member(stream, "isep-needs.json", json.dumps(HOSTILE_NEEDS[edit](announced)).encode())
+    for cmd, args in (("join", [rel["build"], "-"]), ("verify", ["-"])):
+        res = run(cmd, *args, stdin=forged, expect=4, sandbox=sb, out=tmp_path)
+        assert "isep-needs.json" in res.error and not is_complete_archive(res.stdout)
+
+
+def _stream_member(stream: bytes, name: str) -> bytes:
+    from isep.tarstream import Source, TarReader
+    for member in TarReader(Source(io.BytesIO(stream), prefetch=False)):
+        if member.name == name:
+            return member.read_all(1 << 24)
+        member.skip()
+    raise AssertionError(f"no {name} in the stream")
+
+
+def _with_member(stream: bytes, name: str, data: bytes) -> bytes:
+    """The stream with member NAME's data replaced (headers rewritten by isep's own tar writer)."""
+    from isep.tarstream import Source, TarReader, padded
+    from isep.tarwrite import build_header
+    out = bytearray()
+    for member in TarReader(Source(io.BytesIO(stream), prefetch=False)):
+        body = data if member.name == name else member.read_all(1 << 30)
+        out += build_header(member.name, len(body), mode=0o644) + body + bytes(padded(len(body)) - len(body))
+    return bytes(out + bytes(1024))

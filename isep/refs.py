@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import cast
 from pathlib import Path
 
 from .archive import load_json
 from .errors import BadInput, EnvironmentFailure, UsageError
 from .files import open_for_reading, read_up_to
 from .limits import DOCUMENT_CAP
+from .manifestcheck import check_manifest
 from .names import BUNDLE_MANIFEST, same_image_name
 
 
@@ -40,8 +42,39 @@ def read_json_file(path: str, what: str, cap: int = DOCUMENT_CAP, *, in_bundle: 
     return load_json(data, f"{what} {path}", cap)
 
 
-def _choose(candidates: list[tuple[list[str], list[str]]], selector: str | None, what: str,
-            source: str) -> tuple[list[str], list[str]]:
+Image = tuple[list[str], list[str]]   # an image's tags and diffIDs, as a REF document lists them
+
+
+def _schema(doc: object) -> str:
+    return doc["schema"] if isinstance(doc, dict) and isinstance(doc.get("schema"), str) else ""
+
+
+def _image(tags: object, ids: object, what: str, source: str) -> Image:
+    """(tags, diffIDs) when both are lists of strings: a REF document may have been edited by hand."""
+    for name, value in (("tags", tags), ("diffIDs", ids)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadInput(f"{what}: {source} lists {name} that are not a list of strings")
+    return cast(Image, (tags, ids))
+
+
+def _index_images(doc: dict, what: str, source: str) -> list[Image]:
+    images = doc.get("images")
+    if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+        raise BadInput(f"{what}: {source}: images is not a list of objects")
+    return [_image(im.get("tags") or [], im.get("diff_ids") or [], what, source) for im in images]
+
+
+def _inspect_images(entries: list[dict], what: str, source: str) -> list[Image]:
+    return [_image(e.get("RepoTags") or [], e["RootFS"].get("Layers") or [], what, source) for e in entries]
+
+
+def _is_inspect(doc: object) -> bool:
+    entries = doc if isinstance(doc, list) else [doc]
+    return bool(entries) and all(isinstance(e, dict) and isinstance(e.get("RootFS"), dict) for e in entries)
+
+
+def _choose(candidates: list[Image], selector: str | None, what: str,
+            source: str) -> Image:
     """Pick one (tags, diff_ids) among several images, by name when asked."""
     if selector is not None:
         hits = [c for c in candidates if any(same_image_name(t, selector) for t in c[0])]
@@ -57,27 +90,24 @@ def _choose(candidates: list[tuple[list[str], list[str]]], selector: str | None,
 
 
 def _from_document(doc, path: str, selector: str | None, what: str) -> Ref:
-    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-index/"):
-        cands = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []]
-        tags, ids = _choose(cands, selector, what, path)
+    if _schema(doc).startswith("isep-index/"):
+        tags, ids = _choose(_index_images(doc, what, path), selector, what, path)
         return Ref(display=tags[0] if tags else path, diff_ids=ids, tags=tags, kind="index")
-    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-bundle/"):
+    if _schema(doc).startswith("isep-bundle/"):
         return _from_bundle(doc, str(Path(path).parent), what)
-    entries = doc if isinstance(doc, list) else [doc]
-    if entries and all(isinstance(e, dict) and isinstance(e.get("RootFS"), dict) for e in entries):
-        cands = [(e.get("RepoTags") or [], e["RootFS"].get("Layers") or []) for e in entries]
-        tags, ids = _choose(cands, selector, what, path)
+    if _is_inspect(doc):
+        tags, ids = _choose(_inspect_images(doc if isinstance(doc, list) else [doc], what, path), selector, what, path)
         return Ref(display=tags[0] if tags else path, diff_ids=ids, tags=tags, kind="inspect")
     if isinstance(doc, dict) and isinstance(doc.get("rootfs"), dict):
-        ids = doc["rootfs"].get("diff_ids") or []
+        _, ids = _image([], doc["rootfs"].get("diff_ids") or [], what, path)
         return Ref(display=path, diff_ids=ids, kind="config")
     raise UsageError(f"{what}: {path} is none of: isep index, bundle manifest, docker/podman inspect "
                      f"output, image config")
 
 
-def _from_bundle(doc: dict, bundle_dir: str, what: str) -> Ref:
+def _from_bundle(doc: object, bundle_dir: str, what: str) -> Ref:
     role = "lib" if what == "--lib" else "base"
-    parts = [p for p in doc.get("parts") or [] if p.get("role") == role]
+    parts = [p for p in check_manifest(doc, f"{what}: the bundle in {bundle_dir}")["parts"] if p["role"] == role]
     if not parts:
         raise UsageError(f"{what}: the bundle in {bundle_dir} has no {role} part")
     if len(parts) > 1:
@@ -136,17 +166,16 @@ def _is_podman_inspect(entry: dict) -> bool:
 
 
 def _held_in_document(doc, path: str, selector: str | None) -> list[Held]:
-    if isinstance(doc, dict) and doc.get("schema", "").startswith("isep-index/"):
-        images = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []]
-    elif isinstance(doc, dict) and doc.get("schema", "").startswith("isep-bundle/"):
-        images = _held_in_bundle(doc)
-    elif isinstance(doc, list) and doc and all(isinstance(e, dict) and isinstance(e.get("RootFS"), dict)
-                                                for e in doc):
+    if _schema(doc).startswith("isep-index/"):
+        images = _index_images(doc, "--have", path)
+    elif _schema(doc).startswith("isep-bundle/"):
+        images = _held_in_bundle(check_manifest(doc, f"--have: {path}"))
+    elif isinstance(doc, list) and _is_inspect(doc):
         if any(_is_podman_inspect(e) for e in doc):
             raise UsageError(f"--have: {path} is podman inspect output: {PODMAN_REFUSAL}")
-        images = [(e.get("RepoTags") or [], e["RootFS"].get("Layers") or []) for e in doc]
+        images = _inspect_images(doc, "--have", path)
     elif isinstance(doc, dict) and isinstance(doc.get("rootfs"), dict):
-        images = [([], doc["rootfs"].get("diff_ids") or [])]
+        images = [_image([], doc["rootfs"].get("diff_ids") or [], "--have", path)]
     else:
         raise UsageError(f"--have: {path} is none of: docker inspect output, isep index, bundle manifest, "
                          f"image config")
@@ -158,12 +187,12 @@ def _held_in_document(doc, path: str, selector: str | None) -> list[Held]:
     return held
 
 
-def _held_in_bundle(doc: dict) -> list[tuple[list[str], list[str]]]:
-    """A bundle's images and its base and lib stacks: what loading from that bundle put in the engine."""
-    out = [(im.get("tags") or [], im.get("diff_ids") or []) for im in doc.get("images") or []
-           if isinstance(im, dict)]
-    out += [([p["image"]] if p.get("image") else [], p.get("diff_ids") or []) for p in doc.get("parts") or []
-            if isinstance(p, dict) and p.get("role") in ("base", "lib")]
+def _held_in_bundle(doc: dict) -> list[Image]:
+    """A bundle's images and its base and lib stacks: what loading from that bundle put in the engine
+    (DOC checked: manifestcheck)."""
+    out = [(im.get("tags") or [], im["diff_ids"]) for im in doc["images"]]
+    out += [([p["image"]] if p.get("image") else [], p.get("diff_ids") or []) for p in doc["parts"]
+            if p["role"] in ("base", "lib")]
     return out
 
 

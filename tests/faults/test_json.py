@@ -9,7 +9,7 @@ import json
 import pytest
 
 from . import craft
-from tests.harness import run
+from tests.harness import bundle_doc, copy_store, run
 
 ZERO = "0" * 64
 
@@ -178,3 +178,34 @@ def test_hostile_ref_and_plan_files(bad, samples, sb):
     run("pack", s["app1"], "--base", ref, "-o", sb.out, expect=(status, 4), sandbox=sb)
     run("pack", s["app1"], "--plan", ref, "-o", sb.out, expect=4, sandbox=sb)
     run("partition", ref, "--base", s["inspect-base"], expect=4, sandbox=sb)
+
+
+# Edits of a `docker inspect` REF (--base, --have) a mutation run found crashing pack (exit 1)
+HOSTILE_INSPECT = {
+    "layers-an-integer": lambda e: e["RootFS"].update({"Layers": 7}),
+    "tags-an-integer": lambda e: e.update({"RepoTags": 7}),
+    "tag-a-list": lambda e: e["RepoTags"].__setitem__(0, ["x"]),
+    "layer-an-object": lambda e: e["RootFS"]["Layers"].__setitem__(0, {}),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_INSPECT))
+def test_hostile_inspect_refs_are_refused(edit, samples, stores, sb):
+    """pack --base and join --have refuse a REF whose tags or diffIDs are not lists of strings (exit 4)."""
+    s = samples["docker-oci"]
+    doc = json.loads(s["inspect-base"].read_text())
+    HOSTILE_INSPECT[edit](doc[0])
+    ref = sb.put("ref.json", json.dumps(doc).encode())
+    assert "ref.json" in run("pack", s["app1"], "--base", ref, "-o", sb.out, expect=4, sandbox=sb).error
+    name = bundle_doc(stores["docker-oci"])["images"][0]["tags"][0]
+    run("join", stores["docker-oci"], name, "--have", ref, expect=4, sandbox=sb)
+
+
+def test_hostile_bundle_manifest_as_ref_is_refused(stores, samples, sb):
+    """A bundle directory given as --base is read as join reads it: its manifest checked whole."""
+    store = copy_store(stores["docker-oci"], sb.work / "store")
+    doc = bundle_doc(store)
+    doc["parts"][0]["diff_ids"] = [7]
+    (store / "isep-bundle.json").write_text(json.dumps(doc))
+    res = run("pack", samples["docker-oci"]["app1"], "--base", store, "-o", sb.out, expect=4, sandbox=sb)
+    assert "parts[0].diff_ids[0] is not a string" in res.error

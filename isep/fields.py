@@ -28,6 +28,13 @@ class Fields:
             self.fail(key, f"is not {'an' if kind in (int, dict) else 'a'} {_KIND_NAMES[kind]}")
         return value
 
+    def choice(self, key: str, options, problem: str) -> str:
+        """A string among OPTIONS (any container of strings: an object of another type is no key)."""
+        value = self.doc.get(key)
+        if not isinstance(value, str) or value not in options:
+            self.fail(key, problem)
+        return str(value)
+
     def count(self, key: str, low: int = 0, high: int | None = None) -> int:
         value = self.get(key, int)
         if value < low or (high is not None and value > high):

@@ -20,27 +20,27 @@ from .partition import EXTENSIONS, PLAN_SCHEMA
 ROLES = ("base", "lib", "app")
 
 
-def check_plan(plan: object, what: str) -> dict:
-    """The plan, when pack may execute it; BadInput naming the first field that is wrong."""
+def check_plan(plan: object, what: str, *, isula: bool = False) -> dict:
+    """The plan, when pack may execute it (ISULA: in isula-build's layout, which also needs each
+    image's legacy layer IDs); BadInput naming the first field that is wrong."""
     top = Fields(plan, "plan", what)
     if top.doc.get("schema") != PLAN_SCHEMA:
         raise BadInput(f"{what} is not an isep plan (schema {PLAN_SCHEMA}; make one with isep-partition)")
-    if top.doc.get("compression") not in EXTENSIONS:
-        top.fail("compression", f"is not one of {', '.join(EXTENSIONS)}")
+    top.choice("compression", EXTENSIONS, f"is not one of {', '.join(EXTENSIONS)}")
     source = Fields(top.get("source", dict), "plan.source", what)
-    if source.doc.get("format") not in FORMATS:
-        source.fail("format", "is not a format isep reads")
+    source.choice("format", FORMATS, "is not a format isep reads")
     trailer = top.count("trailer_size", 1024, MAX_TRAILER)
     if trailer % 512:
         top.fail("trailer_size", "is not a whole number of 512-byte blocks")
     count = _check_members(top, what)
     base = _check_stack(top, "base", what) or []  # required: None only when optional
     lib = _check_stack(top, "lib", what, optional=True)
+    top.doc.setdefault("lib", None)  # left out: no lib, as isep-partition writes it (null)
     if lib is not None and lib[:len(base)] != base:
         top.fail("lib.diff_ids", "do not extend the base's")
     parts = [_check_part(p, n, count, what) for n, p in enumerate(top.get("parts", list))]
     _check_roles(parts, base, lib, what)
-    _check_images(top, parts, base, lib, what)
+    _check_images(top, parts, base, lib, what, isula)
     _check_routing(plan, parts, base, lib, what)  # type: ignore[arg-type]
     return plan  # type: ignore[return-value]
 
@@ -52,8 +52,7 @@ def check_index(index: object, what: str) -> dict:
         raise BadInput(f"{what} is not an isep index (make one with isep-index)")
     source = Fields(top.get("source", dict), "index.source", what)
     source.count("trailer_size", 1024, MAX_TRAILER)
-    if top.doc.get("format") not in FORMATS:
-        top.fail("format", "is not a format isep reads")
+    top.choice("format", FORMATS, "is not a format isep reads")
     _check_members(top, what, "index")
     names = {rec["name"] for rec in top.doc["members"]}
     for rec in top.doc["members"]:
@@ -79,7 +78,7 @@ def check_index(index: object, what: str) -> dict:
                 layer.fail("member", "is not a member of the archive")
             if layer.get("diff_id", str) != ids[k]:
                 layer.fail("diff_id", "is not the image's diffID at that position")
-        _check_legacy(image)
+        _check_legacy(image, required=False)
     return index  # type: ignore[return-value]
 
 
@@ -150,7 +149,8 @@ def _check_roles(parts: list[dict], base: list[str] | None, lib: list[str] | Non
             raise BadInput(f"{what}: plan.parts[{n}] (lib) does not carry exactly plan.lib.diff_ids")
 
 
-def _check_images(top: Fields, parts: list[dict], base: list[str], lib: list[str] | None, what: str) -> None:
+def _check_images(top: Fields, parts: list[dict], base: list[str], lib: list[str] | None, what: str,
+                  isula: bool) -> None:
     by_file = {p["file"]: p for p in parts}
     below = len(lib if lib is not None else base)
     images = top.get("images", list)
@@ -171,8 +171,9 @@ def _check_images(top: Fields, parts: list[dict], base: list[str], lib: list[str
         image.get("platform", dict)
         config = Fields(image.get("config", dict), f"plan.images[{n}].config", what)
         config.get("member", str)
-        config.get("digest", str, optional=True)
-        _check_legacy(image)
+        if not DIGEST.fullmatch(config.get("digest", str)):
+            config.fail("digest", "is not a sha256 digest")
+        _check_legacy(image, required=isula)
         app = by_file[doc["app_part"]]
         if app["diff_ids"] != ids or app["layers"] != ids[below:]:
             image.fail("app_part", "names a part that does not carry this image's app layers")
@@ -181,8 +182,8 @@ def _check_images(top: Fields, parts: list[dict], base: list[str], lib: list[str
             image.fail("parts", f"is not the base{', lib' if lib is not None else ''} and app part files")
 
 
-def _check_legacy(image: Fields) -> None:
-    pairs = image.get("legacy_layers", list, optional=True)
+def _check_legacy(image: Fields, *, required: bool) -> None:
+    pairs = image.get("legacy_layers", list, optional=not required)
     for n, pair in enumerate(pairs or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             image.fail(f"legacy_layers[{n}]", "is not a [layer ID, JSON] pair")

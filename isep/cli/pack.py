@@ -116,7 +116,8 @@ def pack(
                           renames=read_renames(rename, compress.value), layout=layout.value)
     plan = None
     if plan_file is not None:
-        plan = check_plan(read_json_file(plan_file, "--plan", PLAN_CAP), f"--plan {plan_file}")
+        plan = check_plan(read_json_file(plan_file, "--plan", PLAN_CAP), f"--plan {plan_file}",
+                          isula=layout == Layout.isula)
         if plan.get("compression", compress.value) != compress.value:
             raise UsageError(f"the plan names parts for --compress {plan['compression']}")
     if sign is not None and not os.path.isfile(sign):

@@ -88,6 +88,8 @@ EDITS = {  # name -> (plan key, edit, words the error must contain)
     "image-diff-ids-not-on-base": ("app1", lambda p: p["images"][0]["diff_ids"].__setitem__(0, "sha256:" + "0" * 64),
                                    "diff_ids"),
     "legacy-layers-not-pairs": ("app1", lambda p: p["images"][0].update(legacy_layers=[1]), "legacy_layers[0]"),
+    "source-format-an-object": ("app1", lambda p: p["source"].update(format={}), "plan.source.format"),
+    "compression-a-list": ("app1", lambda p: p.update(compression=["zstd"]), "plan.compression"),
     "second-app-part-empty": ("two", lambda p: [q for q in p["parts"] if q["role"] == "app"][1].update(members=[], rewrite=[]),
                               "is empty"),
     "app-layer-of-app2-in-base": ("two", _app_layer_into_base, "routed to the base"),
@@ -104,6 +106,39 @@ def test_edited_plan_is_refused(case, plans, samples, sb):
     r = run("pack", archive, "--plan", path, "-o", sb.out, expect=4, sandbox=sb)
     assert words in r.error, r.error
     assert not sb.out.exists() or not (sb.out / "isep-bundle.json").exists()
+
+
+ISULA_EDITS = {  # name -> (edit, words, whether the plain layout packs it); once KeyError/TypeError (exit 1)
+    "no-legacy-layers": (lambda p: p["images"][0].pop("legacy_layers"), "images[0].legacy_layers", True),
+    "no-config-digest": (lambda p: p["images"][0]["config"].pop("digest"), "images[0].config.digest", False),
+    "config-digest-not-a-digest": (lambda p: p["images"][0]["config"].update(digest="sha256:x"),
+                                   "images[0].config.digest", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISULA_EDITS))
+def test_edited_plan_is_refused_in_isula_layout(case, plans, samples, sb):
+    """isula-build's layout needs each image's legacy layer IDs, which the plain layout does without;
+    both need the config digest."""
+    edit, words, plain_packs = ISULA_EDITS[case]
+    plan = json.loads(json.dumps(plans["app1"]))
+    edit(plan)
+    path = sb.put("plan.json", json.dumps(plan).encode())
+    archive = samples["docker-oci"]["app1"]
+    r = run("pack", archive, "--plan", path, "-o", sb.out, "--format", "isula", expect=4, sandbox=sb)
+    assert words in r.error, r.error
+    plain = run("pack", archive, "--plan", path, "-o", sb.work / "plain", expect=0 if plain_packs else 4,
+                sandbox=sb, out=sb.work / "plain")
+    assert plain_packs or words in plain.error
+
+
+def test_plan_without_a_lib_key_is_one_without_a_lib(plans, samples, sb):
+    """A plan whose "lib" is left out (not null) packs as isep-partition's null: once a KeyError."""
+    plan = json.loads(json.dumps(plans["two"]))
+    assert plan["lib"] is None
+    del plan["lib"]
+    path = sb.put("plan.json", json.dumps(plan).encode())
+    run("pack", samples["docker-oci"]["app1+app2"], "--plan", path, "-o", sb.out, "--format", "isula", sandbox=sb)
 
 
 @pytest.mark.parametrize("key", ["app1", "two"])
@@ -176,6 +211,7 @@ INDEX_EDITS = {  # name -> (edit, words the error must contain)
     "config-member-missing": (lambda d: d["images"][0]["config"].update(member="nowhere"), "config.member"),
     "diff-ids-not-digests": (lambda d: d["images"][0]["diff_ids"].__setitem__(0, 7), "diff_ids[0]"),
     "format-unknown": (lambda d: d.update(format="zip"), "index.format"),
+    "format-an-object": (lambda d: d.update(format={}), "index.format"),  # once a TypeError (exit 1)
 }
 
 

@@ -9,7 +9,6 @@ an app's private layer into a base part that other apps' bundles then ship.
 """
 from __future__ import annotations
 
-
 from .archive import FORMATS
 from .errors import BadInput
 from .fields import DIGEST, Fields

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 from .archive import load_json
 from .errors import BadInput, EnvironmentFailure, UsageError
@@ -118,7 +118,7 @@ def _from_bundle(doc: object, bundle_dir: str, what: str) -> Ref:
                tags=[part["image"]] if part.get("image") else [], kind="bundle", bundle_dir=bundle_dir)
 
 
-def resolve_ref(text: str, what: str, archive_images: list[tuple[list[str], list[str]]] | None = None) -> Ref:
+def resolve_ref(text: str, what: str, archive_images: list[Image] | None = None) -> Ref:
     """Resolve REF: a file (index, inspect, config, bundle manifest), a bundle directory, FILE:NAME,
     or the name of an image in the input archive."""
     if os.path.isdir(text):

@@ -161,9 +161,9 @@ SINK_BATCH = 1 << 20
 
 
 class FileSink:
-    """A part file being written (parts.Sink): small compressor outputs gathered into 1 MiB writes,
-    the kernel asked to start writing each out at once, synced on close; a failure is one line
-    naming WHAT (a full disk said plainly)."""
+    """A file being written under a temporary name, a part (parts.Sink) or a joined archive (-o):
+    small writes gathered into 1 MiB ones, the kernel asked to start writing each out at once, synced
+    on close; a failure is one line naming WHAT (a full disk said plainly)."""
 
     def __init__(self, raw: BinaryIO, temp_name: str, what: str):
         self.raw = raw

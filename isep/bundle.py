@@ -295,6 +295,12 @@ class Bundle:
             raise IntegrityError(f"{self.path}: an isula-build bundle carries no signature")
         return verify_manifest(self.manifest_bytes, self.signature, allowed_signers)
 
+    def manifest_changed(self) -> None:
+        """DOC was changed (a received bundle kept in part, or with rebuilt parts): its manifest is
+        encoded again, and its signature no longer holds (a store's merged manifest is unsigned)."""
+        self.manifest_bytes = bytes(encode_manifest(self.doc))
+        self.signature = None
+
 
 def open_bundle(path: str) -> Bundle:
     """The bundle in a directory: an isep store, else an isula-build bundle."""

@@ -31,7 +31,7 @@ from typing import BinaryIO, Generator, Iterable, Iterator, Sequence
 
 import xxhash
 
-from .bundle import Bundle, encode_manifest, is_delta_part, safe_join
+from .bundle import Bundle, is_delta_part, safe_join
 from .delta import DEFAULT_MEMORY, DeltaRecord, Reference, check_segments, decode_layer
 from .errors import BadInput, EnvironmentFailure, IntegrityError, IsepError
 from .files import FileSink
@@ -575,8 +575,7 @@ def adopt_rebuilt(received: Bundle, parts: list[PartInput]) -> None:
             entry = plain_entry(entry, {k: rebuild.kept[k] for k in ("size", "sha256", "xxh3", "raw_size")})
         entries.append(entry)
     received.doc["parts"] = entries
-    received.manifest_bytes = bytes(encode_manifest(received.doc))
-    received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
+    received.manifest_changed()
 
 
 def plain_entry(entry: dict, info: dict) -> dict:

@@ -172,8 +172,7 @@ class DeltaTarget:
         delta_spool = TemporaryPart(self.inner.spool_dir, ".isep-tmp-delta-")
         writer = PartWriter(part["file"], delta_spool, self.compression, self.level)
         members: list[dict] = []
-        spool.raw.seek(0)
-        source = Source(DecompressingReader(spool.raw, part["compression"], part["raw_size"], part["file"]),
+        source = Source(DecompressingReader(spool.rewound(), part["compression"], part["raw_size"], part["file"]),
                         name=part["file"])  # decompressed ahead on the Source's thread, while layers encode
         try:
             reader = iter(TarReader(source))

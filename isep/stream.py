@@ -195,8 +195,8 @@ def check_keepable(store: Store, received: Bundle, chosen: dict) -> None:
     """Refuse before joining when the store holds a different part under the name of a received
     part it would keep: any plain part, and the delta parts the join of CHOSEN reads."""
     read = set(chosen["parts"])
-    parts = [p for p in received.doc["parts"] if p["file"] in read or not is_delta_part(p)]
-    _kept_parts(store, Bundle(received.path, "isep", doc={**received.doc, "parts": parts}), store.read_manifest())
+    _kept_parts(store, [p for p in received.doc["parts"] if p["file"] in read or not is_delta_part(p)],
+                store.read_manifest())
 
 
 def leave_unread_deltas(received: Bundle) -> list[str]:
@@ -208,25 +208,24 @@ def leave_unread_deltas(received: Bundle) -> list[str]:
     if left:
         received.doc["parts"] = [p for p in received.doc["parts"] if p["file"] not in left]
         received.doc["images"] = [im for im in received.doc["images"] if not set(im["parts"]) & set(left)]
-        received.manifest_bytes = bytes(encode_manifest(received.doc))
-        received.signature = None  # the manifest changed: the store's merged one is unsigned anyway
+        received.manifest_changed()
     return left
 
 
-def _store_names(received: Bundle, current: dict | None) -> dict[str, str]:
+def _store_names(parts: list[dict], current: dict | None) -> dict[str, str]:
     """Each received part's name in the store: its own, or for another version of a part the store
     holds under that name (a base, lib or app rebuilt under a floating tag), the chainID-suffixed
     one (names.coexisting_name)."""
-    return {p["file"]: coexisting_name([current], p, ("base", "lib", "app")) for p in received.doc["parts"]}
+    return {p["file"]: coexisting_name([current], p, ("base", "lib", "app")) for p in parts}
 
 
-def _kept_parts(store: Store, received: Bundle, current: dict | None) -> dict[str, str]:
-    """The received part files the store lacks, each with the name it takes there (_store_names).
+def _kept_parts(store: Store, parts: list[dict], current: dict | None) -> dict[str, str]:
+    """The received PARTS' files the store lacks, each with the name it takes there (_store_names).
     Any other different part under that name is refused, as a pack into the store refuses it."""
-    store_names = _store_names(received, current)
+    store_names = _store_names(parts, current)
     known = {p["file"]: p for p in (current or {}).get("parts", [])}
     new = {}
-    for part in received.doc["parts"]:
+    for part in parts:
         name = store_names[part["file"]]
         old = known.get(name)
         if old is not None and old.get("sha256") == part["sha256"]:
@@ -284,11 +283,11 @@ def keep_received(store: Store, received: Bundle, joined: dict | None = None,
     try:
         with store.locked():
             current = store.read_manifest()
-            for file_name, store_name in _kept_parts(store, received, current).items():
+            for file_name, store_name in _kept_parts(store, received.doc["parts"], current).items():
                 _sync_file(os.path.join(received.path, file_name))
                 store.commit(os.path.join(inside, file_name), store_name)
                 committed.append(store_name)
-            names = _store_names(received, current)
+            names = _store_names(received.doc["parts"], current)
             if any(a != b for a, b in names.items()):
                 _rename_received(received, names)
             kept_image = None if joined is None else _renamed_image(received, joined)
